@@ -1,0 +1,3 @@
+from hcdiag.cli import main
+
+main()

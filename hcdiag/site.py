@@ -1,0 +1,68 @@
+"""The interface every hyper-connection site module implements.
+
+Dimension letters used throughout hcdiag:
+    L  sites (HC sub-layers; a block has two: attn, ffn)     n  streams
+    C  width of one stream                                   T  tokens (any leading dims ...)
+
+Everything a site returns is in *paper convention* (SPEC section 1): row i of H_res says how output stream i
+is made from the input streams; x_{l+1} = H_res x_l + H_post^T F(H_pre x_l).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from hcdiag.enums import Convention, Exactness
+
+
+class HCOutput(NamedTuple):
+    """H_pre [..., n], H_post [..., n], H_res [..., n, n], paper convention."""
+
+    pre: torch.Tensor
+    post: torch.Tensor
+    res: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SinkhornSpec:
+    """How a Sinkhorn site projects its logits, and where each setting came from."""
+
+    convention: Convention
+    iters: int
+    eps: float = 0.0  # transformers' hc_eps; 0 for conventions without eps
+    source: str = "default"  # "default", "metadata", "config", "cli", ...
+
+
+class SiteModule(torch.nn.Module):
+    """Base class of every variant / layout module.
+
+    Subclasses set ``n``, ``C``, ``exactness`` (an :class:`Exactness`), ``sinkhorn`` (a :class:`SinkhornSpec`
+    for Sinkhorn sites, else None) and implement :meth:`forward` and :meth:`res_logits`.
+    """
+
+    n: int
+    C: int
+    exactness: Exactness = Exactness.UNCONSTRAINED
+    sinkhorn: SinkhornSpec | None = None
+
+    def forward(self, x: torch.Tensor) -> HCOutput:  # x: [..., n, C]
+        raise NotImplementedError
+
+    def res_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Pre-projection logits that H_res is computed from, for x [..., n, C].
+
+        Sinkhorn sites: [..., n, n] in paper orientation (row = output stream), before any exp/softmax.
+        mHC-lite / KromHC: the permutation-weight logits [..., k]. TBP: the chart logits [..., n-1, n-1].
+        Identity / unconstrained static: None.
+        """
+        return None
+
+    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
+        """H_res [..., n, n] (paper convention) from :meth:`res_logits`' output.
+
+        Sinkhorn sites project with ``spec`` (default: ``self.sinkhorn``); other sites ignore ``spec``.
+        """
+        raise NotImplementedError
