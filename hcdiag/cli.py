@@ -1,0 +1,429 @@
+"""The ``hcdiag`` command line. The only module (with :mod:`hcdiag.render`) that imports typer and rich.
+
+Each command parses its options, calls one pure function of the core, renders the returned result object,
+and exits. Exit codes: 0 ok, 1 a ``--fail-above`` check failed, 2 usage error, 3 unreadable/unsupported input.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from hcdiag import __version__
+from hcdiag.enums import Convention, DType, Form, Probe
+from hcdiag.errors import HcdiagError, UsageError
+
+EPILOG_EXIT = (
+    "Exit status: 0 ok, 1 check failed (--fail-above), 2 usage error, 3 unreadable or unsupported input, "
+    "4 internal error."
+)
+
+app = typer.Typer(
+    name="hcdiag",
+    help=(
+        "Diagnostics for hyper-connection residual streams (HC, mHC, mHC-lite, KromHC, TBP-mHC): "
+        "doubly-stochastic error of H_res, gain of its products across depth, parameter cost per variant.\n\n"
+        "All matrices are reported in the mHC paper's convention: row i of H_res builds output stream i."
+    ),
+    epilog=EPILOG_EXIT,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hcdiag {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """hcdiag: hyper-connection residual-stream diagnostics."""
+
+
+# --------------------------------------------------------------------------------------------- shared options
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
+CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Also write the table as CSV to this file.")]
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option("--output-dir", "-o", help="Write JSON, CSV (and plots with --plot) into this directory."),
+]
+PlotOpt = Annotated[bool, typer.Option("--plot", help="Write PNG plots into --output-dir (default ./hcdiag-out).")]
+IterOpt = Annotated[
+    int | None,
+    typer.Option("--iters", help="Sinkhorn iterations (default: the checkpoint's metadata, else 20).", min=1),
+]
+ConvOpt = Annotated[
+    Convention | None,
+    typer.Option("--convention", help="Sinkhorn convention (default: the checkpoint's, else `paper`).",
+                 case_sensitive=False),
+]
+LayoutOpt = Annotated[str | None, typer.Option("--layout", help="Force a checkpoint layout (see `hcdiag inspect`).")]
+LayoutFileOpt = Annotated[
+    Path | None, typer.Option("--layout-file", help="TOML/JSON file describing an unknown checkpoint layout.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="DANGEROUS: unpickle .pt files with arbitrary code (weights_only=False). A malicious checkpoint "
+        "can run any command on your machine. Use only for files you made yourself.",
+    ),
+]
+
+
+_STATE = {"reading_input": False}  # unexpected failures while reading a user's file exit 3, else 4
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int | None,
+          convention: Convention | None, trust_pickle: bool):
+    from hcdiag.io.base import LoadOptions
+    from hcdiag.io.load import load
+
+    _STATE["reading_input"] = True
+    options = LoadOptions(
+        iters=iters,
+        convention=str(convention) if convention else None,
+        layout_file=str(layout_file) if layout_file else None,
+    )
+    return load(str(ckpt), layout=layout, options=options, trust_pickle=trust_pickle)
+
+
+def _outputs(doc: dict, rows: list[dict], *, name: str, as_json: bool, csv_path: Path | None,
+             output_dir: Path | None) -> None:
+    """Write the JSON / CSV side outputs every command offers."""
+    from hcdiag.fileio import atomic_write_text, csv_text, ensure_dir, to_json
+
+    if csv_path is not None:
+        atomic_write_text(csv_path, csv_text(rows), "--csv")
+    if output_dir is not None:
+        d = ensure_dir(output_dir)
+        atomic_write_text(d / f"{name}.json", to_json(doc))
+        atomic_write_text(d / f"{name}.csv", csv_text(rows))
+    if as_json:
+        sys.stdout.write(to_json(doc))
+
+
+# --------------------------------------------------------------------------------------------------- params
+
+
+@app.command(
+    "params",
+    epilog="Examples:\n\n"
+    "    hcdiag params --n 8 --C 4096\n\n"
+    "    hcdiag params --n 4 --C 2560 --layers 30 --form paper --variants mhc,kromhc\n\n"
+    "    hcdiag params --n 8 --C 4096 --kron-factors 2,4 --json\n\n" + EPILOG_EXIT,
+)
+def params_cmd(
+    n: Annotated[int, typer.Option("--n", help="Number of residual streams.")] = 4,
+    C: Annotated[int, typer.Option("--C", "-C", help="Width of one stream (the model's hidden size).")] = 4096,
+    layers: Annotated[int, typer.Option("--layers", help="Transformer blocks (2 HC sites each).")] = 1,
+    variants: Annotated[
+        str | None, typer.Option("--variants", help="Comma-separated variant names (default: all).")
+    ] = None,
+    form: Annotated[
+        Form, typer.Option("--form", help="paper: mHC Eqs. 7-9 (no norm gain); code: reference modules.")
+    ] = Form.CODE,
+    kron_factors: Annotated[
+        str | None, typer.Option("--kron-factors", help="KromHC factor sizes, product = n (default 2,2,...).")
+    ] = None,
+    as_json: JsonOpt = False,
+    csv_path: CsvOpt = None,
+    output_dir: OutDirOpt = None,
+) -> None:
+    """Parameter cost of every variant per HC site and per model, against a plain pre-norm block."""
+    from hcdiag import render
+    from hcdiag.params import compute_params
+
+    report = compute_params(
+        n, C, layers=layers, variants=_split_names(variants, "--variants"), form=form,
+        kron_factors=_parse_factors(kron_factors),
+    )
+    doc = report.to_dict()
+    _outputs(doc, doc["rows"], name="params", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
+    if not as_json:
+        render.params(report)
+
+
+def _split_names(value: str | None, option: str) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise UsageError(f"{option} is empty; give comma-separated names, e.g. mhc,kromhc", option)
+    return names
+
+
+def _parse_factors(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        factors = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--kron-factors {value!r} is not a list of integers; write e.g. 2,2,2", "--kron-factors"
+        ) from None
+    return factors
+
+
+# ---------------------------------------------------------------------------------------------- stochasticity
+
+
+@app.command(
+    "stochasticity",
+    epilog="Examples:\n\n"
+    "    hcdiag stochasticity samples/mhc.safetensors\n\n"
+    "    hcdiag stochasticity model_dir/ --probe random --tokens 512 --iters 20 --convention paper --plot\n\n"
+    "    hcdiag stochasticity ckpt.pt --fail-above 1e-3 --json > report.json\n\n" + EPILOG_EXIT,
+)
+def stochasticity_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth/.bin, or a model directory.")],
+    probe: Annotated[Probe, typer.Option("--probe", help="Stream inputs: static (x = 0), random, activations.")]
+    = Probe.STATIC,
+    activations: Annotated[
+        Path | None, typer.Option("--activations", help="Activation file for --probe activations (hcdiag.capture).")
+    ] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Synthetic tokens for --probe random.", min=1)] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --probe random.")] = 0,
+    iters: IterOpt = None,
+    convention: ConvOpt = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Precision of the computation.")] = DType.FLOAT64,
+    tol: Annotated[float, typer.Option("--tol", help="Tolerance for the verdict and iterations-needed.")] = 1e-6,
+    fail_above: Annotated[
+        float | None, typer.Option("--fail-above", help="Exit 1 if any site's error exceeds this.")
+    ] = None,
+    as_json: JsonOpt = False,
+    csv_path: CsvOpt = None,
+    output_dir: OutDirOpt = None,
+    plot: PlotOpt = False,
+    layout: LayoutOpt = None,
+    layout_file: LayoutFileOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """How far each site's H_res is from doubly stochastic, why, and what to change."""
+    from hcdiag import render
+    from hcdiag.probes import make_probe
+    from hcdiag.stochasticity import analyze_stochasticity
+
+    if tol <= 0:
+        raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
+    if probe == Probe.ACTIVATIONS and activations is None:
+        raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)", "--activations")
+    model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle)
+    probe_obj = make_probe(probe, tokens=tokens, seed=seed,
+                           activations=str(activations) if activations else None)
+    report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
+    doc = report.to_dict()
+    if plot:
+        from hcdiag.plot_stochasticity import plot_stochasticity
+
+        out = output_dir or Path("hcdiag-out")
+        from hcdiag.fileio import ensure_dir
+
+        files = plot_stochasticity(report, ensure_dir(out))
+        doc["plots"] = [str(f) for f in files]
+        _stderr("plots: " + ", ".join(str(f) for f in files))
+    _outputs(doc, doc["sites"], name="stochasticity", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
+    if not as_json:
+        render.stochasticity(report)
+    if fail_above is not None:
+        bad = report.exceeds(fail_above)
+        if bad:
+            _stderr(f"hcdiag: check failed: {len(bad)} site(s) exceed --fail-above {fail_above:g}: "
+                    + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
+            raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------------------------- gain-sweep
+
+
+@app.command(
+    "gain-sweep",
+    epilog="Examples:\n\n"
+    "    hcdiag gain-sweep --layers 64\n\n"
+    "    hcdiag gain-sweep --layers 64 --init perturb --logit-scale 1.0 --seeds 32 --plot\n\n"
+    "    hcdiag gain-sweep --from samples/hc-dynamic.safetensors --probe random --tokens 64\n\n" + EPILOG_EXIT,
+)
+def gain_sweep_cmd(
+    layers: Annotated[int, typer.Option("--layers", help="Blocks in the synthetic stack (2 HC sites each).")] = 64,
+    variants: Annotated[
+        str | None, typer.Option("--variants", help="Comma-separated variant names (default: all).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of residual streams.")] = 4,
+    C: Annotated[int, typer.Option("--C", "-C", help="Stream width (matters for dynamic variants).")] = 64,
+    init: Annotated[str, typer.Option("--init", help="paper: published init; perturb: init + noise.")] = "paper",
+    logit_scale: Annotated[
+        float | None, typer.Option("--logit-scale", "--perturb", help="Std of the noise around init (implies perturb).")
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Independent stacks; median and worst are reported.")] = 1,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens per stack (dynamic variants).")] = 1,
+    iters: IterOpt = None,
+    convention: ConvOpt = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Precision the product is accumulated in.")]
+    = DType.FLOAT64,
+    kron_factors: Annotated[str | None, typer.Option("--kron-factors", help="KromHC factor sizes.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed.")] = 0,
+    from_ckpt: Annotated[
+        Path | None, typer.Option("--from", help="Use a real checkpoint's sites instead of a synthetic stack.")
+    ] = None,
+    probe: Annotated[Probe, typer.Option("--probe", help="With --from: stream inputs.")] = Probe.STATIC,
+    activations: Annotated[Path | None, typer.Option("--activations", help="Activation file for --probe activations.")]
+    = None,
+    every: Annotated[int | None, typer.Option("--every", help="Table rows every k sites (default: ~12 rows).")]
+    = None,
+    as_json: JsonOpt = False,
+    csv_path: CsvOpt = None,
+    output_dir: OutDirOpt = None,
+    plot: PlotOpt = False,
+    layout: LayoutOpt = None,
+    layout_file: LayoutFileOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Gain of residual-matrix products across depth (mHC Figs. 3, 7, 8), synthetic or from a checkpoint."""
+    from hcdiag import render
+    from hcdiag.gain import gain_from_model, gain_sweep
+
+    if from_ckpt is not None:
+        from hcdiag.probes import make_probe
+
+        if probe == Probe.ACTIVATIONS and activations is None:
+            raise UsageError("--probe activations needs --activations FILE", "--activations")
+        model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle)
+        probe_obj = make_probe(probe, tokens=tokens, seed=seed,
+                               activations=str(activations) if activations else None)
+        report = gain_from_model(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype)
+    else:
+        if init not in ("paper", "perturb"):
+            raise UsageError(f"--init {init!r} is not one of: paper, perturb", "--init")
+        with render.progress_reporter(enabled=not as_json) as progress:
+            report = gain_sweep(
+                layers=layers, variants=_split_names(variants, "--variants"), n=n, C=C,
+                init="perturb" if logit_scale else init, logit_scale=logit_scale or 0.0, seeds=seeds,
+                tokens=tokens, iters=iters, convention=convention, dtype=dtype, seed=seed,
+                kron_factors=_parse_factors(kron_factors), progress=progress,
+            )
+    doc = report.to_dict()
+    rows = report.table_rows(every)
+    if plot:
+        from hcdiag.fileio import ensure_dir
+        from hcdiag.plot_gain import plot_gain
+
+        files = plot_gain(report, ensure_dir(output_dir or Path("hcdiag-out")))
+        doc["plots"] = [str(f) for f in files]
+        _stderr("plots: " + ", ".join(str(f) for f in files))
+    _outputs(doc, rows, name="gain-sweep", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
+    if not as_json:
+        render.gain(report, rows)
+
+
+# ----------------------------------------------------------------------------------------------------- inspect
+
+
+@app.command(
+    "inspect",
+    epilog="Examples:\n\n    hcdiag inspect samples/mhc.safetensors\n\n"
+    "    hcdiag inspect deepseek_dir/ --json\n\n" + EPILOG_EXIT,
+)
+def inspect_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint file or model directory.")],
+    as_json: JsonOpt = False,
+    layout: LayoutOpt = None,
+    layout_file: LayoutFileOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Detected layout, HC sites and their tensors, settings and where they came from (reads headers only)."""
+    from hcdiag import render
+    from hcdiag.fileio import to_json
+    from hcdiag.inspect import inspect_checkpoint
+    from hcdiag.io.base import LoadOptions
+
+    _STATE["reading_input"] = True
+    report = inspect_checkpoint(
+        str(ckpt), layout=layout,
+        options=LoadOptions(layout_file=str(layout_file) if layout_file else None), trust_pickle=trust_pickle,
+    )
+    if as_json:
+        sys.stdout.write(to_json(report.to_dict()))
+    else:
+        render.inspect(report)
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+
+
+@app.command("variants", epilog="Example:\n\n    hcdiag variants\n\n" + EPILOG_EXIT)
+def variants_cmd(as_json: JsonOpt = False) -> None:
+    """List the variants hcdiag knows, whether their H_res is exact, and how they grow."""
+    from hcdiag import registry, render
+    from hcdiag.fileio import to_json
+
+    specs = [registry.get(name) for name in registry.names()]
+    if as_json:
+        sys.stdout.write(to_json({"schema_version": 1, "variants": [
+            {"name": s.name, "exactness": str(s.exactness), "growth": s.growth, "summary": s.summary} for s in specs
+        ]}))
+    else:
+        render.variants(specs)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turn every expected failure into one stderr line and an exit status."""
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=argv, prog_name="hcdiag", standalone_mode=False)
+    except HcdiagError as exc:
+        _stderr(f"hcdiag: error: {exc}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        _stderr(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(2)
+    except click.UsageError as exc:
+        hint = ""
+        if exc.ctx is not None:
+            hint = f"; see `{exc.ctx.command_path} --help`"
+        _stderr(f"hcdiag: error: {_one_line(exc.format_message())}{hint}")
+        sys.exit(2)
+    except click.ClickException as exc:
+        _stderr(f"hcdiag: error: {_one_line(exc.format_message())}")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _stderr("hcdiag: interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        _stderr("hcdiag: interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: never a traceback for a user
+        if os.environ.get("HCDIAG_DEBUG"):
+            raise
+        code = 3 if _STATE["reading_input"] else 4
+        what = "could not process the input" if code == 3 else "internal error"
+        _stderr(f"hcdiag: error: {what}: {type(exc).__name__}: {_one_line(str(exc))[:300]} "
+                "(rerun with HCDIAG_DEBUG=1 for a traceback and report it if the file is valid)")
+        sys.exit(code)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
