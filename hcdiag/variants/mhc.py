@@ -1,0 +1,97 @@
+"""mHC: manifold-constrained hyper-connections (mHC Eqs. 7-9; SPEC section 2), paper form.
+
+Dimension letters: n streams, C width of one stream, ... leading (token / batch) dims.
+
+    x'      = RMSNorm(vec(x))                        [..., nC]   (Eq. 7; gain ``norm_weight`` in code form)
+    H~_pre  = a_pre  * (x' phi_pre)    + b_pre       phi_pre, phi_post [nC, n]
+    H~_post = a_post * (x' phi_post)   + b_post      phi_res [nC, n^2], b_res [n, n]
+    H~_res  = a_res  * mat(x' phi_res) + b_res       a_* scalars, init 0.01                     (Eq. 8)
+    H_pre = sigma(H~_pre), H_post = 2 sigma(H~_post), H_res = SinkhornKnopp(H~_res)             (Eq. 9)
+
+mat() reshapes row-major, so row i of mat(.) and of b_res belongs to output stream i (paper orientation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from hcdiag.enums import Convention, Exactness, Form
+from hcdiag.registry import ParamCount, register
+from hcdiag.site import HCOutput, SinkhornSpec
+from hcdiag.variants._common import MHCPrePost, mhc_pre_post_norm_count
+
+
+def mhc_res_bias_init(n: int) -> torch.Tensor:
+    """Static H_res logits [n, n]: 0 on the diagonal, -8 off it (float64).
+
+    Source: the mHC baseline in the KromHC repo (wz1119/KromHC ``hyper_conn/mhc.py``: ``init_alpha1`` = -8,
+    ``fill_diagonal_(0)``), shared by the mhc-lite and tbp-mHC repos' baselines. Sinkhorn then starts near the
+    identity: diagonal 1 / (1 + (n-1) e^-8) = 0.999 at n = 4. (lucidrains' hyper-connections uses logits = I
+    instead, which starts at Sinkhorn(exp(I)), far from I: 0.475 on the diagonal at n = 4; the mHC paper does
+    not state its initialisation; transformers' DeepSeek-V4 ``_init_weights`` zeroes ``base``.)
+    """
+    b = torch.full((n, n), -8.0, dtype=torch.float64)
+    b.fill_diagonal_(0.0)
+    return b
+
+
+@register(
+    "mhc",
+    summary="mHC (mHC Eqs. 7-9): Sinkhorn-projected dynamic H_res, approximately doubly stochastic",
+    growth="O(n^3 C)",
+    order=30,
+)
+class MHC(MHCPrePost):
+    """mHC site. Parameters: phi_pre, phi_post [nC, n], phi_res [nC, n^2], b_pre, b_post [n], b_res [n, n]
+    (paper orientation), a_pre, a_post, a_res (0-dim), and in code form norm_weight [nC].
+
+    Init (site k): phi = 0 (the site starts static), a = 0.01, b_pre = b_post = -1 with +1 at k mod n,
+    b_res = :func:`mhc_res_bias_init`. ``sinkhorn``: how H_res is projected (default: paper convention, 20
+    iterations, mHC Eq. 9 with t_max = 20).
+    """
+
+    exactness = Exactness.SINKHORN
+
+    def __init__(self, n: int, C: int, *, sinkhorn: SinkhornSpec | None = None, **kw: Any) -> None:
+        super().__init__(n, C, **kw)
+        self.sinkhorn: SinkhornSpec = sinkhorn if sinkhorn is not None else SinkhornSpec(Convention.PAPER, 20)
+        self._init_pre_post()
+        self.phi_res = self._zeros(n * C, n * n)
+        self.b_res = self._param(mhc_res_bias_init(n))
+        self.a_res = self._scalar(0.01)
+
+    @classmethod
+    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
+        """Paper form (n^2 + 2n)(nC + 1) + 3; code form adds the RMSNorm gain nC (SPEC section 5)."""
+        pre, post, norm = mhc_pre_post_norm_count(n, C, form)
+        return ParamCount(pre=pre, post=post, res=n * C * n * n + n * n + 1, norm=norm)
+
+    def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
+        """x' [..., nC] -> H~_res [..., n, n] (mHC Eq. 8, paper orientation)."""
+        return self.a_res * (h @ self.phi_res).unflatten(-1, (self.n, self.n)) + self.b_res
+
+    def res_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., n, C] -> H~_res [..., n, n], paper orientation, before Sinkhorn."""
+        return self._res_logits_h(self._normed(x))
+
+    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
+        """H_res [..., n, n] = Sinkhorn(logits) under ``spec`` (default ``self.sinkhorn``) (mHC Eq. 9)."""
+        from hcdiag.sinkhorn import project  # lazy: keeps importing the registry light
+
+        return project(logits, spec if spec is not None else self.sinkhorn)
+
+    def forward(self, x: torch.Tensor) -> HCOutput:
+        """x [..., n, C] -> H_pre [..., n], H_post [..., n], H_res [..., n, n] (paper convention)."""
+        h = self._normed(x)
+        pre, post = self._pre_post(h)
+        return HCOutput(pre, post, self.res_from_logits(self._res_logits_h(h)))
+
+    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
+        t = self._pre_post_targets()
+        t["res"] = [(self.b_res, 1.0)]
+        t["dynamic"].append((self.phi_res, 1.0 / math.sqrt(self.n * self.C)))
+        return t

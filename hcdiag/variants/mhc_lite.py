@@ -1,0 +1,107 @@
+"""mHC-lite: H_res as a convex combination of all n! permutation matrices (Birkhoff-von Neumann; SPEC sec. 2).
+
+Dimension letters: n streams, C width of one stream, k = n! permutations, ... leading (token / batch) dims.
+
+    a     = softmax(a_res * x' W_res + b_res)     W_res [nC, n!], b_res [n!], a_res scalar        [..., n!]
+    H_res = sum_k a_k Q_k                          Q_k = P_k^T, P_k[i, perm_k[i]] = 1              [..., n, n]
+
+perm_k runs over itertools.permutations(range(n)) (k = 0 is the identity). The reference code (mhc-lite /
+KromHC ``get_all_permutations``) builds P_k = eye[perm_k], i.e. P_k[i, perm_k[i]] = 1, and uses sum_k a_k P_k
+as alpha[input, output]; the paper orientation is its transpose, Q_k[perm_k[i], i] = 1: permutation k sends
+input stream i to output stream perm_k[i]. Exactly doubly stochastic and non-negative. Logit index k follows
+the reference checkpoints' order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from hcdiag.enums import Exactness, Form
+from hcdiag.registry import ParamCount, register
+from hcdiag.site import HCOutput, SinkhornSpec
+from hcdiag.variants._common import MHCPrePost, bvn_matrices, mhc_pre_post_norm_count
+
+#: mHC-lite is flagged impractical above this many permutations (n! > 720, i.e. n >= 7): SPEC sec. 2 calls it
+#: impractical beyond n ~ 6; at n = 7 every token needs 5,040 logits, at n = 8 40,320.
+MAX_PRACTICAL_PERMS = 720
+
+
+def perm_logit_bias_init(k: int) -> torch.Tensor:
+    """Static permutation logits [k]: 0 for the identity (index 0), -8 for the others (float64).
+
+    Source: mhc-lite reference code (vendored in wz1119/KromHC ``hyper_conn/mhc_lite.py``: ``init_alpha1``).
+    At n = 4 the identity gets weight 1 / (1 + 23 e^-8) = 0.99923.
+    """
+    b = torch.full((k,), -8.0, dtype=torch.float64)
+    b[0] = 0.0
+    return b
+
+
+def bvn_combination(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """sum_k w_k Q_k: weights [..., n!] (itertools order) -> [..., n, n] paper orientation."""
+    Q = bvn_matrices(n, weights.dtype, weights.device)
+    return torch.einsum("...k,kij->...ij", weights, Q)
+
+
+@register(
+    "mhc-lite",
+    summary="mHC-lite: softmax-weighted sum of all n! permutations, exactly doubly stochastic",
+    growth="O(n! nC)",
+    order=40,
+)
+class MHCLite(MHCPrePost):
+    """mHC-lite site: H_pre / H_post as mHC; W_res [nC, n!], b_res [n!], a_res; norm_weight [nC] in code form.
+
+    Init: W_res = 0, a_res = 0.01, b_res = :func:`perm_logit_bias_init`. Building refuses sizes whose
+    parameters exceed the registry's memory limit unless ``device="meta"``.
+    """
+
+    exactness = Exactness.EXACT
+
+    def __init__(self, n: int, C: int, **kw: Any) -> None:
+        super().__init__(n, C, **kw)
+        k = math.factorial(n)
+        self._init_pre_post()
+        self.W_res = self._zeros(n * C, k)
+        self.b_res = self._param(perm_logit_bias_init(k))
+        self.a_res = self._scalar(0.01)
+
+    @classmethod
+    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
+        """H_res: n! nC + n! + 1 (SPEC section 5); pre / post / norm as mHC code form."""
+        pre, post, norm = mhc_pre_post_norm_count(n, C, form)
+        k = math.factorial(n)
+        notes: tuple[str, ...] = ()
+        if not cls.practical(n, None):
+            notes = (f"impractical: {k:,} permutation logits per token (n! > {MAX_PRACTICAL_PERMS})",)
+        return ParamCount(pre=pre, post=post, res=k * n * C + k + 1, norm=norm, notes=notes)
+
+    @classmethod
+    def practical(cls, n: int, factors: tuple[int, ...] | None) -> bool:
+        return math.factorial(n) <= MAX_PRACTICAL_PERMS
+
+    def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
+        return self.a_res * (h @ self.W_res) + self.b_res
+
+    def res_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., n, C] -> permutation logits [..., n!] (before the softmax)."""
+        return self._res_logits_h(self._normed(x))
+
+    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
+        """[..., n!] -> H_res [..., n, n] = sum_k softmax(logits)_k Q_k (``spec`` ignored: no Sinkhorn)."""
+        return bvn_combination(torch.softmax(logits, dim=-1), self.n)
+
+    def forward(self, x: torch.Tensor) -> HCOutput:
+        h = self._normed(x)
+        pre, post = self._pre_post(h)
+        return HCOutput(pre, post, self.res_from_logits(self._res_logits_h(h)))
+
+    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
+        t = self._pre_post_targets()
+        t["res"] = [(self.b_res, 1.0)]
+        t["dynamic"].append((self.W_res, 1.0 / math.sqrt(self.n * self.C)))
+        return t
