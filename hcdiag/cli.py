@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from hcdiag import __version__
@@ -386,27 +385,50 @@ def variants_cmd(as_json: JsonOpt = False) -> None:
 # -------------------------------------------------------------------------------------------------------- main
 
 
+def _click_exceptions() -> list:
+    """Typer >= 0.29 vendors click as ``typer._click``; older Typer uses click itself. Catch both."""
+    mods = []
+    try:
+        import typer._click.exceptions as vendored
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    try:
+        import click.exceptions as upstream
+
+        mods.append(upstream)
+    except ImportError:
+        pass
+    return mods
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn every expected failure into one stderr line and an exit status."""
     command = typer.main.get_command(app)
+    mods = _click_exceptions()
+    no_args = tuple(m.NoArgsIsHelpError for m in mods if hasattr(m, "NoArgsIsHelpError"))
+    # an exception tuple may be empty; then the clause never matches
+    usage = tuple(m.UsageError for m in mods)
+    click_exc = tuple(m.ClickException for m in mods)
+    abort = tuple(m.Abort for m in mods if hasattr(m, "Abort"))
     try:
         rc = command.main(args=argv, prog_name="hcdiag", standalone_mode=False)
     except HcdiagError as exc:
         _stderr(f"hcdiag: error: {exc}")
         sys.exit(exc.exit_code)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        _stderr(exc.ctx.get_help() if exc.ctx else str(exc))
-        sys.exit(2)
-    except click.UsageError as exc:
+    except no_args:
+        sys.exit(2)  # the help text has been printed already
+    except usage as exc:
         hint = ""
         if exc.ctx is not None:
             hint = f"; see `{exc.ctx.command_path} --help`"
         _stderr(f"hcdiag: error: {_one_line(exc.format_message())}{hint}")
         sys.exit(2)
-    except click.ClickException as exc:
+    except click_exc as exc:
         _stderr(f"hcdiag: error: {_one_line(exc.format_message())}")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except abort:
         _stderr("hcdiag: interrupted")
         sys.exit(130)
     except KeyboardInterrupt:

@@ -124,6 +124,8 @@ class ParamsReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ints stay ints (exact even past 2^53), enums become their string values."""
         return {
+            "schema_version": 1,
+            "command": "params",
             "inputs": self.inputs.to_dict(),
             "baseline": self.baseline,
             "rows": [r.to_dict() for r in self.rows],
