@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+
 def _width() -> int | None:
     # Piped output (README pastes, CI logs) would wrap at 80 columns; tables here are wider than that.
     import os
