@@ -1,0 +1,779 @@
+"""``--layout-file FILE``: describe a codebase's HC tensors in TOML or JSON and read them as a generic mHC site.
+
+Dimension letters: n streams, C width of one stream, ... leading token dims, out = packed projection width.
+
+The site this builds (every part optional except H_res; docs/layout-file.md has a worked example)::
+
+    h        = RMSNorm(x) over the flattened nC ("flat") or per stream over C ("per_stream"), times an optional
+               gain (+ gain_offset); or x itself (norm kind "none")
+    y        = h W^T (+ projection bias), W stored [out, in] ("out_in", nn.Linear) or [in, out] ("in_out");
+               split along its last axis into the named parts (pre, post, res) with the given sizes,
+               or one weight per part
+    logit_p  = scale_p * y_p + bias_p                  (a part without projection is static: bias_p alone)
+    H_pre    = act_pre(logit_pre) + eps_pre            (act: sigmoid, 2sigmoid, identity, softmax; default sigmoid)
+    H_post   = act_post(logit_post) + eps_post         (default 2sigmoid)
+    H_res    = Sinkhorn(logit_res) (named convention, iters, eps) | I ("identity") | logit_res ("none")
+
+with logit_res read as [output, input] ("paper") or [input, output] ("code", transposed on load). Flat parts
+are [..., n] (pre, post) and [..., n*n] -> [n, n] row-major (res); per-stream parts are [..., n, k] with row =
+stream s, so pre / post take k = 1 and res takes k = n (row = input stream: code orientation).
+Tensor names are relative to the site prefix (what the site pattern matched); a name starting with "/" is a
+full key (a tensor shared by all sites).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hcdiag.enums import Convention, Exactness
+from hcdiag.errors import InputError, UsageError
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.model import LoadedModel, Site, TensorInfo
+from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+
+__all__ = ["LAYOUT_FILE", "LayoutFileSite", "LayoutSpec", "parse_layout_file"]
+
+_PARTS = ("pre", "post", "res")
+_ACTS = ("sigmoid", "2sigmoid", "identity", "softmax")
+_DEFAULT_ACT = {"pre": "sigmoid", "post": "2sigmoid"}
+_KIND_DEFAULTS = {
+    "attn": "attn",
+    "attention": "attn",
+    "self_attn": "attn",
+    "att": "attn",
+    "sa": "attn",
+    "ffn": "ffn",
+    "mlp": "ffn",
+    "ff": "ffn",
+    "feedforward": "ffn",
+    "feed_forward": "ffn",
+    "moe": "ffn",
+}
+_TOP_KEYS = {
+    "version",
+    "name",
+    "n",
+    "C",
+    "sites",
+    "norm",
+    "projection",
+    "bias",
+    "scale",
+    "pre",
+    "post",
+    "res",
+    "sinkhorn",
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the parsed file
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A tensor split along its last axis into named parts, and/or one entry per part."""
+
+    tensor: str | None = None
+    split: tuple[Any, ...] = ()
+    names: tuple[str, ...] = ()
+    per_part: dict[str, str | float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """A parsed layout file (see the module docstring and docs/layout-file.md)."""
+
+    path: str
+    name: str
+    n: int
+    C: int | None
+    pattern: re.Pattern[str] | None
+    kinds: dict[str, str]
+    explicit: tuple[tuple[str, int, str], ...]  # (prefix, block, kind)
+    norm_kind: str
+    norm_eps: float
+    norm_over: str
+    norm_gain: str | None
+    norm_gain_offset: float
+    proj_input: str
+    proj_orientation: str
+    proj: _Packed | None  # packed weight (tensor + split + names) or per-part weights
+    proj_bias: _Packed | None
+    bias: _Packed | None
+    scale: _Packed | None
+    acts: dict[str, str]
+    eps: dict[str, float]
+    res_orientation: str
+    res_constraint: str
+    convention: Convention | None
+    iters: int | None
+    sinkhorn_eps: float | None
+
+
+def _err(path: str, msg: str) -> InputError:
+    return InputError(f"{path}: {msg}; see docs/layout-file.md", path=path)
+
+
+def _table(data: dict, key: str, path: str, allowed: set[str]) -> dict:
+    t = data.get(key, {})
+    if not isinstance(t, dict):
+        raise _err(path, f"[{key}] must be a table")
+    unknown = set(t) - allowed
+    if unknown:
+        raise _err(path, f"unknown key(s) {sorted(unknown)} in [{key}]; known: {sorted(allowed)}")
+    return t
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str, path: str) -> str:
+    if value not in allowed:
+        raise _err(path, f"{what} = {value!r}; choose one of {list(allowed)}")
+    return str(value)
+
+
+def _num(value: Any, what: str, path: str, *, integer: bool = False, minimum: float = 0.0) -> Any:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise _err(path, f"{what} = {value!r} must be {kind} >= {minimum:g}")
+    return int(value) if integer else float(value)
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Pow: operator.pow}
+
+
+def _size(expr: Any, n: int, path: str) -> int:
+    """A part size: an integer or an expression in n ("n", "n*n", "n^2", "2*n + 1")."""
+    if isinstance(expr, int) and not isinstance(expr, bool):
+        return expr
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.Name) and node.id == "n":
+            return n
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError(expr)
+
+    try:
+        return int(ev(ast.parse(str(expr).replace("^", "**"), mode="eval")))
+    except (ValueError, SyntaxError, TypeError):
+        raise _err(path, f'split size {expr!r} is not an integer or an expression in n like "n*n"') from None
+
+
+def _packed(t: dict, path: str, where: str, tensor_key: str = "tensor") -> _Packed | None:
+    if not t:
+        return None
+    tensor = t.get(tensor_key)
+    per_part = {p: t[p] for p in _PARTS if p in t}
+    for p, v in per_part.items():
+        if not (isinstance(v, str) or (isinstance(v, int | float) and not isinstance(v, bool))):
+            raise _err(path, f"[{where}] {p} must be a tensor name or a number")
+    if tensor is not None and not isinstance(tensor, str):
+        raise _err(path, f"[{where}] {tensor_key} must be a tensor name")
+    split = t.get("split", ())
+    names = t.get("names", ())
+    if not isinstance(split, list | tuple) or not isinstance(names, list | tuple):
+        raise _err(path, f"[{where}] split and names must be arrays")
+    for nm in names:
+        if nm not in (*_PARTS, "_"):
+            raise _err(path, f"[{where}] names entry {nm!r}: use pre, post, res (or _ for a slice to skip)")
+    if len(set(n for n in names if n != "_")) != len([n for n in names if n != "_"]):
+        raise _err(path, f"[{where}] names repeats a part")
+    if tensor is None and not per_part:
+        return None
+    return _Packed(tensor=tensor, split=tuple(split), names=tuple(names), per_part=per_part)
+
+
+def parse_layout_file(path: str | Path) -> LayoutSpec:
+    """Read and validate a layout file (TOML, or JSON by a ``.json`` suffix); InputError on any problem."""
+    p = Path(path)
+    ps = str(p)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read the layout file ({exc.strerror or exc})", path=ps) from None
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if p.suffix.lower() == ".json" else "TOML"
+        raise InputError(f"{p}: layout file is not valid {kind} ({exc}); see docs/layout-file.md", path=ps) from None
+    if not isinstance(data, dict):
+        raise _err(ps, "layout file must be a table / JSON object")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _err(ps, f"unknown top-level key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+    if data.get("version", 1) != 1:
+        raise _err(ps, f"version = {data.get('version')!r}; this hcdiag reads version 1")
+    if "n" not in data:
+        raise _err(ps, "n (number of streams) is required")
+    n = _num(data["n"], "n", ps, integer=True, minimum=1)
+    C = _num(data["C"], "C", ps, integer=True, minimum=1) if "C" in data else None
+
+    sites = _table(data, "sites", ps, {"pattern", "kinds", "list"})
+    pattern = None
+    if "pattern" in sites:
+        try:
+            pattern = re.compile(str(sites["pattern"]))
+        except re.error as exc:
+            raise _err(ps, f"[sites] pattern is not a valid regex ({exc})") from None
+        if "block" not in pattern.groupindex:
+            raise _err(ps, "[sites] pattern needs a named group (?P<block>\\d+)")
+    kinds = dict(_KIND_DEFAULTS)
+    extra_kinds = sites.get("kinds", {})
+    if not isinstance(extra_kinds, dict):
+        raise _err(ps, "[sites] kinds must be a table raw-kind -> attn | ffn | other")
+    for raw_kind, k in extra_kinds.items():
+        kinds[str(raw_kind)] = _choice(k, ("attn", "ffn", "other"), f"[sites.kinds] {raw_kind}", ps)
+    explicit = []
+    listed = sites.get("list", [])
+    if not isinstance(listed, list):
+        raise _err(ps, "[sites] list must be an array of {prefix, block, kind} tables")
+    for i, entry in enumerate(listed):
+        if not isinstance(entry, dict) or "prefix" not in entry or "block" not in entry:
+            raise _err(ps, f"[[sites.list]] entry {i} needs prefix and block")
+        kind = entry.get("kind", "other")
+        explicit.append(
+            (
+                str(entry["prefix"]),
+                _num(entry["block"], "block", ps, integer=True),
+                kinds[str(kind)] if str(kind) in kinds else _choice(kind, ("attn", "ffn", "other"), "kind", ps),
+            )
+        )
+    if pattern is None and not explicit:
+        raise _err(ps, "[sites] needs a pattern (regex with (?P<block>...)) or a list of sites")
+
+    norm = _table(data, "norm", ps, {"kind", "eps", "over", "gain", "gain_offset"})
+    proj_t = _table(data, "projection", ps, {"weight", "weights", "input", "orientation", "bias", "split", "names"})
+    proj = None
+    proj_bias = None
+    if proj_t:
+        if ("weight" in proj_t) == ("weights" in proj_t):
+            raise _err(ps, "[projection] needs exactly one of weight (packed, with split and names) or weights")
+        if "weight" in proj_t:
+            proj = _packed(
+                {
+                    "tensor": proj_t["weight"],
+                    "split": proj_t.get("split", ()),
+                    "names": proj_t.get("names", ()),
+                },
+                ps,
+                "projection",
+            )
+            if proj is None or not proj.split or len(proj.split) != len(proj.names):
+                raise _err(ps, "[projection] a packed weight needs split and names of equal length")
+            if proj_t.get("bias") is not None:
+                proj_bias = _Packed(tensor=str(proj_t["bias"]), split=proj.split, names=proj.names)
+        else:
+            w = proj_t["weights"]
+            if not isinstance(w, dict) or not w or set(w) - set(_PARTS):
+                raise _err(ps, "[projection] weights must be a table with keys among pre, post, res")
+            proj = _Packed(per_part={k: str(v) for k, v in w.items()})
+            b = proj_t.get("bias")
+            if b is not None:
+                if not isinstance(b, dict) or set(b) - set(w):
+                    raise _err(ps, "[projection] bias with per-part weights must be a table part -> tensor")
+                proj_bias = _Packed(per_part={k: str(v) for k, v in b.items()})
+
+    bias = _packed(_table(data, "bias", ps, {"tensor", "split", "names", *_PARTS}), ps, "bias")
+    if bias is not None and bias.tensor is not None and not bias.split:
+        if proj is None or not proj.split:
+            raise _err(ps, "[bias] tensor needs split and names (or a packed projection to copy them from)")
+        bias = _Packed(tensor=bias.tensor, split=proj.split, names=proj.names, per_part=bias.per_part)
+    scale = _packed(_table(data, "scale", ps, {"tensor", "names", *_PARTS}), ps, "scale")
+    if scale is not None and scale.tensor is not None and not scale.names:
+        names = proj.names if proj is not None and proj.names else ()
+        scale = _Packed(tensor=scale.tensor, names=names, per_part=scale.per_part)
+
+    acts: dict[str, str] = {}
+    eps: dict[str, float] = {}
+    for part in ("pre", "post"):
+        t = _table(data, part, ps, {"activation", "eps"})
+        acts[part] = _choice(t.get("activation", _DEFAULT_ACT[part]), _ACTS, f"[{part}] activation", ps)
+        eps[part] = _num(t.get("eps", 0.0), f"[{part}] eps", ps)
+    res = _table(data, "res", ps, {"orientation", "constraint"})
+    res_orientation = _choice(res.get("orientation", "paper"), ("paper", "code"), "[res] orientation", ps)
+    res_constraint = _choice(
+        res.get("constraint", "sinkhorn"), ("sinkhorn", "identity", "none"), "[res] constraint", ps
+    )
+    sk = _table(data, "sinkhorn", ps, {"convention", "iters", "eps"})
+    convention = None
+    if "convention" in sk:
+        try:
+            convention = Convention(str(sk["convention"]))
+        except ValueError:
+            known = [c.value for c in Convention]
+            raise _err(
+                ps,
+                f"[sinkhorn] convention = {sk['convention']!r}; choose one of {known} (custom pass "
+                "orders are not supported)",
+            ) from None
+    iters = _num(sk["iters"], "[sinkhorn] iters", ps, integer=True, minimum=1) if "iters" in sk else None
+    sk_eps = _num(sk["eps"], "[sinkhorn] eps", ps) if "eps" in sk else None
+
+    return LayoutSpec(
+        path=ps,
+        name=str(data.get("name", p.stem)),
+        n=n,
+        C=C,
+        pattern=pattern,
+        kinds=kinds,
+        explicit=tuple(explicit),
+        norm_kind=_choice(norm.get("kind", "rms" if proj is not None else "none"), ("rms", "none"), "[norm] kind", ps),
+        norm_eps=_num(norm.get("eps", 1e-6), "[norm] eps", ps),
+        norm_over=_choice(norm.get("over", proj_t.get("input", "flat")), ("flat", "per_stream"), "[norm] over", ps),
+        norm_gain=str(norm["gain"]) if "gain" in norm else None,
+        norm_gain_offset=_num(norm.get("gain_offset", 0.0), "[norm] gain_offset", ps, minimum=-math.inf),
+        proj_input=_choice(proj_t.get("input", "flat"), ("flat", "per_stream"), "[projection] input", ps),
+        proj_orientation=_choice(
+            proj_t.get("orientation", "out_in"), ("out_in", "in_out"), "[projection] orientation", ps
+        ),
+        proj=proj,
+        proj_bias=proj_bias,
+        bias=bias,
+        scale=scale,
+        acts=acts,
+        eps=eps,
+        res_orientation=res_orientation,
+        res_constraint=res_constraint,
+        convention=convention,
+        iters=iters,
+        sinkhorn_eps=sk_eps,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the site module
+
+
+def _activate(t: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "sigmoid":
+        return torch.sigmoid(t)
+    if act == "2sigmoid":
+        return 2 * torch.sigmoid(t)
+    if act == "softmax":
+        return torch.softmax(t, dim=-1)
+    return t
+
+
+class LayoutFileSite(SiteModule):
+    """A site described by a layout file. Buffers: ``w`` (packed) or ``w_<part>``, ``pb``/``pb_<part>``,
+    ``b_<part>``, ``s_<part>``, ``gain``; everything in paper convention on output."""
+
+    def __init__(
+        self,
+        *,
+        n: int,
+        C: int,
+        spec: LayoutSpec,
+        tensors: dict[str, torch.Tensor],
+        consts: dict[str, float],
+        sinkhorn: SinkhornSpec | None,
+    ) -> None:
+        super().__init__()
+        self.n = n
+        self.C = C
+        self._spec = spec
+        self._consts = dict(consts)
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.sinkhorn = sinkhorn
+        self._sizes = [_size(e, n, spec.path) for e in spec.proj.split] if spec.proj is not None else []
+        self.exactness = {
+            "sinkhorn": Exactness.SINKHORN,
+            "identity": Exactness.IDENTITY,
+            "none": Exactness.UNCONSTRAINED,
+        }[spec.res_constraint]
+
+    def _t(self, name: str) -> torch.Tensor | None:
+        return self._buffers.get(name)
+
+    def _need(self, name: str) -> torch.Tensor:
+        t = self._buffers.get(name)
+        if t is None:
+            raise KeyError(name)
+        return t
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._spec
+        dtype = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float64)
+        x = x.to(dtype)
+        h = x.flatten(-2) if s.norm_over == "flat" else x
+        if s.norm_kind == "rms":
+            h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + s.norm_eps)
+        gain = self._t("gain")
+        if gain is not None:
+            h = h * (gain.reshape(h.shape[-1]) + s.norm_gain_offset)
+        if s.norm_over == "flat" and s.proj_input == "per_stream":
+            h = h.unflatten(-1, (self.n, self.C))
+        elif s.norm_over == "per_stream" and s.proj_input == "flat":
+            h = h.flatten(-2)
+        return h
+
+    def _linear(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(h, w) if self._spec.proj_orientation == "out_in" else h @ w
+        return y if b is None else y + b
+
+    def _shape(self, t: torch.Tensor, part: str, lead: int) -> torch.Tensor:
+        """Reshape a part's values to [..., n] (pre/post) or [..., n, n] (res); ``lead`` leading dims kept."""
+        n = self.n
+        tail = (n,) if part != "res" else (n, n)
+        return t.reshape(*t.shape[:lead], *tail)
+
+    def _logits(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        s = self._spec
+        lead = x.dim() - 2
+        dyn: dict[str, torch.Tensor] = {}
+        if s.proj is not None:
+            h = self._normed(x)
+            if s.proj.tensor is not None:
+                y = self._linear(h, self._need("w"), self._t("pb"))
+                sizes = self._sizes
+                for name, piece in zip(s.proj.names, y.split(sizes, dim=-1), strict=True):
+                    if name != "_":
+                        dyn[name] = piece
+            else:
+                for part in s.proj.per_part:
+                    dyn[part] = self._linear(h, self._need(f"w_{part}"), self._t(f"pb_{part}"))
+        out: dict[str, torch.Tensor | None] = {}
+        for part in _PARTS:
+            logit = None
+            if part in dyn:
+                d = self._shape(dyn[part], part, lead)
+                scale = self._t(f"s_{part}")
+                if scale is not None:
+                    d = d * scale.reshape(())
+                elif f"s_{part}" in self._consts:
+                    d = d * self._consts[f"s_{part}"]
+                logit = d
+            bias = self._t(f"b_{part}")
+            if bias is not None:
+                bias = bias.reshape((self.n,) if part != "res" else (self.n, self.n))
+                logit = bias.expand(*x.shape[:lead], *bias.shape) if logit is None else logit + bias
+            elif f"b_{part}" in self._consts:
+                c = self._consts[f"b_{part}"]
+                logit = logit + c if logit is not None else None
+            if part == "res" and logit is not None and s.res_orientation == "code":
+                logit = logit.transpose(-1, -2)
+            out[part] = logit
+        return out
+
+    def res_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Paper-orientation H_res logits [..., n, n] (Sinkhorn sites); None for identity / unconstrained."""
+        if self._spec.res_constraint != "sinkhorn":
+            return None
+        return self._logits(x)["res"]
+
+    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
+        c = self._spec.res_constraint
+        if c == "identity":
+            eye = torch.eye(self.n, dtype=logits.dtype, device=logits.device)
+            return eye.expand(*logits.shape[:-2], self.n, self.n).clone()
+        if c == "none":
+            return logits
+        from hcdiag.sinkhorn import project  # lazy: keeps the reader light
+
+        use = spec if spec is not None else self.sinkhorn
+        assert use is not None
+        return project(logits, use)
+
+    def forward(self, x: torch.Tensor) -> HCOutput:
+        """x [..., n, C] -> H_pre [..., n], H_post [..., n], H_res [..., n, n] (paper convention)."""
+        s = self._spec
+        logits = self._logits(x)
+        lead = x.shape[:-2]
+        dtype = next((b.dtype for b in self.buffers() if b.is_floating_point()), torch.float64)
+        nan = torch.full((*lead, self.n), math.nan, dtype=dtype)
+        pre = nan if logits["pre"] is None else _activate(logits["pre"], s.acts["pre"]) + s.eps["pre"]
+        post = nan if logits["post"] is None else _activate(logits["post"], s.acts["post"]) + s.eps["post"]
+        if s.res_constraint == "identity":
+            res = torch.eye(self.n, dtype=dtype).expand(*lead, self.n, self.n).clone()
+        else:
+            res_l = logits["res"]
+            assert res_l is not None
+            res = self.res_from_logits(res_l)
+        return HCOutput(pre, post, res)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _site_prefixes(spec: LayoutSpec, keys: list[str]) -> list[tuple[str, int, str, str]]:
+    """(prefix, block, kind, raw kind) for every site, in depth order."""
+    found: dict[str, tuple[int, str, str]] = {}
+    for prefix, block, kind in spec.explicit:
+        found[prefix] = (block, kind, kind)
+    if spec.pattern is not None:
+        for key in keys:
+            m = spec.pattern.search(key)
+            if not m:
+                continue
+            prefix = key[: m.end()]
+            raw = m.groupdict().get("kind") or ""
+            kind = spec.kinds.get(raw, "other") if raw else "other"
+            found.setdefault(prefix, (int(m.group("block")), kind, raw))
+    rank = {"attn": 0, "ffn": 1, "other": 2}
+    return sorted(((p, b, k, r) for p, (b, k, r) in found.items()), key=lambda s: (s[1], rank[s[2]], s[3], s[0]))
+
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    if options.layout_file is None:
+        raise UsageError("the layout-file layout needs --layout-file FILE", option="--layout-file")
+    spec = parse_layout_file(options.layout_file)
+    path = source.path
+    keys = source.keys()
+    known = set(keys)
+    sites_found = _site_prefixes(spec, keys)
+    if not sites_found:
+        what = f"pattern {spec.pattern.pattern!r}" if spec.pattern is not None else "the listed prefixes"
+        raise InputError(f"{path}: no key matches {what} of layout file {spec.path}; check [sites]", path=path)
+    n = spec.n
+    settings: dict[str, str] = {"n": f"layout file ({spec.path})"}
+
+    def key_of(prefix: str, rel: str) -> str:
+        return rel[1:] if rel.startswith("/") else prefix + rel
+
+    def need(prefix: str, rel: str, what: str) -> str:
+        k = key_of(prefix, rel)
+        if k not in known:
+            raise InputError(
+                f"{path}: layout file {spec.path} expects {what} tensor {k!r}, which is not in the checkpoint",
+                path=path,
+            )
+        return k
+
+    # Sinkhorn settings
+    sink: SinkhornSpec | None = None
+    if spec.res_constraint == "sinkhorn":
+        conv, conv_src = spec.convention, "layout file"
+        if options.convention is not None:
+            try:
+                conv, conv_src = Convention(str(options.convention)), "cli"
+            except ValueError:
+                raise UsageError(f"--convention {options.convention!r} is unknown", option="--convention") from None
+        if conv is None:
+            raise _err(spec.path, "[sinkhorn] convention is required for a Sinkhorn H_res (or pass --convention)")
+        iters, it_src = (spec.iters, "layout file") if spec.iters is not None else (20, "default")
+        if options.iters is not None:
+            iters, it_src = options.iters, "cli"
+        if spec.sinkhorn_eps is not None:
+            eps, eps_src = spec.sinkhorn_eps, "layout file"
+        elif conv == Convention.TRANSFORMERS:
+            eps, eps_src = 1e-6, "default (transformers hc_eps)"
+        else:
+            eps, eps_src = 0.0, "default"
+        if "cli" in (conv_src, it_src):
+            spec_src = "cli"
+        else:
+            spec_src = "layout-file" if spec.iters is not None else "default"
+        sink = SinkhornSpec(conv, int(iters), float(eps), spec_src)
+        settings.update(convention=conv_src, iters=it_src, eps=eps_src)
+
+    sites: list[Site] = []
+    used: set[str] = set()
+    dtypes: set[str] = set()
+    C = spec.C
+    C_src = f"layout file ({spec.path})" if C is not None else ""
+    for j, (prefix, block, kind, raw) in enumerate(sites_found):
+        tensors: dict[str, torch.Tensor] = {}
+        consts: dict[str, float] = {}
+        infos: list[TensorInfo] = []
+
+        def take(
+            name: str,
+            rel: str,
+            what: str,
+            *,
+            _prefix: str = prefix,
+            _infos: list[TensorInfo] = infos,
+            _tensors: dict[str, torch.Tensor] = tensors,
+        ) -> torch.Tensor:
+            k = need(_prefix, rel, what)
+            info = source.info(k)
+            _infos.append(info)
+            used.add(k)
+            dtypes.add(info.dtype)
+            t = source.get(k)
+            _tensors[name] = t
+            return t
+
+        if spec.proj is not None:
+            if spec.proj.tensor is not None:
+                w = take("w", spec.proj.tensor, "projection")
+                wkey = key_of(prefix, spec.proj.tensor)
+                in_dim = _in_dim(w, spec, path, wkey)
+                out_dim = int(w.shape[0] if spec.proj_orientation == "out_in" else w.shape[1])
+                total = sum(_size(e, n, spec.path) for e in spec.proj.split)
+                if out_dim != total:
+                    raise InputError(
+                        f"{path}: projection {wkey} {list(w.shape)} ({spec.proj_orientation}) has {out_dim} "
+                        f"outputs, but the layout file's split {list(spec.proj.split)} sums to {total} at n={n}",
+                        path=path,
+                    )
+            else:
+                dims = {}
+                for part, rel in spec.proj.per_part.items():
+                    w = take(f"w_{part}", str(rel), f"{part} projection")
+                    dims[key_of(prefix, str(rel))] = _in_dim(w, spec, path, key_of(prefix, str(rel)))
+                if len(set(dims.values())) != 1:
+                    raise InputError(f"{path}: projections {dims} disagree on the input width", path=path)
+                in_dim = next(iter(dims.values()))
+            if spec.proj_bias is not None:
+                if spec.proj_bias.tensor is not None:
+                    take("pb", spec.proj_bias.tensor, "projection bias")
+                for part, rel in spec.proj_bias.per_part.items():
+                    take(f"pb_{part}", str(rel), f"{part} projection bias")
+            site_C = in_dim // n if spec.proj_input == "flat" else in_dim
+            if spec.proj_input == "flat" and in_dim % n:
+                raise InputError(
+                    f"{path}: projection of site {prefix!r} has input width {in_dim}, not a multiple of n={n}",
+                    path=path,
+                )
+            if C is None:
+                C, C_src = site_C, "inferred from the projection's input width"
+            elif site_C != C:
+                raise InputError(f"{path}: projection of site {prefix!r} implies C={site_C}, expected C={C}", path=path)
+        if spec.norm_gain is not None:
+            take("gain", spec.norm_gain, "norm gain")
+        for kind_name, packed in (("b", spec.bias), ("s", spec.scale)):
+            if packed is None:
+                continue
+            if packed.tensor is not None:
+                t = take(f"{kind_name}_packed", packed.tensor, "bias" if kind_name == "b" else "scale")
+                del tensors[f"{kind_name}_packed"]
+                _unpack(t, packed, kind_name, n, tensors, path, key_of(prefix, packed.tensor), spec)
+            for part, v in packed.per_part.items():
+                if isinstance(v, str):
+                    take(f"{kind_name}_{part}", v, f"{part} {'bias' if kind_name == 'b' else 'scale'}")
+                else:
+                    consts[f"{kind_name}_{part}"] = float(v)
+        has_res = "b_res" in tensors or (spec.proj is not None and "res" in (spec.proj.names or spec.proj.per_part))
+        if spec.res_constraint != "identity" and not has_res:
+            raise _err(spec.path, "H_res has neither a projection part nor a bias named res")
+        module = LayoutFileSite(n=n, C=C or 1, spec=spec, tensors=tensors, consts=consts, sinkhorn=sink)
+        name = f"{kind}_{block}" if kind != "other" else f"{raw or 'site'}_{block}"
+        if any(s.name == name for s in sites):
+            name = f"{name}_{j}"
+        variant = {"sinkhorn": "mhc", "identity": "ihc", "none": "hc"}[spec.res_constraint]
+        sites.append(
+            Site(
+                index=len(sites),
+                name=name,
+                block=block,
+                kind=kind,
+                variant=f"layout-file:{variant}",
+                module=module,
+                tensors=infos,
+            )
+        )
+    for site in sites:
+        site.module.C = C or 1  # static-only files need no C; x is ignored
+    settings["C"] = C_src or "not needed (static sites: no projection)"
+    notes = [f"layout file {spec.path} ({spec.name}): {len(sites)} sites"]
+    missing_parts = [p for p in ("pre", "post") if not _describes(spec, p)]
+    if missing_parts:
+        notes.append(f"layout file describes no {' / '.join(missing_parts)}: reported as NaN")
+    if spec.res_orientation == "code":
+        notes.append("H_res logits stored [input, output] (code orientation): transposed to paper convention")
+
+    from hcdiag.io.load import unmatched_hc_keys
+
+    return LoadedModel(
+        path=path,
+        layout="layout-file",
+        layout_reason=f"layout file {spec.path}: {len(sites)} sites",
+        sites=sites,
+        n=n,
+        C=C or 1,
+        metadata={"layout_file": spec.path, "layout_name": spec.name},
+        settings_source=settings,
+        source_dtype=dtypes.pop() if len(dtypes) == 1 else "mixed (" + ", ".join(sorted(dtypes)) + ")",
+        unmatched_keys=unmatched_hc_keys(source, used),
+        notes=notes,
+    )
+
+
+def _describes(spec: LayoutSpec, part: str) -> bool:
+    if spec.proj is not None and (part in spec.proj.names or part in spec.proj.per_part):
+        return True
+    b = spec.bias
+    return b is not None and (part in b.names or part in b.per_part)
+
+
+def _in_dim(w: torch.Tensor, spec: LayoutSpec, path: str, key: str) -> int:
+    if w.dim() != 2:
+        raise InputError(f"{path}: projection {key} has shape {list(w.shape)}; expected a matrix", path=path)
+    return int(w.shape[1] if spec.proj_orientation == "out_in" else w.shape[0])
+
+
+def _unpack(
+    t: torch.Tensor,
+    packed: _Packed,
+    kind_name: str,
+    n: int,
+    out: dict[str, torch.Tensor],
+    path: str,
+    key: str,
+    spec: LayoutSpec,
+) -> None:
+    """Split a packed bias (along its last axis, by split/names) or scale (one entry per name, or one shared)."""
+    if kind_name == "s":
+        names = list(packed.names)
+        flat = t.reshape(-1)
+        if flat.numel() == 1:
+            for part in _PARTS:
+                out[f"s_{part}"] = flat[0].clone()
+            return
+        if flat.numel() != len(names):
+            raise InputError(
+                f"{path}: scale {key} has {flat.numel()} entries for parts {names}; give one per part "
+                "or a single shared scale",
+                path=path,
+            )
+        for nm, v in zip(names, flat, strict=True):
+            if nm != "_":
+                out[f"s_{nm}"] = v.clone()
+        return
+    sizes = [_size(e, n, spec.path) for e in packed.split]
+    if t.dim() == 0 or t.shape[-1] != sum(sizes):
+        raise InputError(
+            f"{path}: bias {key} has shape {list(t.shape)}; its last axis should be {sum(sizes)} "
+            f"(split {list(packed.split)} at n={n})",
+            path=path,
+        )
+    for nm, piece in zip(packed.names, t.split(sizes, dim=-1), strict=True):
+        if nm == "_":
+            continue
+        want = n if nm != "res" else n * n
+        if piece.numel() != want:
+            raise InputError(f"{path}: bias {key} part {nm} has {piece.numel()} entries, expected {want}", path=path)
+        out[f"b_{nm}"] = piece.contiguous().clone()
+
+
+LAYOUT_FILE = register_layout(
+    Layout(
+        name="layout-file",
+        summary="any naming, described by --layout-file FILE (docs/layout-file.md)",
+        detect=lambda source: None,  # chosen only by --layout-file
+        load=_load,
+        priority=1000,
+    )
+)
