@@ -1,0 +1,454 @@
+"""Record the stream inputs and the H_res that a live model's hyper-connection sites actually use.
+
+Dimension letters: T tokens (batch and sequence dims flattened), n streams, C width of one stream.
+
+Usage::
+
+    from hcdiag.capture import capture, read_activations
+
+    with capture(model, "acts.safetensors", max_tokens=4096):
+        model(input_ids)                      # any number of forward passes
+    sites = read_activations("acts.safetensors")   # [CapturedSite(name, x [T, n, C], h_res [T, n, n]), ...]
+
+Sites found (each records every call; a site called several times, e.g. over several forward passes,
+concatenates its tokens, keeping the first ``max_tokens`` per site):
+
+* hcdiag's own :class:`~hcdiag.site.SiteModule` instances: x = the forward input, H_res = the output's ``res``.
+* transformers ``*HyperConnection`` modules (DeepSeek-V4, GLM-5-Next, HY-V4, ...): x = ``hidden_streams``
+  [B, S, n, C]; H_res = ``comb``^T (the decoder layer applies comb^T to the streams); modules that return no
+  comb (HY-V4: (post, collapsed)) keep H_res = I, recorded as such.
+* lucidrains ``hyper-connections`` modules (HyperConnections, mHC, mHCv2) and the nanoGPT reference repos'
+  modules (mHC, mHC-lite, KromHC, TBP-mHC): their ``width_connection`` is wrapped (so ``decorate_branch`` and
+  branch-less calls are seen too); x = the residual streams it receives, after ``residual_transform`` for
+  lucidrains mHC, in the fractional-stream order of :mod:`hcdiag.io.lucidrains_layout` when ``num_fracs`` > 1.
+  These modules do not expose their mixing matrix, so H_res is recomputed from x, in float32, by the same
+  hcdiag site modules the checkpoint layouts build from the module's live parameters (tested against the
+  library to 1e-5); Sinkhorn convention and iterations are read from the live module.
+
+File format (one safetensors file, written atomically: a temporary name in the same directory, then
+``os.replace``)::
+
+    tensors   sites.{i}.x       [T_i, n_i, C_i]  float32   stream input of site i, one row per token
+              sites.{i}.h_res   [T_i, n_i, n_i]  float32   H_res used for that token, paper convention
+                                                           (row = output stream: x_next = H_res x + ...)
+    metadata  format   "hcdiag-activations"
+              version  "1"
+              sites    JSON list, one object per site in first-call order:
+                       {"index": i, "name": module path in the model, "module_class": "pkg.mod.Class",
+                        "h_res_from": "output" | "comb" | "identity" | "recomputed", "tokens": T_i,
+                        "n": n_i, "C": C_i}
+
+Readers need only ``index``, ``name`` and the two tensors; the other fields are informative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hcdiag.enums import Convention
+from hcdiag.errors import InputError, UsageError
+from hcdiag.site import SinkhornSpec, SiteModule
+
+__all__ = ["DEFAULT_MAX_TOKENS", "FORMAT", "VERSION", "CaptureSession", "CapturedSite", "capture",
+           "read_activations"]
+
+FORMAT = "hcdiag-activations"
+VERSION = "1"
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class CapturedSite:
+    """One site of an activations file: x [T, n, C] and h_res [T, n, n] (paper convention), float32."""
+
+    name: str
+    x: torch.Tensor
+    h_res: torch.Tensor
+    module_class: str = ""
+    index: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recording
+
+
+class _Record:
+    def __init__(self, name: str, module: nn.Module, how: str, limit: int) -> None:
+        self.name = name
+        self.module_class = f"{type(module).__module__}.{type(module).__qualname__}"
+        self.how = how
+        self.limit = limit
+        self.xs: list[torch.Tensor] = []
+        self.hs: list[torch.Tensor] = []
+        self.tokens = 0
+
+    @property
+    def full(self) -> bool:
+        return self.tokens >= self.limit
+
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """x [..., n, C], h [..., n, n] with the same leading dims."""
+        n, C = x.shape[-2:]
+        x = x.detach().reshape(-1, n, C)
+        h = h.detach().reshape(-1, n, n)
+        if x.shape[0] != h.shape[0] or h.shape[-1] != n:
+            raise UsageError(f"site {self.name}: stream input {tuple(x.shape)} and H_res {tuple(h.shape)} disagree")
+        if self.xs and self.xs[0].shape[1:] != x.shape[1:]:
+            raise UsageError(f"site {self.name} was called with streams {tuple(x.shape[1:])} after "
+                             f"{tuple(self.xs[0].shape[1:])}; one file holds one shape per site")
+        take = min(x.shape[0], self.limit - self.tokens)
+        if take <= 0:
+            return
+        self.xs.append(x[:take].to(device="cpu", dtype=torch.float32).clone())
+        self.hs.append(h[:take].to(device="cpu", dtype=torch.float32).clone())
+        self.tokens += take
+
+
+class CaptureSession:
+    """What :func:`capture` yields: ``names`` (recorded sites, first-call order) and ``path``."""
+
+    def __init__(self, path: Path, max_tokens: int) -> None:
+        self.path = path
+        self.max_tokens = max_tokens
+        self._records: list[_Record] = []
+        self._by_module: dict[int, _Record] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self._records]
+
+    def _record(self, name: str, module: nn.Module, how: str) -> _Record:
+        rec = self._by_module.get(id(module))
+        if rec is None:
+            rec = _Record(name, module, how, self.max_tokens)
+            self._by_module[id(module)] = rec
+            self._records.append(rec)
+        return rec
+
+    def _wants(self, module: nn.Module) -> bool:
+        rec = self._by_module.get(id(module))
+        return rec is None or not rec.full
+
+    def write(self) -> Path:
+        from safetensors.torch import save_file
+
+        from hcdiag.fileio import atomic_write
+
+        records = [r for r in self._records if r.tokens > 0]
+        if not records:
+            raise UsageError("capture(): no hyper-connection site was called inside the with-block; run a forward "
+                             "pass of the model inside it", option="model")
+        tensors: dict[str, torch.Tensor] = {}
+        sites = []
+        for i, r in enumerate(records):
+            x = torch.cat(r.xs).contiguous()
+            h = torch.cat(r.hs).contiguous()
+            tensors[f"sites.{i}.x"] = x
+            tensors[f"sites.{i}.h_res"] = h
+            sites.append({"index": i, "name": r.name, "module_class": r.module_class, "h_res_from": r.how,
+                          "tokens": int(x.shape[0]), "n": int(x.shape[1]), "C": int(x.shape[2])})
+        meta = {"format": FORMAT, "version": VERSION, "sites": json.dumps(sites)}
+        return atomic_write(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), option="path")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapters: how each kind of module is found, hooked and converted
+
+
+def _first_arg(args: tuple, kwargs: dict, *names: str) -> Any:
+    if args:
+        return args[0]
+    for n in names:
+        if n in kwargs:
+            return kwargs[n]
+    return None
+
+
+def _is_transformers_hc(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("HyperConnection") and hasattr(m, "hc_mult") and hasattr(m, "fn")
+
+
+def _is_width_connection_hc(m: nn.Module) -> bool:
+    return callable(getattr(m, "width_connection", None)) and isinstance(m._parameters.get("static_alpha"),
+                                                                         torch.Tensor)
+
+
+def _attach_site_module(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    def hook(module, args, kwargs, output):
+        if not session._wants(module):
+            return
+        x = _first_arg(args, kwargs, "x")
+        res = getattr(output, "res", None)
+        if res is None and isinstance(output, tuple) and len(output) == 3:
+            res = output[2]
+        if isinstance(x, torch.Tensor) and isinstance(res, torch.Tensor):
+            session._record(name, module, "output").add(x, res)
+
+    handle = m.register_forward_hook(hook, with_kwargs=True)
+    return handle.remove
+
+
+def _attach_transformers(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    def hook(module, args, kwargs, output):
+        if not session._wants(module):
+            return
+        x = _first_arg(args, kwargs, "hidden_streams", "hidden_states", "x")
+        if not isinstance(x, torch.Tensor) or not isinstance(output, tuple):
+            return
+        n = x.shape[-2]
+        if len(output) >= 3 and isinstance(output[1], torch.Tensor) and tuple(output[1].shape[-2:]) == (n, n):
+            # comb is [input stream, output stream]: the layer mixes with comb^T (paper H_res)
+            session._record(name, module, "comb").add(x, output[1].transpose(-1, -2))
+        else:  # no comb (HY-V4): the residual streams pass unmixed
+            eye = torch.eye(n, dtype=torch.float32, device=x.device).expand(*x.shape[:-2], n, n)
+            session._record(name, module, "identity").add(x, eye)
+
+    handle = m.register_forward_hook(hook, with_kwargs=True)
+    return handle.remove
+
+
+# Reference-repo classes whose math hcdiag.io.nanogpt_layout reproduces, by class name -> hyper_conn_type
+_REF_CLASSES = {"ManifoldConstrainedHyperConnections": "mhc", "MHCAnalysis": "mhc", "MHCLite": "mhc_lite",
+                "KromHC": "kromhc", "TBP_MHC": "tbp_mhc", "LSB_MHC": "tbp_mhc"}
+
+
+def _lucidrains_convention(fn: Any, name: str) -> tuple[Convention | None, int]:
+    """(convention, iters) of a hyper-connections mHC ``residual_mix_constraint_fn``; None = decided per call
+    (mHCv2's triton kernel: log domain on CUDA, sinkhorn_knopps elsewhere)."""
+    if isinstance(fn, functools.partial):
+        iters = int(fn.keywords.get("iters", 20))
+        fname = getattr(fn.func, "__name__", "")
+        if fname == "sinkhorn_knopps":
+            return Convention.LUCIDRAINS, iters
+        if fname == "log_domain_sinkhorn_knopps":
+            return Convention.LOG, iters
+        if fname == "triton_sinkhorn":
+            return None, iters
+    raise UsageError(f"capture(): site {name} uses a custom residual_mix_constraint_fn ({fn!r}); hcdiag cannot "
+                     "reproduce it, leave this site out with sites=[...]", option="sites")
+
+
+def _library_site(name: str, m: nn.Module) -> tuple[SiteModule, Callable[[torch.Tensor], torch.Tensor], Any]:
+    """(hcdiag site built from the live parameters, residuals -> x [..., n, C], per-call spec hook)."""
+    from hcdiag.io import lucidrains_layout as lr
+    from hcdiag.io import nanogpt_layout as ng
+
+    state = {k: v for k, v in m.state_dict(keep_vars=False).items() if not k.startswith(lr.IGNORED_SUBTREES)}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    cls_module = type(m).__module__
+    if cls_module.startswith("hyper_connections"):
+        v2 = cls_module.endswith("mHCv2")
+        force = "mhc-v2" if v2 else ("hc" if "dynamic_alpha_scale" in shapes else "mhc")
+        plan = lr.plan_site(shapes, prefix=name + ".", force_cls=force)
+        spec: SinkhornSpec | None = None
+        per_call = None
+        if plan.cls != "hc":
+            conv, iters = _lucidrains_convention(m.residual_mix_constraint_fn, name)
+            spec = SinkhornSpec(conv or Convention.LUCIDRAINS, iters, source="module")
+            if conv is None:
+                per_call = iters
+        site = lr.build_site(plan, state, tanh=isinstance(getattr(m, "act", nn.Tanh()), nn.Tanh), spec=spec)
+        s, f = plan.streams, plan.fracs
+        transform = getattr(m, "residual_transform", None) if plan.cls != "hc" else None
+        channel_first = bool(getattr(m, "channel_first", False))
+
+        def to_x(r: torch.Tensor) -> torch.Tensor:
+            if transform is not None:
+                r = transform(r)
+            if v2:  # [..., s, (f d)] -> [..., (s f), d]
+                return r.reshape(*r.shape[:-2], s * f, r.shape[-1] // f)
+            if channel_first:
+                r = r.movedim(1, -1)
+            bs, *mid, D = r.shape  # [(b s), ..., (f d)] -> [b, ..., (f s), d]
+            r = r.reshape(bs // s, s, *mid, f, D // f).movedim(1, -2)
+            return r.reshape(bs // s, *mid, f * s, D // f)
+
+        return site, to_x, per_call
+    hc_type = _REF_CLASSES.get(type(m).__name__)
+    if hc_type is None:
+        raise UsageError(f"capture(): site {name} is a {type(m).__qualname__} ({cls_module}), a hyper-connection "
+                         "class hcdiag cannot reproduce; leave it out with sites=[...]", option="sites")
+    rplan = ng.plan_ref_site(shapes, hc_type=hc_type, prefix=name + ".")
+    iters = int(getattr(m, "sinkhorn_iters", ng.DEFAULT_ITERS))
+    ref_site = ng.build_ref_site(rplan, state, SinkhornSpec(Convention.LOG, iters, source="module"))
+    n = rplan.n
+    channel_first = bool(getattr(m, "channel_first", False))
+
+    def to_x_ref(r: torch.Tensor) -> torch.Tensor:
+        if channel_first:
+            r = r.movedim(1, -1)
+        bs, *mid, D = r.shape  # [(b s), ..., d] -> [b, ..., s, d]
+        return r.reshape(bs // n, n, *mid, D).movedim(1, -2)
+
+    return ref_site, to_x_ref, None
+
+
+def _attach_width_connection(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    site, to_x, triton_iters = _library_site(name, m)
+    inner = m.__dict__.get("width_connection")  # an instance-level wrapper someone else installed
+    original = m.width_connection
+
+    def width_connection(residuals, *args, **kwargs):
+        if session._wants(m) and isinstance(residuals, torch.Tensor):
+            with torch.no_grad():
+                x = to_x(residuals)
+                if triton_iters is not None:  # mHCv2 triton kernel: log domain on CUDA only
+                    conv = Convention.LOG if x.is_cuda else Convention.LUCIDRAINS
+                    spec = SinkhornSpec(conv, triton_iters, source="module")
+                    site.sinkhorn = spec
+                    site._spec = spec  # type: ignore[attr-defined]  # a LucidrainsSite (mHCv2)
+                h = site.to(x.device)(x.float()).res
+            session._record(name, m, "recomputed").add(x, h)
+        return original(residuals, *args, **kwargs)
+
+    m.__dict__["width_connection"] = width_connection  # shadows the method: forward() finds it through self
+
+    def undo() -> None:
+        if inner is None:
+            m.__dict__.pop("width_connection", None)
+        else:
+            m.__dict__["width_connection"] = inner
+
+    return undo
+
+
+def _adapter(m: nn.Module) -> Callable[[CaptureSession, str, nn.Module], Callable[[], None]] | None:
+    if isinstance(m, SiteModule):
+        return _attach_site_module
+    if _is_transformers_hc(m):
+        return _attach_transformers
+    if _is_width_connection_hc(m):
+        return _attach_width_connection
+    return None
+
+
+def _select(model: nn.Module, sites: Iterable[str | nn.Module] | None) -> list[tuple[str, nn.Module, Any]]:
+    found = []
+    for name, m in model.named_modules():
+        adapter = _adapter(m)
+        if adapter is not None:
+            found.append((name or type(m).__name__, m, adapter))
+    if sites is None:
+        return found
+    wanted = list(sites)
+    chosen, seen = [], set()
+    for w in wanted:
+        if isinstance(w, nn.Module):
+            hits = [f for f in found if f[1] is w]
+        else:
+            hits = [f for f in found if f[0] == w or fnmatch.fnmatchcase(f[0], str(w))]
+        if not hits:
+            known = ", ".join(f[0] for f in found[:8]) + (" ..." if len(found) > 8 else "")
+            raise UsageError(f"capture(): no hyper-connection module matches {w!r}; found: {known or 'none'}",
+                             option="sites")
+        for f in hits:
+            if id(f[1]) not in seen:
+                seen.add(id(f[1]))
+                chosen.append(f)
+    return chosen
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    sites: Iterable[str | nn.Module] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> Iterator[CaptureSession]:
+    """Hook every hyper-connection site of ``model`` (or those in ``sites``: module paths, glob patterns or
+    module objects), record each call's stream input x and the H_res it used, and on a clean exit write one
+    safetensors file to ``path`` (format in the module docstring). Nothing is written if the block raises.
+
+    max_tokens caps the tokens kept per site (the first ones seen). Raises UsageError when the model has no
+    site hcdiag knows, a ``sites`` entry matches nothing, or no site was called.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise UsageError(f"max_tokens must be an integer >= 1, got {max_tokens!r}", option="max_tokens")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"capture() needs a torch.nn.Module, got {type(model).__name__}", option="model")
+    chosen = _select(model, sites)
+    if not chosen:
+        raise UsageError(f"capture(): {type(model).__name__} has no hyper-connection modules hcdiag knows "
+                         "(hcdiag SiteModule, transformers *HyperConnection, hyper-connections / reference-repo "
+                         "width_connection modules)", option="model")
+    session = CaptureSession(Path(path), max_tokens)
+    undo: list[Callable[[], None]] = []
+    try:
+        for name, m, attach in chosen:
+            undo.append(attach(session, name, m))
+        yield session
+    finally:
+        for u in reversed(undo):
+            u()
+    session.write()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _bad(path: str, why: str) -> InputError:
+    return InputError(f"{path}: {why}; record activations with hcdiag.capture.capture()", path=path)
+
+
+def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
+    """The sites of an activations file written by :func:`capture`, in file order (index 0, 1, ...).
+
+    Raises InputError for a missing file, a file that is not safetensors, another format or a newer version,
+    or tensors / site list that do not fit together.
+    """
+    from safetensors import safe_open
+
+    p = str(path)
+    if not os.path.isfile(p):
+        raise InputError(f"{p}: no such file; record activations with hcdiag.capture.capture()", path=p)
+    try:
+        with safe_open(p, framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            if meta.get("format") != FORMAT:
+                raise _bad(p, f"not an hcdiag activations file (format={meta.get('format')!r}, expected {FORMAT!r})")
+            if meta.get("version") != VERSION:
+                raise _bad(p, f"activations format version {meta.get('version')!r}; this hcdiag reads {VERSION!r}")
+            try:
+                entries = json.loads(meta.get("sites", ""))
+            except ValueError:
+                raise _bad(p, "metadata 'sites' is not JSON") from None
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise _bad(p, "metadata 'sites' is not a list of objects")
+            idx = [e.get("index") for e in entries]
+            if sorted(i for i in idx if isinstance(i, int) and not isinstance(i, bool)) != list(range(len(entries))):
+                raise _bad(p, f"site indices {idx} are not 0..{len(entries) - 1}")
+            out = []
+            for e in sorted(entries, key=lambda e: e["index"]):
+                i, name = e["index"], e.get("name")
+                if not isinstance(name, str):
+                    raise _bad(p, f"site {i} has no name")
+                kx, kh = f"sites.{i}.x", f"sites.{i}.h_res"
+                missing = [k for k in (kx, kh) if k not in keys]
+                if missing:
+                    raise _bad(p, f"site {i} ({name}) has no tensor {missing[0]}")
+                x, h = f.get_tensor(kx), f.get_tensor(kh)
+                if (x.ndim != 3 or h.ndim != 3 or x.shape[0] != h.shape[0] or h.shape[1] != h.shape[2]
+                        or h.shape[1] != x.shape[1] or not x.is_floating_point() or not h.is_floating_point()):
+                    raise _bad(p, f"site {i} ({name}): x {tuple(x.shape)} / h_res {tuple(h.shape)} are not "
+                               "[T, n, C] / [T, n, n] float tensors")
+                out.append(CapturedSite(name, x.float(), h.float(), str(e.get("module_class", "")), i))
+            return out
+    except InputError:
+        raise
+    except Exception as exc:  # safetensors raises its own errors on damaged or foreign files
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise _bad(p, f"cannot read as safetensors ({type(exc).__name__}: {first})") from None

@@ -1,0 +1,732 @@
+"""Layout ``lucidrains``: checkpoints of the ``hyper-connections`` PyPI package (v0.4.x, lucidrains).
+
+Dimension letters: s residual streams, f fractions (``num_fracs``), v input views, p dynamic-alpha proposals,
+d width per fraction (= C / f), K = (v + s) f columns of the alpha logits, T tokens (any leading dims ...).
+hcdiag treats the s * f *fractional streams* of width d as its n streams: n = s f, C = d (f = 1 in practice).
+
+Three classes share the key names (one site = one wrapped branch; keys under ``<path>.``):
+
+================================ ======================== ============================== =====================
+key                              ``HyperConnections``      ``ManifoldConstrained...`` (mHC) ``mHCv2``
+================================ ======================== ============================== =====================
+static_alpha                     [s f, K]                 [s f, K]                       [s f, K]
+dynamic_alpha_fn                 [d, K]                   [p, d, K]                      [p, d, K]
+static_beta                      [s f]                    [s f]                          [s, f, 1]
+dynamic_beta_fn                  [d] (f=1) / [d, f]       [d] (f=1) / [d, f]             [d, f]
+scales                           dynamic_alpha_scale,     pre_branch_scale [1],          same as mHC
+                                 dynamic_beta_scale (0-d) residual_scale [1],
+                                                          h_post_scale (0-d)
+norm.gamma                       [d]                      [d]                            [d]
+maybe_mix_streams.weight                                                                 [s, s, 1, 1] (opt.)
+================================ ======================== ============================== =====================
+
+Forward math (``width_connection`` of hyper_connections.py, manifold_constrained_hyper_connections.py,
+mHCv2.py), per token, code orientation alpha[input, output]:
+
+    normed = F.normalize(x, dim=-1) * sqrt(d) * (gamma + 1)         per (fractional) stream: width d, not nC
+    HC:   alpha = tanh(normed @ dynamic_alpha_fn) * dynamic_alpha_scale + static_alpha   (``tanh=True``)
+          H_res^T = alpha[:, v:] (no constraint), H_pre^T = alpha[:, :v]
+          beta = tanh(normed @ dynamic_beta_fn) * dynamic_beta_scale + static_beta         (= H_post)
+    mHC:  alpha_p = (normed @ dynamic_alpha_fn[p]) * [pre_branch_scale | residual_scale] + static_alpha
+          H_pre^T = mean_p sigmoid(alpha_p[:, :1]), H_res^T = mean_p SK(alpha_p[:, 1:])  (mean after SK)
+          beta = 2 sigmoid((normed @ dynamic_beta_fn) * h_post_scale + static_beta)        (= H_post)
+
+SK is ``sinkhorn_knopps`` (hcdiag convention ``lucidrains``) or, with ``log_domain_sinkhorn=True`` (or mHCv2's
+triton kernel on CUDA), ``log_domain_sinkhorn_knopps`` (convention ``log``); 20 iterations by default. Neither
+the flag nor the iteration count is stored in a state dict: hcdiag assumes the library default (lucidrains,
+20) and says so (settings source "default"); ``--convention`` / ``--iters`` override. HC sites are
+unconstrained.
+
+Fractions (``num_fracs`` = f > 1): the fractional stream order is (f, s) with f outer for HyperConnections
+and mHC (v1), (s, f) with s outer for mHCv2, exactly as the library flattens them. mHC v1 with f > 1 slices
+the alpha columns so that Sinkhorn runs on a non-square [s, K - 1] block (a library quirk, reproduced here):
+those sites are reported as unconstrained. Class and f are inferred from shapes (``static_beta`` 3-D =>
+mHCv2; else v1); without beta tensors v = 1 is assumed (f = K - s f).
+``LoadOptions.extra["lucidrains_class"]`` ("hc", "mhc", "mhc-v2") overrides the class, ``extra["tanh"]``
+(bool) HC's activation.
+
+Site names: the module path prefixes, in natural order of the numbers in the path (``layers.2`` before
+``layers.10``; at equal numbers attn before ffn); a path with an attn / ffn / mlp word gives kind and block
+(``transformer.h.3.hc_attn`` -> ``attn_3``). Everything is converted to paper convention (H_res = alpha^T)
+once, here. The helpers :func:`site_prefixes`, :func:`name_sites`, :func:`sinkhorn_settings` are shared with
+:mod:`hcdiag.io.nanogpt_layout`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hcdiag.enums import Convention, Exactness
+from hcdiag.errors import InputError, UsageError
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.model import LoadedModel, Site, TensorInfo
+from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+
+__all__ = [
+    "LUCIDRAINS",
+    "LucidrainsSite",
+    "SitePlan",
+    "build_site",
+    "name_sites",
+    "plan_site",
+    "sinkhorn_settings",
+    "site_prefixes",
+]
+
+DEFAULT_ITERS = 20  # hyper-connections' sinkhorn_iters default
+LEAF = "static_alpha"
+# Sub-trees of a site module that are not HC parameters: the wrapped branch (its tensors are also stored under
+# the model's own module, e.g. nanoGPT's block.branch_attn), and a residual conv (applied before the width
+# connection; the streams hcdiag analyses are its output).
+IGNORED_SUBTREES = ("branch.", "residual_transform.")
+
+_HC_KEYS = {
+    "static_alpha",
+    "dynamic_alpha_fn",
+    "dynamic_alpha_scale",
+    "static_beta",
+    "dynamic_beta_fn",
+    "dynamic_beta_scale",
+    "norm.gamma",
+}
+_MHC_KEYS = {
+    "static_alpha",
+    "dynamic_alpha_fn",
+    "pre_branch_scale",
+    "residual_scale",
+    "static_beta",
+    "dynamic_beta_fn",
+    "h_post_scale",
+    "norm.gamma",
+    "maybe_mix_streams.weight",
+}
+# scalar parameters and their shape in hyper-connections (and the reference repos, which copy it)
+SCALAR_SHAPES: dict[str, tuple[int, ...]] = {
+    "pre_branch_scale": (1,),
+    "residual_scale": (1,),
+    "h_post_scale": (),
+    "dynamic_alpha_scale": (),
+    "dynamic_beta_scale": (),
+    "delta_logit": (),
+}
+_CLASSES = {"hc": "lucidrains-hc", "mhc": "lucidrains-mhc", "mhc-v2": "lucidrains-mhc-v2"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared helpers: site grouping, natural order, names, Sinkhorn settings
+
+
+def site_prefixes(keys: Iterable[str], leaf: str = LEAF) -> dict[str, dict[str, str]]:
+    """Group keys by the module path of each ``<path>.<leaf>`` key: {prefix: {param: key}}.
+
+    ``prefix`` keeps its trailing dot ("" for a bare module's state dict). A key belongs to the longest site
+    prefix it starts with, so a site nested inside another site's branch stays apart.
+    """
+    keys = list(keys)
+    prefixes = {k[: -len(leaf)] for k in keys if k == leaf or k.endswith("." + leaf)}
+    groups: dict[str, dict[str, str]] = {p: {} for p in prefixes}
+    for k in keys:
+        parts = k.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            p = ".".join(parts[:cut]) + "." if cut else ""
+            if p in groups:
+                groups[p][k[len(p) :]] = k
+                break
+    return groups
+
+
+_ATTN_WORDS = {"attn", "attention", "selfattention", "self_attn", "cross_attn", "att", "mha", "mixer"}
+_FFN_WORDS = {"ff", "ffn", "mlp", "feedforward", "feed_forward", "moe", "fc", "ffw"}
+
+
+def _segment_kind(segment: str) -> str | None:
+    s = segment.lower()
+    words = set(re.split(r"[_\-]", s)) | {s, s.replace("_", "")}
+    if words & _ATTN_WORDS:
+        return "attn"
+    if words & _FFN_WORDS:
+        return "ffn"
+    return None
+
+
+def path_kind(path: str) -> str:
+    """``attn`` / ``ffn`` from the last path segment naming one (hc_attn, self_attn, mlp...), else other."""
+    kind = "other"
+    for seg in path.split("."):
+        k = _segment_kind(seg)
+        if k is not None:
+            kind = k
+    return kind
+
+
+def natural_key(path: str) -> tuple:
+    """Sort key: numbers compare as numbers; at the same position an attn segment sorts before an ffn one."""
+    key: list[tuple] = []
+    for seg in path.split("."):
+        if seg.isdigit():
+            key.append((0, int(seg), ()))
+        else:
+            rank = {"attn": 0, "ffn": 1, None: 2}[_segment_kind(seg)]
+            toks = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", seg) if t)
+            key.append((1, rank, toks))
+    return tuple(key)
+
+
+def name_sites(prefixes: Iterable[str]) -> list[tuple[str, str, int, str]]:
+    """(prefix, name, block, kind) in depth order.
+
+    name = ``{kind}_{block}`` when every site's path names a kind (attn / ffn) and a block number (the first
+    number in the path) and these pairs are unique; else the module path itself.
+    """
+    ordered = sorted(prefixes, key=lambda p: natural_key(p.rstrip(".")))
+    rows = []
+    for i, p in enumerate(ordered):
+        path = p.rstrip(".")
+        nums = [int(s) for s in path.split(".") if s.isdigit()]
+        rows.append((p, path, nums[0] if nums else i, path_kind(path)))
+    pairs = [(kind, block) for _, _, block, kind in rows]
+    short = all(kind != "other" for kind, _ in pairs) and len(set(pairs)) == len(pairs)
+    out = []
+    for p, path, block, kind in rows:
+        name = f"{kind}_{block}" if short else (path or "site")
+        out.append((p, name, block, kind))
+    return out
+
+
+def sinkhorn_settings(
+    options: LoadOptions, default: Convention, default_iters: int = DEFAULT_ITERS
+) -> tuple[SinkhornSpec, dict[str, str]]:
+    """SinkhornSpec from ``--convention`` / ``--iters`` (source "cli") or the codebase default ("default")."""
+    from hcdiag.sinkhorn import parse_convention
+
+    src: dict[str, str] = {}
+    if options.convention is not None:
+        conv, src["convention"] = parse_convention(options.convention), "cli"
+    else:
+        conv, src["convention"] = default, "default"
+    if options.iters is not None:
+        if isinstance(options.iters, bool) or not isinstance(options.iters, int) or options.iters < 1:
+            raise UsageError(f"--iters {options.iters!r} must be an integer >= 1", option="--iters")
+        iters, src["iters"] = int(options.iters), "cli"
+    else:
+        iters, src["iters"] = default_iters, "default"
+    src["eps"] = "default"
+    return SinkhornSpec(conv, iters, 0.0, source=src["convention"]), src
+
+
+def unknown_params(group: Mapping[str, Any], known: set[str]) -> list[str]:
+    return sorted(p for p in group if p not in known and not p.startswith(IGNORED_SUBTREES))
+
+
+def dtype_summary(infos: Iterable[TensorInfo]) -> str:
+    uniq = sorted({i.dtype for i in infos})
+    return "+".join(uniq) if uniq else "none (no stored tensors)"
+
+
+def common_value(values: list[int], what: str, notes: list[str]) -> int:
+    """The first value; a note when sites disagree (a model whose stream width changes with depth)."""
+    if len(set(values)) > 1:
+        notes.append(
+            f"{what} differs across sites ({', '.join(str(v) for v in sorted(set(values)))}); "
+            f"the model-level {what} is the first site's"
+        )
+    return values[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sinkhorn in code orientation, only for mHC v1 with fractions (non-square block); everything square goes
+# through hcdiag.sinkhorn.project.
+
+
+def _code_sinkhorn(alpha: torch.Tensor, convention: Convention, iters: int) -> torch.Tensor:
+    """hyper-connections' sinkhorn_knopps / log_domain_sinkhorn_knopps on code orientation [..., a, b]."""
+    if convention is Convention.LOG:
+        for _ in range(iters):
+            alpha = alpha - torch.logsumexp(alpha, dim=-2, keepdim=True)
+            alpha = alpha - torch.logsumexp(alpha, dim=-1, keepdim=True)
+        return alpha.exp()
+    if convention is not Convention.LUCIDRAINS:
+        raise UsageError(
+            f"convention {convention.value!r} cannot run on the non-square alpha block of an mHC site with "
+            "num_fracs > 1; use lucidrains or log",
+            option="--convention",
+        )
+    alpha = (alpha - alpha.amax(dim=-2, keepdim=True)).exp()
+    for _ in range(iters):
+        alpha = F.normalize(alpha, p=1, dim=-2)
+        alpha = F.normalize(alpha, p=1, dim=-1)
+    return alpha
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The site module
+
+
+class ParamHolder(nn.Module):
+    """Holds parameters under a sub-module name, so state_dict keys match the library (``norm.gamma``)."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        super().__init__()
+        for name, value in tensors.items():
+            setattr(self, name, nn.Parameter(value))
+
+    def param(self, name: str) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(self, name))
+
+
+class LucidrainsSite(SiteModule):
+    """One hyper-connections site (HC, mHC or mHCv2), reproducing the library's alpha / beta exactly.
+
+    x: [..., n, C] with n = s f fractional streams in the library's order (see module docstring), C = d.
+    forward returns paper convention: H_res [..., n, n] = alpha_res^T; H_pre [..., n] (v f = 1) else
+    [..., v f, n] (rows: branch input (view, fraction)); H_post [..., n] (f = 1) else [..., f, n] (rows:
+    branch output fraction), zeros when the module has no depth connection
+    (``add_branch_out_to_residual=False``).
+    Parameters keep the library's names, so ``state_dict()`` keys equal the checkpoint's.
+    """
+
+    static_alpha: nn.Parameter
+    dynamic_alpha_fn: nn.Parameter
+    norm: ParamHolder
+    maybe_mix_streams: ParamHolder | None
+
+    def __init__(
+        self,
+        cls: str,
+        *,
+        streams: int,
+        fracs: int,
+        views: int,
+        tensors: Mapping[str, torch.Tensor],
+        tanh: bool = True,
+        spec: SinkhornSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if cls not in _CLASSES:
+            raise ValueError(f"unknown lucidrains class {cls!r}")
+        self.cls = cls
+        self.variant_name = _CLASSES[cls]
+        self.s, self.f, self.v = streams, fracs, views
+        self.n = streams * fracs
+        self.tanh = tanh
+        t = dict(tensors)
+        self.static_alpha = nn.Parameter(t.pop("static_alpha"))
+        self.dynamic_alpha_fn = nn.Parameter(t.pop("dynamic_alpha_fn"))
+        self.C = int(self.dynamic_alpha_fn.shape[-2])
+        self.proposals = 1 if cls == "hc" else int(self.dynamic_alpha_fn.shape[0])
+        self.norm = ParamHolder(gamma=t.pop("norm.gamma"))
+        mix = t.pop("maybe_mix_streams.weight", None)
+        self.maybe_mix_streams = None if mix is None else ParamHolder(weight=mix)
+        for name, value in t.items():
+            # scales in the library's own shape ([1] or 0-dim), whatever a converter made of them
+            setattr(self, name, nn.Parameter(value.reshape(SCALAR_SHAPES[name]) if name in SCALAR_SHAPES else value))
+        self.has_beta = "static_beta" in t
+        self._spec = spec  # convention + iters for mHC (also the non-square fraction case)
+        if cls == "hc":
+            self.exactness = Exactness.UNCONSTRAINED
+            self.sinkhorn = None
+        elif cls == "mhc" and fracs > 1:
+            # Sinkhorn on a non-square block: not a projection onto the Birkhoff polytope of the n streams
+            self.exactness = Exactness.UNCONSTRAINED
+            self.sinkhorn = None
+        else:
+            self.exactness = Exactness.SINKHORN
+            self.sinkhorn = spec
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        dt = torch.promote_types(x.dtype, self.static_alpha.dtype)
+        return dt if dt.is_floating_point else torch.float64
+
+    def _p(self, name: str, dt: torch.dtype) -> torch.Tensor:
+        return getattr(self, name).to(dt)
+
+    def _normed(self, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """[..., f, s, d] (HC, mHC) or [..., s, f, d] (mHCv2): RMSNorm per fractional stream, width d."""
+        lead = x.shape[:-2]
+        if self.cls == "mhc-v2":
+            xs = x.to(dt).reshape(*lead, self.s, self.f, self.C)
+            if self.maybe_mix_streams is not None:
+                # Conv2d(s, s, 1) over the stream axis, before the norm (mix_streams_before_norm=True)
+                w = self.maybe_mix_streams.param("weight").to(dt)[:, :, 0, 0]
+                xs = torch.einsum("oi,...ifd->...ofd", w, xs)
+        else:
+            xs = x.to(dt).reshape(*lead, self.f, self.s, self.C)
+        gamma = self.norm.param("gamma").to(dt)
+        return F.normalize(xs, dim=-1) * (self.C**0.5) * (gamma + 1)
+
+    def _alpha_logits(self, normed: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """Pre-activation alpha logits: HC [..., f, s, K]; mHC [p, ..., f, s, K]; mHCv2 [p, ..., s f, K]."""
+        s, f = self.s, self.f
+        W = self._p("dynamic_alpha_fn", dt)
+        static = self._p("static_alpha", dt)
+        K = static.shape[-1]
+        if self.cls == "hc":
+            wc = normed @ W
+            wc = torch.tanh(wc) if self.tanh else wc
+            return wc * self._p("dynamic_alpha_scale", dt) + static.reshape(f, s, K)
+        wc = torch.einsum("...d,pdk->p...k", normed, W)
+        scale = torch.cat([self._p("pre_branch_scale", dt).expand(f), self._p("residual_scale", dt).expand(f * s)])
+        if self.cls == "mhc":
+            return wc * scale + static.reshape(f, s, K)
+        wc = wc.reshape(*wc.shape[:-3], s * f, K)
+        return wc * scale + static
+
+    def _alpha(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pre_code [..., n, v f] input stream -> branch (view, frac), res_code [..., n, n], normed)."""
+        dt = self._dtype(x)
+        s, f, v, n = self.s, self.f, self.v, self.n
+        normed = self._normed(x, dt)
+        a = self._alpha_logits(normed, dt)
+        lead = x.shape[:-2]
+        k = len(lead)
+        if self.cls == "hc":
+            a = a.reshape(*lead, f, s, f, v + s)  # [..., f1, s, f2, t]
+            pre = a[..., :v].permute(*range(k), k, k + 1, k + 3, k + 2)  # [..., f1, s, v, f2]
+            return pre.reshape(*lead, n, v * f), a[..., v:].reshape(*lead, n, n), normed
+        if self.cls == "mhc-v2":
+            pre = a[..., :f].sigmoid().mean(0)  # [..., (s f1), f2]
+        elif f == 1:
+            pre = a[..., :1].sigmoid().mean(0).reshape(*lead, n, 1)
+        else:
+            # mHC v1, f > 1: pre = column 0 only, Sinkhorn on the remaining K - 1 columns (non-square block)
+            spec = self._spec
+            assert spec is not None
+            sk = _code_sinkhorn(a[..., 1:], Convention(spec.convention), spec.iters)
+            full = torch.cat([a[..., :1].sigmoid(), sk], dim=-1).mean(0).reshape(*lead, f, s, f, 1 + s)
+            pre = full[..., :1].permute(*range(k), k, k + 1, k + 3, k + 2).reshape(*lead, n, f)
+            return pre, full[..., 1:].reshape(*lead, n, n), normed
+        res = self.res_from_logits(self._paper_logits(a)).transpose(-1, -2)
+        return pre, res, normed
+
+    def _paper_logits(self, a: torch.Tensor) -> torch.Tensor:
+        """[..., n, n] (p = 1) or [..., p, n, n] paper-orientation Sinkhorn logits from alpha logits."""
+        res = a[..., 0, :, 1:] if self.cls == "mhc" else a[..., self.f :]  # code [p, ..., n, n]
+        res = res.transpose(-1, -2).movedim(0, -3)
+        return res if self.proposals > 1 else res.squeeze(-3)
+
+    def _post(self, normed: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        lead = normed.shape[:-3]
+        s, f, n = self.s, self.f, self.n
+        if not self.has_beta:
+            return torch.zeros(*lead, n, dtype=dt) if f == 1 else torch.zeros(*lead, f, n, dtype=dt)
+        Wb = self._p("dynamic_beta_fn", dt)
+        static = self._p("static_beta", dt)
+        if self.cls == "mhc-v2":
+            # normed [..., s, f1, d] @ [d, f2] + static [s, f1, 1] -> beta [..., s, f1, f2]; out (s, f2) <- f1
+            beta = 2 * torch.sigmoid((normed @ Wb) * self._p("h_post_scale", dt) + static)
+            return beta.movedim(-2, -3).reshape(*lead, f, n) if f > 1 else beta.reshape(*lead, n)
+        dc = normed @ Wb  # [..., f1, s] (f = 1) or [..., f1, s, f2]
+        if Wb.ndim == 1:
+            dc = dc.unsqueeze(-1)
+        static = static.reshape(s, f)  # '(s f)': s outer
+        if self.cls == "hc":
+            dc = torch.tanh(dc) if self.tanh else dc
+            beta = dc * self._p("dynamic_beta_scale", dt) + static
+        else:
+            beta = 2 * torch.sigmoid(dc * self._p("h_post_scale", dt) + static)
+        # beta [..., f1, s, f2]: output fractional stream (f2, s) <- branch fraction f1
+        beta = beta.transpose(-1, -2)  # [..., f1, f2, s]
+        return beta.reshape(*lead, f, n) if f > 1 else beta.reshape(*lead, n)
+
+    # ---- SiteModule API -----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> HCOutput:
+        dt = self._dtype(x)
+        pre_code, res_code, normed = self._alpha(x)
+        pre = pre_code.transpose(-1, -2)
+        if pre.shape[-2] == 1:
+            pre = pre.squeeze(-2)
+        return HCOutput(pre, self._post(normed, dt), res_code.transpose(-1, -2))
+
+    def res_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Paper-orientation Sinkhorn logits [..., n, n], or [..., p, n, n] with p > 1 proposals (H_res is the
+        mean over proposals of the projections). None for HC and for mHC v1 with fractions."""
+        if self.sinkhorn is None:
+            return None
+        dt = self._dtype(x)
+        return self._paper_logits(self._alpha_logits(self._normed(x, dt), dt))
+
+    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
+        from hcdiag.sinkhorn import project
+
+        spec = spec or self.sinkhorn
+        if spec is None:
+            raise UsageError(f"{self.variant_name} site has no Sinkhorn logits to project")
+        H = project(logits, spec)
+        # p > 1 proposals: logits are [..., p, n, n]; the library averages the projected matrices
+        return H.mean(dim=-3) if self.proposals > 1 else H
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.variant_name}, s={self.s}, f={self.f}, v={self.v}, p={self.proposals}, n={self.n}, "
+            f"C={self.C}, tanh={self.tanh}, sinkhorn={self.sinkhorn or self._spec}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identification from shapes
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What a key group is: class, streams s, fractions f, views v, and where each came from."""
+
+    cls: str
+    streams: int
+    fracs: int
+    views: int
+    C: int
+    how: str  # "shapes" or "assumed v=1" ...
+
+
+def _fail(prefix: str, why: str, path: str | None) -> InputError:
+    where = prefix.rstrip(".") or "(top level)"
+    return InputError(f"lucidrains site {where} in {path}: {why}; is this a hyper-connections checkpoint?", path=path)
+
+
+def plan_site(
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    prefix: str = "",
+    path: str | None = None,
+    force_cls: str | None = None,
+) -> SitePlan:
+    """Identify a lucidrains site from its parameter shapes ``{param: shape}``; InputError if not one."""
+    sa = shapes.get("static_alpha")
+    W = shapes.get("dynamic_alpha_fn")
+    if sa is None or W is None or len(sa) != 2 or len(W) not in (2, 3):
+        raise _fail(prefix, f"static_alpha {sa} / dynamic_alpha_fn {W} are not [s f, K] / [d, K] or [p, d, K]", path)
+    R, K = sa
+    d = W[-2]
+    if len(W) == 3 and W[0] < 1:
+        raise _fail(prefix, f"dynamic_alpha_fn {W} has no proposals", path)
+    if W[-1] != K or K <= R or R < 1 or d < 1:
+        raise _fail(prefix, f"static_alpha {sa} and dynamic_alpha_fn {W} disagree (need K > s f)", path)
+    if shapes.get("norm.gamma") != (d,):
+        raise _fail(prefix, f"norm.gamma is {shapes.get('norm.gamma')}, expected ({d},)", path)
+    sb, db = shapes.get("static_beta"), shapes.get("dynamic_beta_fn")
+    if force_cls is not None:
+        cls = force_cls
+    elif len(W) == 2:
+        cls = "hc"
+    elif (sb is not None and len(sb) == 3) or "maybe_mix_streams.weight" in shapes:
+        cls = "mhc-v2"
+    else:
+        cls = "mhc"
+    if (cls == "hc" and len(W) != 2) or (cls != "hc" and len(W) != 3):
+        raise _fail(prefix, f"dynamic_alpha_fn {W} does not fit class {cls}", path)
+    how = "shapes"
+    if cls == "mhc-v2":
+        if sb is not None:
+            if len(sb) != 3 or sb[2] != 1:
+                raise _fail(prefix, f"static_beta {sb} is not mHCv2's [s, f, 1]", path)
+            s, f = sb[0], sb[1]
+        else:
+            f = K - R  # v = 1 (mHC needs v = 1: its alpha scale has f + s f entries)
+            s = R // f if f > 0 and R % f == 0 else 0
+            how = "assumed v=1"
+        v = 1
+    else:
+        if db is not None:
+            f = db[1] if len(db) == 2 else 1
+        else:
+            f = K - R if cls != "hc" else 1
+            how = "assumed v=1" if cls != "hc" else "assumed f=1"
+        if f < 1 or R % f or (K - R) % f:
+            raise _fail(prefix, f"cannot split static_alpha {sa} into fractions f={f}", path)
+        s, v = R // f, (K - R) // f
+        if cls != "hc" and v != 1:
+            raise _fail(prefix, f"mHC alpha has {K - R} pre columns for f={f}; the library has 1 view", path)
+        if sb is not None and sb != (s * f,):
+            raise _fail(prefix, f"static_beta {sb} is not [s f] = [{s * f}]", path)
+        if db is not None and db not in ((d,), (d, f)):
+            raise _fail(prefix, f"dynamic_beta_fn {db} is not [{d}] or [{d}, {f}]", path)
+    if s < 1 or s * f != R or (v + s) * f != K:
+        raise _fail(prefix, f"static_alpha {sa} does not factor as [s f, (v + s) f]", path)
+    if cls == "mhc-v2" and db is not None and db != (d, f):
+        raise _fail(prefix, f"dynamic_beta_fn {db} is not mHCv2's [{d}, {f}]", path)
+    mix = shapes.get("maybe_mix_streams.weight")
+    if mix is not None and mix != (s, s, 1, 1):
+        raise _fail(prefix, f"maybe_mix_streams.weight {mix} is not [{s}, {s}, 1, 1]", path)
+    need = ["dynamic_alpha_scale"] if cls == "hc" else ["pre_branch_scale", "residual_scale"]
+    if sb is not None or db is not None:
+        need += ["static_beta", "dynamic_beta_fn", "dynamic_beta_scale" if cls == "hc" else "h_post_scale"]
+    missing = [p for p in need if p not in shapes]
+    if missing:
+        raise _fail(prefix, f"missing {', '.join(missing)}", path)
+    for p in need:
+        if p in SCALAR_SHAPES and (math.prod(shapes[p]) != 1 or len(shapes[p]) > 1):
+            raise _fail(prefix, f"{p} has shape {shapes[p]}, expected {SCALAR_SHAPES[p]}", path)
+    known = _HC_KEYS if cls == "hc" else _MHC_KEYS
+    extra = unknown_params(shapes, known)
+    if extra:
+        raise _fail(prefix, f"unexpected tensors {', '.join(extra)} for a {_CLASSES[cls]} site", path)
+    return SitePlan(cls, s, f, v, d, how)
+
+
+def build_site(
+    plan: SitePlan,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    tanh: bool = True,
+    spec: SinkhornSpec | None = None,
+) -> LucidrainsSite:
+    """A :class:`LucidrainsSite` from a plan and the site's tensors (keys relative to the site); the mHC spec
+    defaults to the library's (lucidrains, 20 iterations)."""
+    keep = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_SUBTREES)}
+    if spec is None:
+        spec = SinkhornSpec(Convention.LUCIDRAINS, DEFAULT_ITERS, 0.0, source="default")
+    module = LucidrainsSite(
+        plan.cls,
+        streams=plan.streams,
+        fracs=plan.fracs,
+        views=plan.views,
+        tensors=keep,
+        tanh=tanh,
+        spec=None if plan.cls == "hc" else spec,
+    )
+    return module.eval()
+
+
+def _shapes(source: TensorSource, group: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    return {p: tuple(source.info(k).shape) for p, k in group.items()}
+
+
+def _is_lucidrains_group(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    try:
+        plan_site(shapes)
+    except InputError:
+        return False
+    return True
+
+
+def _detect(source: TensorSource) -> str | None:
+    groups = site_prefixes(source.keys())
+    if not groups:
+        return None
+    kinds: dict[str, int] = {}
+    for group in groups.values():
+        shapes = _shapes(source, group)
+        if not _is_lucidrains_group(shapes):
+            return None
+        cls = plan_site(shapes).cls
+        kinds[_CLASSES[cls]] = kinds.get(_CLASSES[cls], 0) + 1
+    sample = sorted(groups, key=lambda p: natural_key(p.rstrip(".")))[0].rstrip(".") or "(top level)"
+    what = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+    return f"found {len(groups)} hyper-connections sites ({what}) with {LEAF} [s f, K], e.g. {sample}.{LEAF}"
+
+
+def _extra(options: LoadOptions, key: str) -> Any:
+    return (options.extra or {}).get(key)
+
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    path = source.path
+    groups = site_prefixes(source.keys())
+    if not groups:
+        raise InputError(
+            f"no *.{LEAF} keys in {path}: not a hyper-connections checkpoint; pick another --layout",
+            path=path,
+        )
+    force = _extra(options, "lucidrains_class")
+    if force is not None and force not in _CLASSES:
+        raise UsageError(
+            f"lucidrains_class must be one of {', '.join(_CLASSES)}, got {force!r}", option="lucidrains_class"
+        )
+    tanh_opt = _extra(options, "tanh")
+    tanh = True if tanh_opt is None else bool(tanh_opt)
+    spec, sk_src = sinkhorn_settings(options, Convention.LUCIDRAINS)
+    notes: list[str] = []
+    settings: dict[str, str] = {"n": "shapes", "C": "shapes", "class": "cli" if force else "shapes"}
+    sites: list[Site] = []
+    modules: list[LucidrainsSite] = []
+    infos_all: list[TensorInfo] = []
+    assumed: set[str] = set()
+    for i, (prefix, name, block, kind) in enumerate(name_sites(groups)):
+        group = groups[prefix]
+        shapes = _shapes(source, group)
+        plan = plan_site(shapes, prefix=prefix, path=path, force_cls=force)
+        if plan.how != "shapes":
+            assumed.add(plan.how)
+        infos = [source.info(group[p]) for p in sorted(group) if not p.startswith(IGNORED_SUBTREES)]
+        tensors = {p: source.get(group[p], dtype=torch.float64) for p in group if not p.startswith(IGNORED_SUBTREES)}
+        bad = [p for p, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise InputError(
+                f"site {prefix.rstrip('.') or '(top level)'} in {path} has NaN/Inf in "
+                f"{', '.join(bad)}; the checkpoint is damaged",
+                path=path,
+            )
+        module = build_site(plan, tensors, tanh=tanh, spec=spec)
+        modules.append(module)
+        infos_all.extend(infos)
+        sites.append(Site(i, name, block, kind, module.variant_name, module, infos))
+        if plan.cls == "mhc" and plan.fracs > 1:
+            notes.append(
+                f"{name}: mHC with num_fracs={plan.fracs} runs Sinkhorn on a non-square alpha block "
+                "(library behaviour, reproduced); its H_res is reported as unconstrained"
+            )
+    if any(m.cls != "hc" for m in modules):
+        settings.update(sk_src)
+        if sk_src["convention"] == "default":
+            notes.append(
+                "Sinkhorn convention not stored in the checkpoint: assumed the library default "
+                "(sinkhorn_knopps = lucidrains, 20 iterations); log_domain_sinkhorn=True (or mHCv2's "
+                "triton kernel on CUDA) is --convention log: the two agree to rounding unless "
+                "exp(logit - max) underflows (logit spread above ~87 in float32)"
+            )
+    if any(m.cls == "hc" for m in modules):
+        settings["tanh"] = "cli" if tanh_opt is not None else "default"
+    if any(m.f > 1 for m in modules):
+        notes.append("num_fracs > 1: a stream's fractions are treated as separate streams (n = s f, C = d/f)")
+    for how in sorted(assumed):
+        notes.append(f"no beta tensors at some sites: {how} when splitting static_alpha")
+    notes.append("lucidrains stores alpha[input, output]: H_res = alpha_res^T (paper convention)")
+    n = common_value([m.n for m in modules], "n", notes)
+    C = common_value([m.C for m in modules], "C", notes)
+    unmatched = _unmatched(source, groups)
+    return LoadedModel(
+        path=path,
+        layout="lucidrains",
+        layout_reason=_detect(source) or "forced with --layout lucidrains",
+        sites=sites,
+        n=n,
+        C=C,
+        metadata=dict(source.metadata or {}),
+        settings_source=settings,
+        bytes_read=source.bytes_read,
+        bytes_total=source.bytes_total,
+        source_dtype=dtype_summary(infos_all),
+        unmatched_keys=unmatched,
+        notes=notes,
+    )
+
+
+def _unmatched(source: TensorSource, groups: Mapping[str, Mapping[str, str]]) -> list[TensorInfo]:
+    """Keys that look like HC state but belong to no site (stream embeddings, attention-pool reducers...)."""
+    from hcdiag.io.source import looks_hc
+
+    used = {k for g in groups.values() for k in g.values()}
+    return [source.info(k) for k in source.keys() if k not in used and looks_hc(k)]
+
+
+LUCIDRAINS = register_layout(
+    Layout(
+        name="lucidrains",
+        summary="hyper-connections (PyPI, lucidrains) HC / mHC / mHCv2: <path>.static_alpha [s f, K], "
+        "dynamic_alpha_fn [d, K] or [p, d, K]",
+        detect=_detect,
+        load=_load,
+        priority=50,
+    )
+)

@@ -1,0 +1,606 @@
+"""Layout ``nanogpt``: the nanoGPT-based reference code of mHC-lite, KromHC and TBP-mHC.
+
+Dimension letters: n streams, C width of one stream, v input views (1 in every released config), R H_res
+logits (n! for mHC-lite, S = sum_k i_k! for KromHC), T tokens (any leading dims ...).
+
+Sources (read from the repositories; facts, not code, carried over):
+
+* wz1119/KromHC ``hyper_conn/mhc_lite.py`` (``MHCLite``; FFTYYY/mhc-lite itself was not available to
+  read, the KromHC repo ships its mHC-lite baseline), ``hyper_conn/Kromhc.py`` (``KromHC``),
+  ``hyper_conn/mhc.py`` (``ManifoldConstrainedHyperConnections``, log-domain Sinkhorn).
+* alyubinin/tbp-mHC ``hyper_conn/tbp_mhc.py`` (``TBP_MHC``, ``transportation_birkhoff``),
+  ``hyper_conn/base.py`` (shared input handling), ``model.py`` (site modules ``transformer.h.N.hc_attn`` /
+  ``hc_mlp``, each wrapping ``branch_attn`` / ``branch_mlp``, whose tensors therefore appear twice in the
+  state dict: ``hc_attn.branch.*`` is never counted as HC state), ``train.py`` (``model_args`` holds
+  ``hyper_conn_type`` and ``hyper_conn_n``). tbp-mHC carries copies of mhc.py, mhc_lite.py, Kromhc.py with
+  the same math.
+
+Per site (keys under ``<path>.``; the repos' HC baseline ``hyper_connections.py`` is lucidrains' HC, which
+the ``lucidrains`` layout reads):
+
+================= ================== ====================== ================== ========================
+key               mHC (mhc.py)       TBP-mHC                mHC-lite           KromHC (n = 2^K)
+================= ================== ====================== ================== ========================
+static_alpha      [n, v + n]         [n, v + n]             [v n + n!]         [v n + S], S = 2K
+dynamic_alpha_fn  [nC, n (v + n)]    [nC, n (v + n)]        [nC, v n + n!]     [nC, v n + S]
+delta_logit                          0-dim (make_dse=True)
+================= ================== ====================== ================== ========================
+
+plus, at every site: pre_branch_scale [1], residual_scale [1], static_beta [n], dynamic_beta_fn [nC, n],
+h_post_scale (0-dim), norm.gamma [nC] (RMSNorm of the *flattened* streams; lucidrains' is per stream).
+
+Forward math, per token (code orientation alpha[input, output]; paper H_res = alpha_res^T):
+
+    x' = F.normalize(vec(x)) * sqrt(nC) * (gamma + 1);   w = x' @ dynamic_alpha_fn
+    mHC / TBP: alpha = mat_{n x (v+n)}(w) * [pre_branch_scale x v | residual_scale x n] + static_alpha
+        H_pre^T = sigmoid(alpha[:, :v]);  logits = alpha[:, v:]
+        mHC:  alpha_res = log-domain Sinkhorn(logits) (lse over dim -2 = input, then -1; 20 iterations)
+        TBP:  alpha_res = (1 - d) chart(logits[:n-1, :n-1]) + d J/n,  d = sigmoid(delta_logit) if stored
+    mHC-lite / KromHC: w = [w_pre (v n) | w_res (R)],  static_alpha = [b_pre | b_res]
+        H_pre^T = sigmoid(pre_branch_scale * w_pre + b_pre) as [n, v];  c = residual_scale * w_res + b_res
+        mHC-lite: alpha_res = sum_k softmax(c)_k P_k, P_k = eye[perm_k] (itertools order),
+                  so H_res = sum_k a_k P_k^T
+        KromHC:   alpha_res = U_0 (x) U_1 (x) ... (factor 0 leftmost), 2x2 U_k = [[p, 1-p], [1-p, p]],
+                  p = softmax(c[2k:2k+2])_0  (symmetric, so H_res = alpha_res)
+    H_post = 2 sigmoid(h_post_scale * (x' @ dynamic_beta_fn) + static_beta)
+
+The variant is told apart by shapes. Ambiguous cases are settled by ``hyper_conn_type`` from
+``LoadOptions.extra``, the source's config / sidecar / metadata (``hyper_conn_type``, also inside
+``model_args``), else by the default, which ``settings_source`` names: a 2-D static_alpha without
+``delta_logit`` is mHC (TBP with make_dse=False looks the same); with ``delta_logit`` it is TBP-mHC (the
+repo's STBP / MSTBP / ... charts store the same keys; they are refused when ``hyper_conn_type`` names them).
+Sinkhorn: convention ``log``, 20 iterations (the repos' default, not stored; ``--convention`` / ``--iters``
+override).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hcdiag.enums import Convention, Exactness
+from hcdiag.errors import InputError, UsageError
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.lucidrains_layout import (
+    IGNORED_SUBTREES,
+    SCALAR_SHAPES,
+    ParamHolder,
+    common_value,
+    dtype_summary,
+    name_sites,
+    natural_key,
+    sinkhorn_settings,
+    site_prefixes,
+    unknown_params,
+)
+from hcdiag.model import LoadedModel, Site, TensorInfo
+from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+
+__all__ = ["NANOGPT", "RefPlan", "RefSite", "build_ref_site", "kromhc_factors", "plan_ref_site", "tbp_chart"]
+
+DEFAULT_ITERS = 20  # mhc.py sinkhorn_iters default
+TBP_EPS = 1e-7  # transportation_birkhoff's clamp on the feasible-interval width
+MAX_LITE_N = 8  # mHC-lite beyond this needs n! >= 362,880 permutation matrices: nothing trained exists
+_COMMON = {
+    "static_alpha",
+    "dynamic_alpha_fn",
+    "pre_branch_scale",
+    "residual_scale",
+    "static_beta",
+    "dynamic_beta_fn",
+    "h_post_scale",
+    "norm.gamma",
+}
+_VARIANTS = ("mhc", "mhc-lite", "kromhc", "tbp")
+_MHC_DEFAULT = "default (2-D static_alpha without delta_logit: mHC; TBP with make_dse=False stores the same keys)"
+# hyper_conn_type values of the repos' hyper_conn_init_func -> hcdiag variant (None: not this layout)
+_TYPES: dict[str, str | None] = {
+    "mhc": "mhc",
+    "analysis": "mhc",
+    "mhc_lite": "mhc-lite",
+    "kromhc": "kromhc",
+    "tbp_mhc": "tbp",
+    "lsb_mhc": "tbp",
+    "hc": None,
+    "none": None,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# H_res constructions (reference math, code orientation)
+
+
+def kromhc_factors(n: int) -> list[int]:
+    """KromHC's ``factorize_into_twos``: all factors 2, then the odd remainder (> 1) if any; [] for n = 1."""
+    out = []
+    while n % 2 == 0 and n > 1:
+        out.append(2)
+        n //= 2
+    if n > 1:
+        out.append(n)
+    return out
+
+
+def _perm_mats(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[k!, k, k] with P[j][i, perm_j[i]] = 1 (``eye[index]``), itertools.permutations order."""
+    idx = torch.tensor(list(itertools.permutations(range(k))), dtype=torch.long, device=device)
+    return torch.eye(k, dtype=dtype, device=device)[idx]
+
+
+def tbp_chart(t: torch.Tensor, eps: float = TBP_EPS) -> torch.Tensor:
+    """``transportation_birkhoff`` without smoothing: t [..., n-1, n-1] (code orientation) -> X [..., n, n].
+
+    Row-major over the block: L = max(0, r_i - sum_{j'>j} c_j', c_j - sum_{i'>i} r_i'), U = min(r_i, c_j),
+    X_ij = L + max(U - L, eps) sigmoid(t_ij); r_i -= X_ij, c_j -= X_ij; last column / row take the remainders.
+    """
+    n = t.shape[-1] + 1
+    lead = t.shape[:-2]
+    r = torch.ones(*lead, n, dtype=t.dtype, device=t.device)
+    c = torch.ones(*lead, n, dtype=t.dtype, device=t.device)
+    rows = []
+    for i in range(n - 1):
+        entries = []
+        ri = r[..., i]
+        for j in range(n - 1):
+            cj = c[..., j]
+            lo = torch.clamp(torch.maximum(ri - c[..., j + 1 :].sum(-1), cj - r[..., i + 1 :].sum(-1)), min=0)
+            hi = torch.minimum(ri, cj)
+            xij = lo + (hi - lo).clamp_min(eps) * torch.sigmoid(t[..., i, j])
+            entries.append(xij)
+            ri = ri - xij
+            c = c.clone()
+            c[..., j] = cj - xij
+        entries.append(ri)
+        c = c.clone()
+        c[..., n - 1] = c[..., n - 1] - ri
+        r = r.clone()
+        r[..., i] = 0
+        rows.append(torch.stack(entries, dim=-1))
+    rows.append(c)
+    return torch.stack(rows, dim=-2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The site module
+
+
+class RefSite(SiteModule):
+    """One site of the nanoGPT reference repos (mHC, mHC-lite, KromHC, TBP-mHC), reproducing their H_res.
+
+    x: [..., n, C]. forward returns paper convention: H_res [..., n, n] = alpha_res^T, H_pre [..., n] (v = 1)
+    or [..., v, n], H_post [..., n] (zeros without beta tensors). Parameters keep the reference names.
+    res_logits: mHC [..., n, n] Sinkhorn logits (paper orientation); TBP [..., n-1, n-1] chart logits (paper
+    orientation, i.e. the transposed block: the chart commutes with transposition); mHC-lite [..., n!] and
+    KromHC [..., S] permutation-weight logits.
+    """
+
+    static_alpha: nn.Parameter
+    dynamic_alpha_fn: nn.Parameter
+    norm: ParamHolder
+    delta_logit: nn.Parameter | None
+
+    def __init__(
+        self,
+        variant: str,
+        *,
+        n: int,
+        views: int,
+        tensors: Mapping[str, torch.Tensor],
+        spec: SinkhornSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if variant not in _VARIANTS:
+            raise ValueError(f"unknown reference variant {variant!r}")
+        self.variant_name = variant
+        self.n, self.v = n, views
+        t = dict(tensors)
+        self.norm = ParamHolder(gamma=t.pop("norm.gamma"))
+        self.C = int(self.norm.param("gamma").numel()) // n
+        delta = t.pop("delta_logit", None)
+        self.delta_logit = None if delta is None else nn.Parameter(delta.reshape(()))
+        for name, value in t.items():
+            setattr(self, name, nn.Parameter(value.reshape(SCALAR_SHAPES[name]) if name in SCALAR_SHAPES else value))
+        self.has_beta = "static_beta" in t
+        self.factors = kromhc_factors(n) if variant == "kromhc" else []
+        if variant == "mhc":
+            self.exactness, self.sinkhorn = Exactness.SINKHORN, spec
+        else:
+            self.exactness, self.sinkhorn = Exactness.EXACT, None
+
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        dt = torch.promote_types(x.dtype, self.dynamic_alpha_fn.dtype)
+        return dt if dt.is_floating_point else torch.float64
+
+    def _p(self, name: str, dt: torch.dtype) -> torch.Tensor:
+        return getattr(self, name).to(dt)
+
+    def _normed(self, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        flat = x.to(dt).reshape(*x.shape[:-2], self.n * self.C)
+        return F.normalize(flat, dim=-1) * ((self.n * self.C) ** 0.5) * (self.norm.param("gamma").to(dt) + 1)
+
+    def _logits(self, normed: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre logits [..., n, v], H_res logits: code [..., n, n] (mHC, TBP) or weights logits [..., R])."""
+        n, v = self.n, self.v
+        w = normed @ self._p("dynamic_alpha_fn", dt)
+        static = self._p("static_alpha", dt)
+        pre_s, res_s = self._p("pre_branch_scale", dt), self._p("residual_scale", dt)
+        if static.ndim == 2:
+            w = w.reshape(*w.shape[:-1], n, v + n)
+            alpha = w * torch.cat([pre_s.expand(v), res_s.expand(n)]) + static
+            return alpha[..., :v], alpha[..., v:]
+        pre = pre_s * w[..., : v * n] + static[: v * n]
+        return pre.reshape(*pre.shape[:-1], n, v), res_s * w[..., v * n :] + static[v * n :]
+
+    def _code_res(self, logits: torch.Tensor) -> torch.Tensor:
+        """alpha_res (code orientation) from the reference's logits (code [..., n, n] or weights [..., R])."""
+        n, dt = self.n, logits.dtype
+        if self.variant_name == "tbp":
+            X = tbp_chart(logits[..., : n - 1, : n - 1])
+            if self.delta_logit is not None:
+                d = torch.sigmoid(self.delta_logit.to(dt))
+                X = (1 - d) * X + d * (1.0 / n)
+            return X
+        if self.variant_name == "mhc-lite":
+            return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), _perm_mats(n, dt, logits.device))
+        # KromHC: factor matrices, Kronecker product left to right (factor 0 leftmost)
+        mats, at = [], 0
+        for k in self.factors:
+            width = math.factorial(k)
+            c = logits[..., at : at + width]
+            at += width
+            wts = torch.softmax(c, dim=-1)
+            if k == 2:
+                p = wts[..., 0]
+                q = 1.0 - p  # the reference builds [[p, 1-p], [1-p, p]] from p alone
+                mats.append(torch.stack([torch.stack([p, q], -1), torch.stack([q, p], -1)], -2))
+            else:
+                mats.append(torch.einsum("...r,rij->...ij", wts, _perm_mats(k, dt, logits.device)))
+        if not mats:
+            return torch.ones(*logits.shape[:-1], 1, 1, dtype=dt, device=logits.device)
+        out = mats[0]
+        for m in mats[1:]:
+            a, b = out.shape[-2:]
+            c_, d_ = m.shape[-2:]
+            out = (out[..., :, None, :, None] * m[..., None, :, None, :]).reshape(*out.shape[:-2], a * c_, b * d_)
+        return out
+
+    def forward(self, x: torch.Tensor) -> HCOutput:
+        dt = self._dtype(x)
+        normed = self._normed(x, dt)
+        pre_logits, res_logits = self._logits(normed, dt)
+        pre = torch.sigmoid(pre_logits).transpose(-1, -2)  # [..., v, n]
+        pre = pre.squeeze(-2) if self.v == 1 else pre
+        if self.variant_name == "mhc":
+            res = self.res_from_logits(res_logits.transpose(-1, -2))
+        else:
+            res = self._code_res(res_logits).transpose(-1, -2)
+        if self.has_beta:
+            beta = normed @ self._p("dynamic_beta_fn", dt)
+            post = 2 * torch.sigmoid(beta * self._p("h_post_scale", dt) + self._p("static_beta", dt))
+        else:
+            post = torch.zeros(*x.shape[:-2], self.n, dtype=dt, device=x.device)
+        return HCOutput(pre, post, res)
+
+    def res_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        dt = self._dtype(x)
+        logits = self._logits(self._normed(x, dt), dt)[1]
+        if self.variant_name == "mhc":
+            return logits.transpose(-1, -2)
+        if self.variant_name == "tbp":
+            return logits[..., : self.n - 1, : self.n - 1].transpose(-1, -2)
+        return logits
+
+    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
+        if self.variant_name == "mhc":
+            from hcdiag.sinkhorn import project
+
+            use = spec or self.sinkhorn
+            if use is None:
+                raise UsageError("mhc site has no Sinkhorn settings")
+            return project(logits, use)
+        if self.variant_name == "tbp":
+            n = self.n
+            code = torch.zeros(*logits.shape[:-2], n, n, dtype=logits.dtype, device=logits.device)
+            code[..., : n - 1, : n - 1] = logits.transpose(-1, -2)
+            return self._code_res(code).transpose(-1, -2)
+        return self._code_res(logits).transpose(-1, -2)
+
+    def extra_repr(self) -> str:
+        extra = f", factors={self.factors}" if self.factors else ""
+        dse = f", delta_logit={'yes' if self.delta_logit is not None else 'no'}" if self.variant_name == "tbp" else ""
+        return f"{self.variant_name}, n={self.n}, C={self.C}, v={self.v}{extra}{dse}, sinkhorn={self.sinkhorn}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identification
+
+
+@dataclass(frozen=True)
+class RefPlan:
+    variant: str
+    n: int
+    views: int
+    C: int
+    how: str  # "shapes", "hyper_conn_type", "default (...)"
+
+
+def _fail(prefix: str, why: str, path: str | None) -> InputError:
+    where = prefix.rstrip(".") or "(top level)"
+    return InputError(f"reference-repo HC site {where} in {path}: {why}", path=path)
+
+
+def _lite_krom_candidates(L: int, n_hint: int | None) -> list[tuple[str, int, int]]:
+    """(variant, n, v) whose 1-D static_alpha length v n + R equals L; v = 1 candidates first."""
+    out = []
+    ns = [n_hint] if n_hint else range(2, 13)
+    for n in ns:
+        for variant, R in (
+            ("mhc-lite", math.factorial(n)),
+            ("kromhc", sum(math.factorial(k) for k in kromhc_factors(n))),
+        ):
+            if L > R and (L - R) % n == 0:
+                out.append((variant, n, (L - R) // n))
+    return sorted(out, key=lambda c: (c[2] != 1, c[0] == "kromhc"))
+
+
+def plan_ref_site(
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    hc_type: str | None = None,
+    prefix: str = "",
+    path: str | None = None,
+) -> RefPlan:
+    """Identify a reference-repo site from ``{param: shape}``; InputError if it is not one."""
+    sa, W, g = shapes.get("static_alpha"), shapes.get("dynamic_alpha_fn"), shapes.get("norm.gamma")
+    if sa is None or W is None or g is None or len(g) != 1 or len(W) != 2 or W[0] != g[0] or len(sa) not in (1, 2):
+        raise _fail(
+            prefix,
+            f"static_alpha {sa}, dynamic_alpha_fn {W}, norm.gamma {g} are not the reference "
+            "shapes ([n, v+n] or [v n + R], [nC, K], [nC])",
+            path,
+        )
+    want = _TYPES.get(hc_type) if hc_type is not None else None
+    if hc_type is not None and (hc_type not in _TYPES or want is None):
+        raise _fail(
+            prefix,
+            f"hyper_conn_type {hc_type!r} is not supported by the nanogpt layout (supported: "
+            f"{', '.join(k for k, v in _TYPES.items() if v)}; 'hc' checkpoints use --layout lucidrains)",
+            path,
+        )
+    G, K = W
+    sb, db = shapes.get("static_beta"), shapes.get("dynamic_beta_fn")
+    n_hint = sb[0] if sb is not None and len(sb) == 1 else None
+    if n_hint is None and db is not None and len(db) == 2:
+        n_hint = db[1]
+    if (n_hint is not None and n_hint < 2) or (len(sa) == 2 and sa[0] < 2) or G < 2:
+        raise _fail(prefix, f"static_alpha {sa} / static_beta {sb} / norm.gamma {g}: fewer than 2 streams", path)
+    has_delta = "delta_logit" in shapes
+    if len(sa) == 2:
+        n, t = sa
+        v = t - n
+        if v < 1 or K != n * t or G % n:
+            raise _fail(
+                prefix,
+                f"static_alpha {sa} / dynamic_alpha_fn {W} do not factor as [n, v+n] / [nC, n (v+n)]",
+                path,
+            )
+        if want in ("mhc-lite", "kromhc"):
+            raise _fail(prefix, f"hyper_conn_type {hc_type!r} but static_alpha is 2-D {sa}", path)
+        if has_delta:
+            if want == "mhc":
+                raise _fail(prefix, f"hyper_conn_type {hc_type!r} but the site stores delta_logit (TBP)", path)
+            variant, how = "tbp", "shapes"
+        elif want == "tbp":
+            variant, how = "tbp", "hyper_conn_type"
+        else:
+            variant, how = "mhc", "hyper_conn_type" if want == "mhc" else _MHC_DEFAULT
+    else:
+        if has_delta:
+            raise _fail(prefix, "delta_logit with a 1-D static_alpha", path)
+        cands = _lite_krom_candidates(sa[0], n_hint)
+        if want is not None:
+            cands = [c for c in cands if c[0] == want]
+        if not cands or K != sa[0]:
+            raise _fail(
+                prefix,
+                f"static_alpha length {sa[0]} is not v n + n! (mHC-lite) or v n + sum i_k! "
+                f"(KromHC){' for n = ' + str(n_hint) if n_hint else ''}",
+                path,
+            )
+        variant, n, v = cands[0]
+        if variant == "mhc-lite" and n > MAX_LITE_N:
+            raise _fail(prefix, f"mHC-lite with n = {n} would need {math.factorial(n):,} permutation matrices", path)
+        how = "hyper_conn_type" if want else "shapes"
+        if G % n:
+            raise _fail(prefix, f"norm.gamma {g} is not a multiple of n = {n}", path)
+    if (sb is not None and sb != (n,)) or (db is not None and db != (G, n)):
+        raise _fail(prefix, f"static_beta {sb} / dynamic_beta_fn {db} are not [{n}] / [{G}, {n}]", path)
+    need = ["pre_branch_scale", "residual_scale"] + (
+        ["static_beta", "dynamic_beta_fn", "h_post_scale"] if sb is not None or db is not None else []
+    )
+    missing = [p for p in need if p not in shapes]
+    if missing:
+        raise _fail(prefix, f"missing {', '.join(missing)}", path)
+    scalars = [p for p in ("pre_branch_scale", "residual_scale", "h_post_scale", "delta_logit") if p in shapes]
+    bad = [p for p in scalars if math.prod(shapes[p]) != 1 or len(shapes[p]) > 1]
+    if bad:
+        raise _fail(prefix, f"{', '.join(bad)} should be scalars", path)
+    extra = unknown_params(shapes, _COMMON | ({"delta_logit"} if variant == "tbp" else set()))
+    if extra:
+        raise _fail(
+            prefix,
+            f"unexpected tensors {', '.join(extra)} for a {variant} site (a variant hcdiag does not know?)",
+            path,
+        )
+    return RefPlan(variant, n, v, G // n, how)
+
+
+def build_ref_site(plan: RefPlan, tensors: Mapping[str, torch.Tensor], spec: SinkhornSpec | None = None) -> RefSite:
+    """A :class:`RefSite` from a plan and the site's tensors; mHC's spec defaults to (log, 20 iterations)."""
+    keep = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_SUBTREES)}
+    if spec is None:
+        spec = SinkhornSpec(Convention.LOG, DEFAULT_ITERS, 0.0, source="default")
+    return RefSite(
+        plan.variant, n=plan.n, views=plan.views, tensors=keep, spec=spec if plan.variant == "mhc" else None
+    ).eval()
+
+
+def _find(obj: Any, key: str, depth: int = 0) -> Any:
+    if depth > 3:
+        return None
+    if isinstance(obj, str) and depth > 0 and obj[:1] == "{":
+        try:
+            obj = json.loads(obj)
+        except ValueError:
+            return None
+    if isinstance(obj, Mapping):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            if isinstance(v, Mapping | str):
+                found = _find(v, key, depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
+def hyper_conn_type(source: TensorSource, options: LoadOptions) -> tuple[str | None, str]:
+    """``hyper_conn_type`` from LoadOptions.extra, the source's config, or its metadata; (value, where)."""
+    extra = (options.extra or {}).get("hyper_conn_type")
+    if extra is not None:
+        return str(extra), "cli"
+    for where, obj in (("config", source.config), ("metadata", source.metadata)):
+        found = _find(obj or {}, "hyper_conn_type")
+        if found is not None:
+            return str(found), where
+    return None, "default"
+
+
+def _shapes(source: TensorSource, group: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    return {p: tuple(source.info(k).shape) for p, k in group.items()}
+
+
+def _plans(source: TensorSource, hc_type: str | None) -> dict[str, RefPlan] | None:
+    groups = site_prefixes(source.keys())
+    if not groups:
+        return None
+    plans = {}
+    for prefix, group in groups.items():
+        try:
+            plans[prefix] = plan_ref_site(_shapes(source, group), hc_type=hc_type, prefix=prefix)
+        except InputError:
+            return None
+    return plans
+
+
+def _detect(source: TensorSource) -> str | None:
+    hc_type, _ = hyper_conn_type(source, LoadOptions())
+    plans = _plans(source, hc_type)
+    if not plans:
+        return None
+    counts: dict[str, int] = {}
+    for p in plans.values():
+        counts[p.variant] = counts.get(p.variant, 0) + 1
+    sample = sorted(plans, key=lambda p: natural_key(p.rstrip(".")))[0].rstrip(".") or "(top level)"
+    what = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    return (
+        f"found {len(plans)} reference-repo HC sites ({what}) with norm.gamma [nC] and static_alpha "
+        f"[n, v+n] / [v n + R], e.g. {sample}"
+    )
+
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    path = source.path
+    hc_type, type_src = hyper_conn_type(source, options)
+    groups = site_prefixes(source.keys())
+    if not groups:
+        raise InputError(
+            f"no *.static_alpha keys in {path}: not a reference-repo (nanoGPT) HC checkpoint; pick another --layout",
+            path=path,
+        )
+    spec, sk_src = sinkhorn_settings(options, Convention.LOG, DEFAULT_ITERS)
+    notes: list[str] = []
+    settings: dict[str, str] = {"n": "shapes", "C": "shapes", "variant": "shapes"}
+    if hc_type is not None:
+        settings["hyper_conn_type"] = type_src
+    sites: list[Site] = []
+    modules: list[RefSite] = []
+    infos_all: list[TensorInfo] = []
+    defaults: set[str] = set()
+    for i, (prefix, name, block, kind) in enumerate(name_sites(groups)):
+        group = groups[prefix]
+        plan = plan_ref_site(_shapes(source, group), hc_type=hc_type, prefix=prefix, path=path)
+        if plan.how.startswith("default"):
+            defaults.add(plan.how)
+            settings["variant"] = "default"
+        elif plan.how == "hyper_conn_type":
+            settings["variant"] = type_src
+        params = sorted(p for p in group if not p.startswith(IGNORED_SUBTREES))
+        infos = [source.info(group[p]) for p in params]
+        tensors = {p: source.get(group[p], dtype=torch.float64) for p in params}
+        bad = [p for p, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise InputError(
+                f"site {prefix.rstrip('.') or '(top level)'} in {path} has NaN/Inf in "
+                f"{', '.join(bad)}; the checkpoint is damaged",
+                path=path,
+            )
+        module = build_ref_site(plan, tensors, spec)
+        modules.append(module)
+        infos_all.extend(infos)
+        sites.append(Site(i, name, block, kind, plan.variant, module, infos))
+    for how in sorted(defaults):
+        notes.append(f"variant {how}; set hyper_conn_type if this is wrong")
+    if any(s.variant == "mhc" for s in sites):
+        settings.update(sk_src)
+        if sk_src["convention"] == "default":
+            notes.append(
+                "reference mhc.py projects with a log-domain Sinkhorn (convention log, 20 iterations); "
+                "neither is stored in the checkpoint"
+            )
+    if any(m.variant_name == "tbp" and m.delta_logit is None for m in modules):
+        notes.append("TBP sites without delta_logit: make_dse=False (no uniform smoothing)")
+    if any(m.v != 1 for m in modules):
+        notes.append("num_input_views > 1: H_pre is [v, n] per token")
+    notes.append("reference code stores alpha[input, output]: H_res = alpha_res^T (paper convention)")
+    n = common_value([m.n for m in modules], "n", notes)
+    C = common_value([m.C for m in modules], "C", notes)
+    from hcdiag.io.source import looks_hc
+
+    used = {k for g in groups.values() for k in g.values()}
+    unmatched = [source.info(k) for k in source.keys() if k not in used and looks_hc(k)]
+    return LoadedModel(
+        path=path,
+        layout="nanogpt",
+        layout_reason=_detect(source) or "forced with --layout nanogpt",
+        sites=sites,
+        n=n,
+        C=C,
+        metadata=dict(source.metadata or {}),
+        settings_source=settings,
+        bytes_read=source.bytes_read,
+        bytes_total=source.bytes_total,
+        source_dtype=dtype_summary(infos_all),
+        unmatched_keys=unmatched,
+        notes=notes,
+    )
+
+
+NANOGPT = register_layout(
+    Layout(
+        name="nanogpt",
+        summary="mHC-lite / KromHC / TBP-mHC / log-mHC reference repos (nanoGPT): transformer.h.N.hc_attn "
+        "/ hc_mlp with norm.gamma [nC]",
+        detect=_detect,
+        load=_load,
+        priority=45,
+    )
+)
