@@ -74,6 +74,10 @@ LayoutOpt = Annotated[str | None, typer.Option("--layout", help="Force a checkpo
 LayoutFileOpt = Annotated[
     Path | None, typer.Option("--layout-file", help="TOML/JSON file describing an unknown checkpoint layout.")
 ]
+StateKeyOpt = Annotated[
+    str | None,
+    typer.Option("--state-key", help="Which state dict of a training checkpoint to read (e.g. ema; default: model)."),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -92,7 +96,7 @@ def _stderr(msg: str) -> None:
 
 
 def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int | None,
-          convention: Convention | None, trust_pickle: bool):
+          convention: Convention | None, trust_pickle: bool, state_key: str | None = None):
     from hcdiag.io.base import LoadOptions
     from hcdiag.io.load import load
 
@@ -101,6 +105,7 @@ def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int |
         iters=iters,
         convention=str(convention) if convention else None,
         layout_file=str(layout_file) if layout_file else None,
+        extra={"state_key": state_key} if state_key else {},
     )
     return load(str(ckpt), layout=layout, options=options, trust_pickle=trust_pickle)
 
@@ -214,6 +219,7 @@ def stochasticity_cmd(
     plot: PlotOpt = False,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
+    state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """How far each site's H_res is from doubly stochastic, why, and what to change."""
@@ -225,7 +231,7 @@ def stochasticity_cmd(
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
     if probe == Probe.ACTIVATIONS and activations is None:
         raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)", "--activations")
-    model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle)
+    model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
     probe_obj = make_probe(probe, tokens=tokens, seed=seed,
                            activations=str(activations) if activations else None)
     report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
@@ -293,6 +299,7 @@ def gain_sweep_cmd(
     plot: PlotOpt = False,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
+    state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Gain of residual-matrix products across depth (mHC Figs. 3, 7, 8), synthetic or from a checkpoint."""
@@ -304,7 +311,7 @@ def gain_sweep_cmd(
 
         if probe == Probe.ACTIVATIONS and activations is None:
             raise UsageError("--probe activations needs --activations FILE", "--activations")
-        model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle)
+        model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
         probe_obj = make_probe(probe, tokens=tokens, seed=seed,
                                activations=str(activations) if activations else None)
         report = gain_from_model(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype)
@@ -345,6 +352,7 @@ def inspect_cmd(
     as_json: JsonOpt = False,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
+    state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Detected layout, HC sites and their tensors, settings and where they came from (reads headers only)."""
@@ -356,7 +364,9 @@ def inspect_cmd(
     _STATE["reading_input"] = True
     report = inspect_checkpoint(
         str(ckpt), layout=layout,
-        options=LoadOptions(layout_file=str(layout_file) if layout_file else None), trust_pickle=trust_pickle,
+        options=LoadOptions(layout_file=str(layout_file) if layout_file else None,
+                            extra={"state_key": state_key} if state_key else {}),
+        trust_pickle=trust_pickle,
     )
     if as_json:
         sys.stdout.write(to_json(report.to_dict()))

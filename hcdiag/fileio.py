@@ -39,6 +39,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], op
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; a normal output file follows the umask
         os.replace(tmp, dest)
     except OSError as exc:
         _unlink_quietly(tmp)
@@ -87,6 +88,12 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _unlink_quietly(path: str) -> None:

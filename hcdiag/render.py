@@ -125,3 +125,105 @@ def progress_reporter(enabled: bool = True) -> Iterator[Callable[[str, int, int]
 
 def warn(msg: str) -> None:
     err.print(Text(f"hcdiag: {msg}", style="yellow"))
+
+
+# ------------------------------------------------------------------------------------------------ stochasticity
+
+
+def _verdict_style(verdict: str) -> str:
+    if verdict.startswith("ok"):
+        return "green"
+    if verdict.startswith("n/a"):
+        return "dim"
+    return "red"
+
+
+def stochasticity(report: Any) -> None:
+    s = report.summary
+    st = report.settings or {}
+    title = (f"Doubly-stochastic error per site: {escape(report.path)} ({escape(report.layout)} layout), "
+             f"probe {escape(report.probe_description)}, {report.dtype}, paper convention")
+    t = Table(title=title, title_justify="left")
+    cols = [("site", "left"), ("variant", "left"), ("n", "right"), ("sinkhorn", "left"),
+            ("row err p50", "right"), ("row err max", "right"), ("col err p50", "right"), ("col err max", "right"),
+            ("min entry", "right"), ("logit range", "right"), ("iters to tol", "right"), ("G_f", "right"),
+            ("G_b", "right"), ("verdict", "left")]
+    for name, just in cols:
+        t.add_column(name, justify=just)  # type: ignore[arg-type]
+    for r in report.sites:
+        sk = f"{r.convention} x{r.iters}" if r.convention else "-"
+        lr = "" if r.logit_range_max is None else f"{r.logit_range_max:.3g}"
+        itt = ""
+        if r.iters_to_tol_max is not None:
+            itt = f"{r.iters_to_tol_p50}/{r.iters_to_tol_max}"
+        elif r.iters_to_tol_unreached:
+            itt = ">1000"
+        t.add_row(
+            escape(r.name), escape(r.variant), str(r.n), escape(sk),
+            _sci(r.row_err.p50 if r.row_err else None), _sci(r.row_err.max if r.row_err else None),
+            _sci(r.col_err.p50 if r.col_err else None), _sci(r.col_err.max if r.col_err else None),
+            _sci(r.min_entry), lr, itt, f"{r.gain_f_mean:.4g}", f"{r.gain_b_mean:.4g}",
+            Text(r.verdict, style=_verdict_style(r.verdict)),
+        )
+    out.print(t)
+    out.print("err = max |sum - 1| over one matrix's rows (row err) or columns (col err); p50/max over tokens. "
+              "G_f / G_b: Amax gain (mHC Sec. 3.1), mean over tokens. iters to tol: p50/max over tokens.",
+              style="dim")
+    lines = [f"sites: {s.sites} ({s.applicable} with a doubly-stochastic constraint), "
+             f"{s.over_tol} over tolerance {s.tol:g}"]
+    if s.worst_site is not None:
+        lines.append(f"worst: {s.worst_site} ({s.worst_axis}, {_sci(s.worst_error)}); median site error "
+                     f"{_sci(s.median_error)}")
+    if s.conventions:
+        lines.append(f"sinkhorn: {', '.join(s.conventions)}; exact axis in paper convention: {s.exact_axis}")
+    for key, val in st.items():
+        if isinstance(val, dict) and "value" in val:
+            lines.append(f"{key}: {val['value']} (from {val.get('source', '?')})")
+    for line in lines:
+        out.print(escape(line))
+    for a in s.advice:
+        out.print(Text("advice: " + a, style="yellow"))
+    for note in report.notes:
+        out.print(escape(note), style="dim")
+
+
+# ----------------------------------------------------------------------------------------------------- inspect
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def inspect(report: Any) -> None:
+    out.print(f"[bold]{escape(report.path)}[/bold]")
+    out.print(f"layout: {escape(report.layout)} ({escape(report.layout_reason)})")
+    out.print(f"n = {report.n} streams, C = {report.C}, {len(report.sites)} sites in {report.blocks} block(s), "
+              f"stored as {report.source_dtype}")
+    conv = "-" if report.convention is None else f"{report.convention}, {report.iters} iterations"
+    if report.eps:
+        conv += f", eps {report.eps:g}"
+    out.print(f"sinkhorn: {escape(conv)}")
+    for key, src in sorted(report.settings_source.items()):
+        out.print(f"  {escape(key)}: from {escape(str(src))}", style="dim")
+    t = Table(title="sites (depth order; matrices converted to paper convention)", title_justify="left")
+    for c in ("#", "site", "variant", "H_res", "tensors", "params", "check"):
+        t.add_column(c, justify="right" if c in ("#", "params") else "left")
+    for s in report.sites:
+        tensors = "\n".join(f"{escape(ti.key)} {list(ti.shape)} {ti.dtype}" for ti in s.tensors)
+        style = "green" if s.param_match else ("red" if s.param_match is False else "dim")
+        t.add_row(str(s.index), escape(s.name), escape(s.variant), escape(s.exactness), tensors, _int(s.params),
+                  Text(s.param_check, style=style))
+    out.print(t)
+    out.print(f"HC parameters: {report.total_params:,}; tensor bytes read: {_bytes(report.bytes_read)} of "
+              f"{_bytes(report.bytes_total)}")
+    if report.unmatched_keys:
+        out.print(Text(f"{len(report.unmatched_keys)} HC-looking tensor(s) matched no rule "
+                       "(describe them with --layout-file, see docs/layout-file.md):", style="yellow"))
+        for ti in report.unmatched_keys[:20]:
+            out.print(f"  {escape(ti.key)} {list(ti.shape)} {ti.dtype}")
+    for note in report.notes:
+        out.print(escape(note), style="dim")
