@@ -1,0 +1,275 @@
+"""Stream inputs x that dynamic H_res matrices are evaluated on (``--probe static | random | activations``).
+
+Dimension letters: T tokens, n streams, C width of one stream.
+
+A dynamic site computes H_res from the normalised stream state, H~_res = a_res * mat(x' phi_res) + b_res with
+x' = RMSNorm(vec(x)) (mHC Eq. 7), so its doubly-stochastic error and gain depend on x. Three ways to choose x:
+
+``static``
+    x = 0 [1, n, C]. RMSNorm(0) = 0 * rsqrt(0 + eps) = 0 (every hcdiag module and the reference code keep an
+    eps in the norm), so the dynamic terms vanish and the logits are the biases alone (b_res; transformers'
+    ``base``). This is the matrix a site applies when the stream carries no signal, and the only one a purely
+    static variant ever applies. One "token".
+
+``random``
+    T seeded synthetic tokens, x_tci ~ N(0, 1) i.i.d. (optionally Student-t with ``df`` degrees of freedom).
+    Why this matches real residual statistics well enough: every variant reads x only through an RMSNorm
+    (over vec(x) in mHC Eq. 7, per stream in the lucidrains-style code), and RMSNorm is scale invariant
+    (RMSNorm(c x) = RMSNorm(x) for c > 0, up to its eps). So only the *direction* of x matters, never the
+    residual stream's growing magnitude across depth. An isotropic Gaussian gives a direction uniform on the
+    sphere: the maximum-entropy choice when nothing about the model's features is known, and each normalised
+    entry then has unit RMS, as RMSNorm guarantees for real inputs too. What it does not reproduce is the
+    anisotropy of trained residual streams (a few "massive activation" channels, low effective rank); those
+    concentrate x' phi_res on fewer directions and can push the logits further than an isotropic probe does.
+    ``df`` (heavier tails, e.g. 3) moves part of that way; ``activations`` is the faithful answer.
+    Draws come from numpy's PCG64 seeded by (seed, site index) in float64 and are then cast, so a site's
+    tokens are identical across dtypes, platforms and torch versions, and different sites see independent
+    draws (different layers see different stream states).
+
+``activations FILE``
+    Recorded stream inputs per site (:func:`hcdiag.capture.read_activations`: ``sites.{i}.x`` [T, n, C] and
+    the model's own ``sites.{i}.h_res`` [T, n, n]). Captured sites are matched to the model's sites by name
+    when every model site name is present in the file, else by order; the counts must agree. All recorded
+    tokens are used (``tokens`` applies to the random probe only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from hcdiag.enums import DType, Probe
+from hcdiag.errors import InputError, UsageError
+from hcdiag.model import Site
+
+__all__ = [
+    "ActivationsProbe",
+    "ProbeBase",
+    "RandomProbe",
+    "StaticProbe",
+    "make_probe",
+    "torch_dtype",
+]
+
+_TORCH_DTYPES = {
+    DType.FLOAT64: torch.float64,
+    DType.FLOAT32: torch.float32,
+    DType.BFLOAT16: torch.bfloat16,
+}
+
+
+def torch_dtype(dtype: DType | str | torch.dtype) -> torch.dtype:
+    """:class:`DType` (or its string value, or a torch dtype) -> torch dtype; UsageError(option="--dtype")."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _TORCH_DTYPES.values():
+            raise UsageError(f"--dtype {dtype} is not supported; choose float64, float32 or bfloat16",
+                             "--dtype")
+        return dtype
+    try:
+        return _TORCH_DTYPES[DType(str(dtype).strip().lower())]
+    except ValueError:
+        known = ", ".join(d.value for d in DType)
+        raise UsageError(f"--dtype {dtype!r} is not a dtype hcdiag computes in; choose one of: {known}",
+                         "--dtype") from None
+
+
+def _site_shape(site: Site) -> tuple[int, int]:
+    return int(site.module.n), int(site.module.C)
+
+
+@dataclass(frozen=True)
+class ProbeBase:
+    """What every probe offers: ``inputs(site, dtype) -> x [T, n, C]``, a description, a JSON dict."""
+
+    kind: ClassVar[Probe]
+
+    def prepare(self, sites: list[Site]) -> None:
+        """Check the probe fits these sites before any work is done (no-op except for ``activations``)."""
+
+    def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
+        raise NotImplementedError
+
+    def recorded_h_res(self, site: Site) -> torch.Tensor | None:
+        """The model's own H_res for these inputs, [T, n, n] paper convention, when the probe recorded it."""
+        return None
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StaticProbe(ProbeBase):
+    """x = 0 [1, n, C]: the logits are the static biases alone (see the module docstring)."""
+
+    kind: ClassVar[Probe] = Probe.STATIC
+
+    @property
+    def tokens(self) -> int:
+        return 1
+
+    def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
+        n, C = _site_shape(site)
+        return torch.zeros(1, n, C, dtype=torch_dtype(dtype))
+
+    def describe(self) -> str:
+        return "static (x = 0: bias logits alone)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "tokens": 1}
+
+
+@dataclass(frozen=True)
+class RandomProbe(ProbeBase):
+    """T synthetic tokens, x ~ N(0, 1) i.i.d. per entry (Student-t(df) with ``df``), seeded per site."""
+
+    tokens: int = 256
+    seed: int = 0
+    df: float | None = None
+
+    kind: ClassVar[Probe] = Probe.RANDOM
+
+    def draw(self, site_index: int, n: int, C: int) -> np.ndarray:
+        """The float64 tokens [T, n, C] of site ``site_index`` (PCG64 seeded by (seed, site_index))."""
+        seq = np.random.SeedSequence([self.seed % 2**64, site_index])
+        rng = np.random.Generator(np.random.PCG64(seq))
+        if self.df is None:
+            return rng.standard_normal((self.tokens, n, C))
+        return rng.standard_t(self.df, (self.tokens, n, C))
+
+    def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
+        n, C = _site_shape(site)
+        return torch.from_numpy(self.draw(site.index, n, C)).to(torch_dtype(dtype))
+
+    def describe(self) -> str:
+        dist = "N(0, 1)" if self.df is None else f"Student-t(df={self.df:g})"
+        return f"random ({self.tokens} tokens, seed {self.seed}, x ~ {dist})"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind.value, "tokens": self.tokens, "seed": self.seed,
+                             "distribution": "normal" if self.df is None else "student-t"}
+        if self.df is not None:
+            d["df"] = self.df
+        return d
+
+
+@dataclass(frozen=True)
+class ActivationsProbe(ProbeBase):
+    """Recorded stream inputs, one [T, n, C] tensor per site (``hcdiag.capture`` file)."""
+
+    path: str = ""
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    kind: ClassVar[Probe] = Probe.ACTIVATIONS
+
+    def _captured(self) -> list[Any]:
+        if "sites" not in self._cache:
+            from hcdiag.capture import read_activations
+
+            captured = list(read_activations(self.path))
+            if not captured:
+                raise UsageError(
+                    f"activations file {self.path} holds no sites (expected keys sites.0.x, ...)",
+                    "--activations",
+                )
+            self._cache["sites"] = captured
+            self._cache["by_name"] = {c.name: c for c in captured}
+        return self._cache["sites"]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens recorded for the first captured site."""
+        return int(self._captured()[0].x.shape[0])
+
+    def prepare(self, sites: list[Site]) -> None:
+        captured = self._captured()
+        if len(captured) != len(sites):
+            raise UsageError(
+                f"activations file {self.path} has {len(captured)} sites but the model has {len(sites)}; "
+                "capture every HC site of this model (hcdiag.capture)",
+                "--activations",
+            )
+        for site in sites:
+            self._match(site)
+
+    def _match(self, site: Site) -> Any:
+        captured = self._captured()
+        by_name = self._cache["by_name"]
+        c = by_name.get(site.name)
+        if c is None:
+            if site.index >= len(captured):
+                raise UsageError(
+                    f"activations file {self.path} has no site {site.name!r} (and only {len(captured)} sites "
+                    f"by order); capture every HC site of this model",
+                    "--activations",
+                )
+            c = captured[site.index]
+        n, C = _site_shape(site)
+        x = c.x
+        if x.ndim != 3 or tuple(x.shape[1:]) != (n, C) or x.shape[0] < 1:
+            raise InputError(
+                f"activations for site {site.name} have shape {tuple(x.shape)}, expected [T, n={n}, C={C}]; "
+                "was the file captured from this model?",
+                path=self.path,
+            )
+        return c
+
+    def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
+        return self._match(site).x.to(torch_dtype(dtype))
+
+    def recorded_h_res(self, site: Site) -> torch.Tensor | None:
+        h = getattr(self._match(site), "h_res", None)
+        return None if h is None else h.to(torch.float64)
+
+    def describe(self) -> str:
+        return f"activations ({Path(self.path).name}, {self.tokens} tokens)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "path": self.path, "tokens": self.tokens}
+
+
+def make_probe(
+    kind: Probe | str,
+    *,
+    tokens: int | None = 256,
+    seed: int = 0,
+    activations: str | Path | None = None,
+    df: float | None = None,
+) -> StaticProbe | RandomProbe | ActivationsProbe:
+    """The probe named by ``kind``. ``tokens`` / ``seed`` / ``df`` apply to ``random``; ``activations`` (a
+    file written by :mod:`hcdiag.capture`) is required by ``activations`` and ignored otherwise.
+
+    Raises UsageError (one line, naming the option) for tokens < 1, a missing or unreadable activations file,
+    or df <= 0.
+    """
+    try:
+        kind = Probe(str(kind).strip().lower())
+    except ValueError:
+        known = ", ".join(p.value for p in Probe)
+        raise UsageError(f"--probe {kind!r} is unknown; choose one of: {known}", "--probe") from None
+    if kind is Probe.STATIC:
+        return StaticProbe()
+    if kind is Probe.RANDOM:
+        if tokens is None:
+            tokens = 256
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise UsageError(f"--tokens must be an integer >= 1, got {tokens!r}", "--tokens")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UsageError(f"--seed must be an integer, got {seed!r}", "--seed")
+        if df is not None and not (isinstance(df, int | float) and df > 0 and np.isfinite(df)):
+            raise UsageError(f"df must be a positive number of degrees of freedom, got {df!r}", "--df")
+        return RandomProbe(tokens=tokens, seed=seed, df=None if df is None else float(df))
+    if activations is None:
+        raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)",
+                         "--activations")
+    p = Path(activations)
+    if not p.is_file():
+        raise UsageError(f"activations file {p} does not exist; record one with hcdiag.capture",
+                         "--activations")
+    return ActivationsProbe(path=str(p))
