@@ -43,10 +43,9 @@ def _sci(v: float | None, digits: int = 1) -> str:
         return "n/a"
     if v == 0:
         return "0"
-    a = abs(v)
-    if 1e-3 <= a < 1e4:
-        return f"{v:.4g}"
-    return f"{v:.{digits}e}"
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.{digits}e}"  # one format for a whole column, so magnitudes line up
 
 
 def _pct(v: float) -> str:
@@ -144,29 +143,48 @@ def stochasticity(report: Any) -> None:
     title = (f"Doubly-stochastic error per site: {escape(report.path)} ({escape(report.layout)} layout), "
              f"probe {escape(report.probe_description)}, {report.dtype}, paper convention")
     t = Table(title=title, title_justify="left")
-    cols = [("site", "left"), ("variant", "left"), ("n", "right"), ("sinkhorn", "left"),
-            ("row err p50", "right"), ("row err max", "right"), ("col err p50", "right"), ("col err max", "right"),
-            ("min entry", "right"), ("logit range", "right"), ("iters to tol", "right"), ("G_f", "right"),
-            ("G_b", "right"), ("verdict", "left")]
+    sites = report.sites
+    # columns that would repeat one value on every row are stated once below the table instead
+    show_n = len({r.n for r in sites}) > 1
+    show_sk = len({(r.convention, r.iters) for r in sites}) > 1
+    show_variant = len({r.variant for r in sites}) > 1
+    cols = [("site", "left")]
+    cols += [("variant", "left")] if show_variant else []
+    cols += [("n", "right")] if show_n else []
+    cols += [("sinkhorn", "left")] if show_sk else []
+    cols += [("row p50", "right"), ("row max", "right"), ("col p50", "right"), ("col max", "right"),
+             ("min entry", "right"), ("logit range", "right"), ("iters to tol", "right"), ("G_f", "right"),
+             ("G_b", "right"), ("verdict", "left")]
     for name, just in cols:
         t.add_column(name, justify=just)  # type: ignore[arg-type]
-    for r in report.sites:
-        sk = f"{r.convention} x{r.iters}" if r.convention else "-"
+    for r in sites:
         lr = "" if r.logit_range_max is None else f"{r.logit_range_max:.3g}"
         itt = ""
         if r.iters_to_tol_max is not None:
             itt = f"{r.iters_to_tol_p50}/{r.iters_to_tol_max}"
         elif r.iters_to_tol_unreached:
             itt = ">1000"
-        t.add_row(
-            escape(r.name), escape(r.variant), str(r.n), escape(sk),
+        cells = [escape(r.name)]
+        cells += [escape(r.variant)] if show_variant else []
+        cells += [str(r.n)] if show_n else []
+        cells += [escape(f"{r.convention} x{r.iters}" if r.convention else "-")] if show_sk else []
+        cells += [
             _sci(r.row_err.p50 if r.row_err else None), _sci(r.row_err.max if r.row_err else None),
             _sci(r.col_err.p50 if r.col_err else None), _sci(r.col_err.max if r.col_err else None),
             _sci(r.min_entry), lr, itt, f"{r.gain_f_mean:.4g}", f"{r.gain_b_mean:.4g}",
-            Text(r.verdict, style=_verdict_style(r.verdict)),
-        )
+        ]
+        t.add_row(*cells, Text(r.verdict, style=_verdict_style(r.verdict)))
     out.print(t)
-    out.print("err = max |sum - 1| over one matrix's rows (row err) or columns (col err); p50/max over tokens. "
+    if sites and not (show_variant and show_n and show_sk):
+        same = []
+        if not show_variant:
+            same.append(f"variant {sites[0].variant}")
+        if not show_n:
+            same.append(f"n = {sites[0].n}")
+        if not show_sk and sites[0].convention:
+            same.append(f"sinkhorn {sites[0].convention}, {sites[0].iters} iterations")
+        out.print(escape("every site: " + ", ".join(same)), style="dim")
+    out.print("row / col: max |sum - 1| over one matrix's rows / columns, p50 and max over tokens. "
               "G_f / G_b: Amax gain (mHC Sec. 3.1), mean over tokens. iters to tol: p50/max over tokens.",
               style="dim")
     lines = [f"sites: {s.sites} ({s.applicable} with a doubly-stochastic constraint), "
