@@ -5,14 +5,13 @@ Expected numbers are SPEC section 5's published table (independent of hcdiag's c
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import subprocess
 import sys
 
 import pytest
+from cli_runner import run_cli
 
 # (variant, n, C) -> per-site total in the reference-code form, SPEC section 5
 CODE_FORM = {
@@ -27,18 +26,7 @@ TBP_EFFECTIVE = {(4, 2560): 184_341, (8, 4096): 2_162_757}
 PAPER_MHC = {(4, 2560): 245_787, (8, 4096): 2_621_523}
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``hcdiag.cli.main`` in-process (a subprocess per case costs ~1.5 s of torch import)."""
-    from hcdiag.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+run = run_cli
 
 
 @pytest.fixture(scope="module")
