@@ -245,3 +245,54 @@ def inspect(report: Any) -> None:
             out.print(f"  {escape(ti.key)} {list(ti.shape)} {ti.dtype}")
     for note in report.notes:
         out.print(escape(note), style="dim")
+
+
+# -------------------------------------------------------------------------------------------------- gain-sweep
+
+
+def gain(report: Any, rows: Sequence[dict[str, Any]]) -> None:
+    inp = report.inputs
+    desc = ", ".join(f"{k} {v}" for k, v in inp.items() if v is not None and not isinstance(v, dict | list))
+    t = Table(title=f"Composite gains across depth ({report.sites} sites): {escape(desc)}", title_justify="left")
+    cols = ["variant", "site", "", "G_f site", "G_b site", "G_f composite", "G_b composite", "G_b worst seed",
+            "sigma_2", "||.-J/n||", "row err", "col err"]
+    tokmean = any("gain_fwd_tokmean" in r for r in rows)
+    if tokmean:
+        cols[7:7] = ["G_f (token-mean H)", "G_b (token-mean H)"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("variant", "") else "right")
+    last = None
+    for r in rows:
+        first = r["variant"] != last
+        if first and last is not None:
+            t.add_section()
+        last = r["variant"]
+        cells = [escape(r["variant"]) if first else "", f"{r['site']} {escape(r['name'])}",
+                 Text(r["tag"].replace("every", ""), style="red" if "worst" in r["tag"] else "dim"),
+                 _g(r["site_gain_fwd"]), _g(r["site_gain_bwd"]), _g(r["gain_fwd"]), _g(r["gain_bwd"])]
+        if tokmean:
+            cells += [_g(r.get("gain_fwd_tokmean")), _g(r.get("gain_bwd_tokmean"))]
+        cells += [_g(r["gain_bwd_max"]), _g(r["sigma2"]), _g(r["dist_uniform"]), _sci(r["row_err_max"]),
+                  _sci(r["col_err_max"])]
+        t.add_row(*cells)
+    out.print(t)
+    out.print("G_f / G_b: Amax gain magnitude (mHC Sec. 3.1): max |signed row / column sum|. composite: forward "
+              "H_l...H_1, backward H_L...H_l. Medians over seeds; 'worst seed' = max over seeds. row/col err: "
+              "max over seeds of the composite's doubly-stochastic error.", style="dim")
+    for v in report.variants:
+        if not v.ok:
+            out.print(Text(f"{v.name}: skipped: {v.reason}", style="yellow"))
+    for note in report.notes:
+        out.print(escape(note), style="dim")
+    out.print(f"elapsed: {report.elapsed_s:.2f} s", style="dim")
+
+
+def _g(v: float | None) -> str:
+    if v is None:
+        return ""
+    if not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    if a != 0 and (a < 1e-3 or a >= 1e5):
+        return f"{v:.3e}"
+    return f"{v:.6g}"
