@@ -51,7 +51,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], op
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, option: str = "--output") -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return atomic_write(path, write, option)
 
 
 def to_json(doc: Mapping[str, Any]) -> str:

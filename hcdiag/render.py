@@ -267,7 +267,7 @@ def gain(report: Any, rows: Sequence[dict[str, Any]]) -> None:
         if first and last is not None:
             t.add_section()
         last = r["variant"]
-        cells = [escape(r["variant"]) if first else "", f"{r['site']} {escape(r['name'])}",
+        cells: list[str | Text] = [escape(r["variant"]) if first else "", f"{r['site']} {escape(r['name'])}",
                  Text(r["tag"].replace("every", ""), style="red" if "worst" in r["tag"] else "dim"),
                  _g(r["site_gain_fwd"]), _g(r["site_gain_bwd"]), _g(r["gain_fwd"]), _g(r["gain_bwd"])]
         if tokmean:
