@@ -481,3 +481,15 @@ def test_perturb_is_seeded_and_targets_res(name):
     assert changed == expected
     with pytest.raises(UsageError):
         a.perturb_(1.0, parts=("bogus",))
+
+
+@pytest.mark.parametrize("name", ["hc-static", "hc-dynamic", "mhc", "mhc-lite", "kromhc", "tbp", "ihc"])
+def test_dtype_conversion_after_build_keeps_forward_working(name):
+    # a module built in float32 and converted with .double() must compute in float64, like torch modules do
+    m32 = registry.get(name).build(4, 8, layer_index=1, dtype=torch.float32)
+    m64 = registry.get(name).build(4, 8, layer_index=1, dtype=torch.float32).double()
+    m64.load_state_dict(m32.state_dict())
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(3))
+    out = m64(x)
+    assert out.res.dtype == torch.float64
+    torch.testing.assert_close(out.res.float(), m32(x).res, atol=1e-6, rtol=0)
