@@ -1,0 +1,25 @@
+"""The package's public surface: __all__ lists exactly what is exported, and importing it stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import hcdiag
+
+
+def test_all_names_resolve_and_are_exactly_the_exports():
+    for name in hcdiag.__all__:
+        assert getattr(hcdiag, name) is not None
+    public = {n for n in dir(hcdiag) if not n.startswith("_")} | {"__version__"}
+    assert public == set(hcdiag.__all__)
+
+
+def test_import_loads_no_cli_machinery():
+    code = (
+        "import sys, hcdiag; hcdiag.load; "
+        "print(sorted(m for m in ('typer', 'rich', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
