@@ -79,7 +79,7 @@ def params(report: Any) -> None:
         for note in r.notes:
             notes.append(f"{r.variant}: {note}")
     out.print(t)
-    out.print(f"overhead = per model / baseline; baseline: {escape(report.baseline)} "
+    out.print(f"baseline: {escape(report.baseline)} "
               f"({inp.baseline_params:,} parameters for {inp.layers} block(s)).", style="dim")
     if any(not r.practical for r in report.rows):
         out.print("impractical: counted exactly in integer arithmetic, never allocated.", style="dim")
