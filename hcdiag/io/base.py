@@ -8,7 +8,7 @@ priority order; ``--layout NAME`` forces one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,6 +70,12 @@ def register_layout(layout: Layout) -> Layout:
 def layouts() -> list[Layout]:
     """Registered layouts in detection order."""
     return sorted(_LAYOUTS.values(), key=lambda lay: (lay.priority, lay.name))
+
+
+def dtype_summary(infos: Iterable[TensorInfo]) -> str:
+    """The stored dtypes of ``infos``, sorted and joined by "+" (``LoadedModel.source_dtype``)."""
+    uniq = sorted({i.dtype for i in infos})
+    return "+".join(uniq) if uniq else "none (no stored tensors)"
 
 
 def get_layout(name: str) -> Layout:

@@ -48,7 +48,8 @@ mHCv2; else v1); without beta tensors v = 1 is assumed (f = K - s f).
 Site names: the module path prefixes, in natural order of the numbers in the path (``layers.2`` before
 ``layers.10``; at equal numbers attn before ffn); a path with an attn / ffn / mlp word gives kind and block
 (``transformer.h.3.hc_attn`` -> ``attn_3``). Everything is converted to paper convention (H_res = alpha^T)
-once, here. The helpers :func:`site_prefixes`, :func:`name_sites`, :func:`sinkhorn_settings` are shared with
+once, here. The helpers of the "Shared helpers" section (:func:`site_prefixes`, :func:`name_sites`,
+:func:`sinkhorn_settings`, :func:`read_site_tensors`, :func:`grouped_model`, ...) are shared with
 :mod:`hcdiag.io.nanogpt_layout`.
 """
 
@@ -56,7 +57,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -66,7 +68,7 @@ from torch import nn
 
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
@@ -121,7 +123,7 @@ _CLASSES = {"hc": "lucidrains-hc", "mhc": "lucidrains-mhc", "mhc-v2": "lucidrain
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared helpers: site grouping, natural order, names, Sinkhorn settings
+# Shared helpers: site grouping, natural order, names, Sinkhorn settings, reading a site, the LoadedModel
 
 
 def site_prefixes(keys: Iterable[str], leaf: str = LEAF) -> dict[str, dict[str, str]]:
@@ -226,11 +228,6 @@ def unknown_params(group: Mapping[str, Any], known: set[str]) -> list[str]:
     return sorted(p for p in group if p not in known and not p.startswith(IGNORED_SUBTREES))
 
 
-def dtype_summary(infos: Iterable[TensorInfo]) -> str:
-    uniq = sorted({i.dtype for i in infos})
-    return "+".join(uniq) if uniq else "none (no stored tensors)"
-
-
 def common_value(values: list[int], what: str, notes: list[str]) -> int:
     """The first value; a note when sites disagree (a model whose stream width changes with depth)."""
     if len(set(values)) > 1:
@@ -239,6 +236,71 @@ def common_value(values: list[int], what: str, notes: list[str]) -> int:
             f"the model-level {what} is the first site's"
         )
     return values[0]
+
+
+def detect_summary(kinds: Mapping[str, str]) -> tuple[str, str]:
+    """For a detect() reason, from ``{site prefix: its class}``: the count per class ("2 mhc, 14 tbp", by
+    name) and the first site's path in depth order ("(top level)" for a bare module's state dict)."""
+    counts = Counter(kinds.values())
+    what = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    sample = sorted(kinds, key=lambda p: natural_key(p.rstrip(".")))[0].rstrip(".") or "(top level)"
+    return what, sample
+
+
+def group_shapes(source: TensorSource, group: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    """``{param: shape}`` of one :func:`site_prefixes` group."""
+    return {p: tuple(source.info(k).shape) for p, k in group.items()}
+
+
+def read_site_tensors(
+    source: TensorSource, group: Mapping[str, str], params: list[str], prefix: str
+) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
+    """The infos of ``params`` (sorted by name) and their tensors in float64, read in the order given;
+    InputError naming those that hold NaN/Inf."""
+    infos = [source.info(group[p]) for p in sorted(params)]
+    tensors = {p: source.get(group[p], dtype=torch.float64) for p in params}
+    bad = [p for p, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise InputError(
+            f"site {prefix.rstrip('.') or '(top level)'} in {source.path} has NaN/Inf in "
+            f"{', '.join(bad)}; the checkpoint is damaged",
+            path=source.path,
+        )
+    return infos, tensors
+
+
+def grouped_model(
+    source: TensorSource,
+    layout: str,
+    detect: Callable[[TensorSource], str | None],
+    groups: Mapping[str, Mapping[str, str]],
+    sites: list[Site],
+    settings: dict[str, str],
+    notes: list[str],
+) -> LoadedModel:
+    """The LoadedModel of a layout whose sites are :func:`site_prefixes` groups: n and C of the first site (a
+    note when sites disagree), the dtypes of the sites' tensors, and as unmatched the keys that look HC-related
+    but belong to no group (stream embeddings, attention-pool reducers...)."""
+    from hcdiag.io.load import unmatched_hc_keys
+
+    n = common_value([s.module.n for s in sites], "n", notes)
+    C = common_value([s.module.C for s in sites], "C", notes)
+    unmatched = unmatched_hc_keys(source, {k for g in groups.values() for k in g.values()})
+    return LoadedModel(
+        path=source.path,
+        layout=layout,
+        layout_reason=detect(source) or f"forced with --layout {layout}",
+        sites=sites,
+        n=n,
+        C=C,
+        metadata=dict(source.metadata or {}),
+        settings_source=settings,
+        bytes_read=source.bytes_read,
+        bytes_total=source.bytes_total,
+        source_dtype=dtype_summary(i for s in sites for i in s.tensors),
+        unmatched_keys=unmatched,
+        notes=notes,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -598,10 +660,6 @@ def build_site(
     return module.eval()
 
 
-def _shapes(source: TensorSource, group: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
-    return {p: tuple(source.info(k).shape) for p, k in group.items()}
-
-
 def _is_lucidrains_group(shapes: Mapping[str, tuple[int, ...]]) -> bool:
     try:
         plan_site(shapes)
@@ -614,15 +672,13 @@ def _detect(source: TensorSource) -> str | None:
     groups = site_prefixes(source.keys())
     if not groups:
         return None
-    kinds: dict[str, int] = {}
-    for group in groups.values():
-        shapes = _shapes(source, group)
+    kinds: dict[str, str] = {}
+    for prefix, group in groups.items():
+        shapes = group_shapes(source, group)
         if not _is_lucidrains_group(shapes):
             return None
-        cls = plan_site(shapes).cls
-        kinds[_CLASSES[cls]] = kinds.get(_CLASSES[cls], 0) + 1
-    sample = sorted(groups, key=lambda p: natural_key(p.rstrip(".")))[0].rstrip(".") or "(top level)"
-    what = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+        kinds[prefix] = _CLASSES[plan_site(shapes).cls]
+    what, sample = detect_summary(kinds)
     return f"found {len(groups)} hyper-connections sites ({what}) with {LEAF} [s f, K], e.g. {sample}.{LEAF}"
 
 
@@ -650,26 +706,16 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     settings: dict[str, str] = {"n": "shapes", "C": "shapes", "class": "cli" if force else "shapes"}
     sites: list[Site] = []
     modules: list[LucidrainsSite] = []
-    infos_all: list[TensorInfo] = []
     assumed: set[str] = set()
     for i, (prefix, name, block, kind) in enumerate(name_sites(groups)):
         group = groups[prefix]
-        shapes = _shapes(source, group)
-        plan = plan_site(shapes, prefix=prefix, path=path, force_cls=force)
+        plan = plan_site(group_shapes(source, group), prefix=prefix, path=path, force_cls=force)
         if plan.how != "shapes":
             assumed.add(plan.how)
-        infos = [source.info(group[p]) for p in sorted(group) if not p.startswith(IGNORED_SUBTREES)]
-        tensors = {p: source.get(group[p], dtype=torch.float64) for p in group if not p.startswith(IGNORED_SUBTREES)}
-        bad = [p for p, t in tensors.items() if not bool(torch.isfinite(t).all())]
-        if bad:
-            raise InputError(
-                f"site {prefix.rstrip('.') or '(top level)'} in {path} has NaN/Inf in "
-                f"{', '.join(bad)}; the checkpoint is damaged",
-                path=path,
-            )
+        params = [p for p in group if not p.startswith(IGNORED_SUBTREES)]
+        infos, tensors = read_site_tensors(source, group, params, prefix)
         module = build_site(plan, tensors, tanh=tanh, spec=spec)
         modules.append(module)
-        infos_all.extend(infos)
         sites.append(Site(i, name, block, kind, module.variant_name, module, infos))
         if plan.cls == "mhc" and plan.fracs > 1:
             notes.append(
@@ -692,32 +738,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     for how in sorted(assumed):
         notes.append(f"no beta tensors at some sites: {how} when splitting static_alpha")
     notes.append("lucidrains stores alpha[input, output]: H_res = alpha_res^T (paper convention)")
-    n = common_value([m.n for m in modules], "n", notes)
-    C = common_value([m.C for m in modules], "C", notes)
-    unmatched = _unmatched(source, groups)
-    return LoadedModel(
-        path=path,
-        layout="lucidrains",
-        layout_reason=_detect(source) or "forced with --layout lucidrains",
-        sites=sites,
-        n=n,
-        C=C,
-        metadata=dict(source.metadata or {}),
-        settings_source=settings,
-        bytes_read=source.bytes_read,
-        bytes_total=source.bytes_total,
-        source_dtype=dtype_summary(infos_all),
-        unmatched_keys=unmatched,
-        notes=notes,
-    )
-
-
-def _unmatched(source: TensorSource, groups: Mapping[str, Mapping[str, str]]) -> list[TensorInfo]:
-    """Keys that look like HC state but belong to no site (stream embeddings, attention-pool reducers...)."""
-    from hcdiag.io.source import looks_hc
-
-    used = {k for g in groups.values() for k in g.values()}
-    return [source.info(k) for k in source.keys() if k not in used and looks_hc(k)]
+    return grouped_model(source, "lucidrains", _detect, groups, sites, settings, notes)
 
 
 LUCIDRAINS = register_layout(

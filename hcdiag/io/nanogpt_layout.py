@@ -73,15 +73,16 @@ from hcdiag.io.lucidrains_layout import (
     IGNORED_SUBTREES,
     SCALAR_SHAPES,
     ParamHolder,
-    common_value,
-    dtype_summary,
+    detect_summary,
+    group_shapes,
+    grouped_model,
     name_sites,
-    natural_key,
+    read_site_tensors,
     sinkhorn_settings,
     site_prefixes,
     unknown_params,
 )
-from hcdiag.model import LoadedModel, Site, TensorInfo
+from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
 __all__ = ["NANOGPT", "RefPlan", "RefSite", "build_ref_site", "kromhc_factors", "plan_ref_site", "tbp_chart"]
@@ -484,10 +485,6 @@ def hyper_conn_type(source: TensorSource, options: LoadOptions) -> tuple[str | N
     return None, "default"
 
 
-def _shapes(source: TensorSource, group: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
-    return {p: tuple(source.info(k).shape) for p, k in group.items()}
-
-
 def _plans(source: TensorSource, hc_type: str | None) -> dict[str, RefPlan] | None:
     groups = site_prefixes(source.keys())
     if not groups:
@@ -495,7 +492,7 @@ def _plans(source: TensorSource, hc_type: str | None) -> dict[str, RefPlan] | No
     plans = {}
     for prefix, group in groups.items():
         try:
-            plans[prefix] = plan_ref_site(_shapes(source, group), hc_type=hc_type, prefix=prefix)
+            plans[prefix] = plan_ref_site(group_shapes(source, group), hc_type=hc_type, prefix=prefix)
         except InputError:
             return None
     return plans
@@ -506,11 +503,7 @@ def _detect(source: TensorSource) -> str | None:
     plans = _plans(source, hc_type)
     if not plans:
         return None
-    counts: dict[str, int] = {}
-    for p in plans.values():
-        counts[p.variant] = counts.get(p.variant, 0) + 1
-    sample = sorted(plans, key=lambda p: natural_key(p.rstrip(".")))[0].rstrip(".") or "(top level)"
-    what = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    what, sample = detect_summary({prefix: plan.variant for prefix, plan in plans.items()})
     return (
         f"found {len(plans)} reference-repo HC sites ({what}) with norm.gamma [nC] and static_alpha "
         f"[n, v+n] / [v n + R], e.g. {sample}"
@@ -533,29 +526,19 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         settings["hyper_conn_type"] = type_src
     sites: list[Site] = []
     modules: list[RefSite] = []
-    infos_all: list[TensorInfo] = []
     defaults: set[str] = set()
     for i, (prefix, name, block, kind) in enumerate(name_sites(groups)):
         group = groups[prefix]
-        plan = plan_ref_site(_shapes(source, group), hc_type=hc_type, prefix=prefix, path=path)
+        plan = plan_ref_site(group_shapes(source, group), hc_type=hc_type, prefix=prefix, path=path)
         if plan.how.startswith("default"):
             defaults.add(plan.how)
             settings["variant"] = "default"
         elif plan.how == "hyper_conn_type":
             settings["variant"] = type_src
         params = sorted(p for p in group if not p.startswith(IGNORED_SUBTREES))
-        infos = [source.info(group[p]) for p in params]
-        tensors = {p: source.get(group[p], dtype=torch.float64) for p in params}
-        bad = [p for p, t in tensors.items() if not bool(torch.isfinite(t).all())]
-        if bad:
-            raise InputError(
-                f"site {prefix.rstrip('.') or '(top level)'} in {path} has NaN/Inf in "
-                f"{', '.join(bad)}; the checkpoint is damaged",
-                path=path,
-            )
+        infos, tensors = read_site_tensors(source, group, params, prefix)
         module = build_ref_site(plan, tensors, spec)
         modules.append(module)
-        infos_all.extend(infos)
         sites.append(Site(i, name, block, kind, plan.variant, module, infos))
     for how in sorted(defaults):
         notes.append(f"variant {how}; set hyper_conn_type if this is wrong")
@@ -571,27 +554,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     if any(m.v != 1 for m in modules):
         notes.append("num_input_views > 1: H_pre is [v, n] per token")
     notes.append("reference code stores alpha[input, output]: H_res = alpha_res^T (paper convention)")
-    n = common_value([m.n for m in modules], "n", notes)
-    C = common_value([m.C for m in modules], "C", notes)
-    from hcdiag.io.source import looks_hc
-
-    used = {k for g in groups.values() for k in g.values()}
-    unmatched = [source.info(k) for k in source.keys() if k not in used and looks_hc(k)]
-    return LoadedModel(
-        path=path,
-        layout="nanogpt",
-        layout_reason=_detect(source) or "forced with --layout nanogpt",
-        sites=sites,
-        n=n,
-        C=C,
-        metadata=dict(source.metadata or {}),
-        settings_source=settings,
-        bytes_read=source.bytes_read,
-        bytes_total=source.bytes_total,
-        source_dtype=dtype_summary(infos_all),
-        unmatched_keys=unmatched,
-        notes=notes,
-    )
+    return grouped_model(source, "nanogpt", _detect, groups, sites, settings, notes)
 
 
 NANOGPT = register_layout(

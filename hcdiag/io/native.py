@@ -33,7 +33,7 @@ import torch
 
 from hcdiag.enums import Convention, Form
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.site import SinkhornSpec, SiteModule
 
@@ -698,7 +698,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
 
     # ---- build and load
     sites: list[Site] = []
-    dtypes: list[str] = []
+    loaded: list[TensorInfo] = []
     for i in range(L):
         mt = matches[i]
         spec = registry.get(mt.variant)
@@ -715,7 +715,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         for p, key in site_keys.get(i, {}).items():
             want = torch.float64 if target[p].is_floating_point() else None
             state[p] = source.get(key, dtype=want)
-            dtypes.append(infos[i][p].dtype)
+            loaded.append(infos[i][p])
         module.load_state_dict(state, strict=True)
         if getattr(module, "sinkhorn", None) is not None:
             module.sinkhorn = sk_spec
@@ -732,7 +732,6 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     from hcdiag.io.source import looks_hc  # lazy: source imports nothing of ours, but keep import order free
 
     unmatched = [source.info(k) for k in source.keys() if not _KEY_RE.match(k) and looks_hc(k)]
-    uniq = sorted(set(dtypes))
     return LoadedModel(
         path=path,
         layout="native",
@@ -744,7 +743,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         settings_source=settings,
         bytes_read=source.bytes_read,
         bytes_total=source.bytes_total,
-        source_dtype="+".join(uniq) if uniq else "none (no stored tensors)",
+        source_dtype=dtype_summary(loaded),
         unmatched_keys=unmatched,
         notes=notes,
     )

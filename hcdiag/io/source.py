@@ -197,7 +197,23 @@ def _bad(path: Path | str, why: str) -> str:
     return f"{path}: {NOT_A_CHECKPOINT} ({why})"
 
 
-class SafetensorsSource:
+class _IndexedSource:
+    """keys() / info() of a source that lists its tensors in ``_infos`` (stripped key -> TensorInfo)."""
+
+    path: str
+    _infos: dict[str, TensorInfo]
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise InputError(f"{self.path}: no tensor named {key!r}", path=self.path) from None
+
+
+class SafetensorsSource(_IndexedSource):
     """One or more safetensors files seen as one checkpoint; tensors read one at a time."""
 
     kind = "safetensors"
@@ -250,15 +266,6 @@ class SafetensorsSource:
                 )
         self.bytes_total = total
         self.metadata.update(metadata or {})
-
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, key: str) -> TensorInfo:
-        try:
-            return self._infos[key]
-        except KeyError:
-            raise InputError(f"{self.path}: no tensor named {key!r}", path=self.path) from None
 
     def get(self, key: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
         self.info(key)
@@ -332,7 +339,7 @@ def _path_str(path: tuple[str, ...]) -> str:
     return "".join(f"[{p!r}]" for p in path) or "(top level)"
 
 
-class TorchSource:
+class TorchSource(_IndexedSource):
     """A ``torch.save`` checkpoint; the state dict holding the HC tensors is picked out of training dicts."""
 
     kind = "torch"
@@ -479,15 +486,6 @@ class TorchSource:
 
         walk(obj, 0)
         return total
-
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, key: str) -> TensorInfo:
-        try:
-            return self._infos[key]
-        except KeyError:
-            raise InputError(f"{self.path}: no tensor named {key!r}", path=self.path) from None
 
     def get(self, key: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
         self.info(key)

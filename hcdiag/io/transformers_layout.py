@@ -107,6 +107,12 @@ class _TransformersSiteBase(SiteModule):
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
         return F.linear(flat, self.fn)
 
+    def _logits(self, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """x [..., n, C] -> the mixes split by ``sizes`` (pre, post[, comb]), each times its scale plus its
+        slice of base."""
+        mixes = self._mixes(x).split(sizes, dim=-1)
+        return [w * s + b for w, b, s in zip(mixes, self.base.split(sizes), self.scale.unbind(0), strict=True)]
+
     def extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, norm_eps={self.norm_eps}, hc_eps={self.hc_eps}"
 
@@ -138,14 +144,10 @@ class TransformersMHCSite(_TransformersSiteBase):
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.n
-        pre_w, post_w, comb_w = self._mixes(x).split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
-        s_pre, s_post, s_comb = self.scale.unbind(0)
-        pre = torch.sigmoid(pre_w * s_pre + pre_b) + self.hc_eps
-        post = 2 * torch.sigmoid(post_w * s_post + post_b)
+        pre, post, comb = self._logits(x, [n, n, n * n])
         # comb logits [..., input, output] (code orientation); paper orientation is the transpose
-        comb = comb_w.unflatten(-1, (n, n)) * s_comb + comb_b.view(n, n)
-        return pre, post, comb.transpose(-1, -2)
+        comb = comb.unflatten(-1, (n, n))
+        return torch.sigmoid(pre) + self.hc_eps, 2 * torch.sigmoid(post), comb.transpose(-1, -2)
 
     def res_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., n, C] -> comb logits transposed to paper orientation [..., n, n] (row = output stream)."""
@@ -201,12 +203,9 @@ class TransformersIHCSite(_TransformersSiteBase):
 
     def forward(self, x: torch.Tensor) -> HCOutput:
         """x [..., n, C] -> H_pre, H_post [..., n]; H_res = I [..., n, n]."""
-        n = self.n
-        pre_w, post_w = self._mixes(x).split([n, n], dim=-1)
-        pre_b, post_b = self.base.split([n, n])
-        s_pre, s_post = self.scale.unbind(0)
-        pre = torch.sigmoid(pre_w * s_pre + pre_b) + self.hc_eps
-        post = self.magnitude * torch.sigmoid(post_w * s_post + post_b) + self.hc_eps
+        pre_l, post_l = self._logits(x, [self.n, self.n])
+        pre = torch.sigmoid(pre_l) + self.hc_eps
+        post = self.magnitude * torch.sigmoid(post_l) + self.hc_eps
         return HCOutput(pre, post, self._eye(pre.shape[:-1], pre))
 
 

@@ -17,10 +17,11 @@ from torch import nn
 from hcdiag.enums import Form
 from hcdiag.errors import UsageError
 from hcdiag.registry import ParamCount
-from hcdiag.site import SiteModule
+from hcdiag.site import HCOutput, SiteModule
 
 __all__ = [
     "MHCPrePost",
+    "MHCResSite",
     "VariantModule",
     "batched_kron",
     "bvn_matrices",
@@ -250,3 +251,45 @@ class MHCPrePost(VariantModule):
             "post": [(self.b_post, 1.0)],
             "dynamic": [(self.phi_pre, fan), (self.phi_post, fan)],
         }
+
+
+class MHCResSite(MHCPrePost):
+    """An mHC-style site with dynamic H_res logits (mhc, mhc-lite, kromhc, tbp; mHC Eq. 8's form):
+
+        logits = a_res * mat(x' W) + b_res         W [nC, b_res.numel()], mat() reshapes to b_res's shape
+
+    on the x' of :meth:`_normed`. ``res_projection`` names W (``phi_res`` for mhc, ``W_res`` for the others);
+    :meth:`_init_res` allocates W, b_res, a_res. Subclasses implement :meth:`res_from_logits` (the map from the
+    logits to H_res) and may narrow :meth:`_res_logits_h` (tbp keeps only the chart block).
+    """
+
+    res_projection: ClassVar[str] = "W_res"
+
+    def _init_res(self, b_res: torch.Tensor) -> None:
+        """W = 0 [nC, b_res.numel()] under the name ``res_projection``, b_res = ``b_res``, a_res = 0.01."""
+        setattr(self, self.res_projection, self._zeros(self.n * self.C, b_res.numel()))
+        self.b_res = self._param(b_res)
+        self.a_res = self._scalar(0.01)
+
+    def _res_weight(self) -> nn.Parameter:
+        return getattr(self, self.res_projection)
+
+    def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
+        """x' [..., nC] -> a_res * mat(x' W) + b_res [..., *b_res.shape]."""
+        return self.a_res * (h @ self._res_weight()).unflatten(-1, self.b_res.shape) + self.b_res
+
+    def res_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., n, C] -> the H_res logits :meth:`res_from_logits` takes (shape: see the variant)."""
+        return self._res_logits_h(self._normed(x))
+
+    def forward(self, x: torch.Tensor) -> HCOutput:
+        """x [..., n, C] -> H_pre [..., n], H_post [..., n], H_res [..., n, n] (paper convention)."""
+        h = self._normed(x)
+        pre, post = self._pre_post(h)
+        return HCOutput(pre, post, self.res_from_logits(self._res_logits_h(h)))
+
+    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
+        t = self._pre_post_targets()
+        t["res"] = [(self.b_res, 1.0)]
+        t["dynamic"].append((self._res_weight(), 1.0 / math.sqrt(self.n * self.C)))
+        return t

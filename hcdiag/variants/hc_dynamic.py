@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hcdiag.enums import Exactness, Form
+from hcdiag.enums import Form
 from hcdiag.registry import ParamCount, register
-from hcdiag.site import HCOutput, SinkhornSpec
-from hcdiag.variants._common import VariantModule, rms_norm
-from hcdiag.variants.hc_static import hc_static_init
+from hcdiag.site import HCOutput
+from hcdiag.variants._common import rms_norm
+from hcdiag.variants.hc_static import HCBase
 
 
 @register(
@@ -30,20 +30,14 @@ from hcdiag.variants.hc_static import hc_static_init
     growth="O(nC)",
     order=20,
 )
-class HCDynamic(VariantModule):
+class HCDynamic(HCBase):
     """DHC site: W_b, W_m [C, 1], W_r [C, n], s_a, s_b scalars, static B [n], A_m [n], A_r [n, n].
 
     s_a scales both A_m and A_r (HC Eqs. 11-12); the count lists it under res.
     """
 
-    exactness = Exactness.UNCONSTRAINED
-
     def __init__(self, n: int, C: int, **kw: Any) -> None:
         super().__init__(n, C, **kw)
-        B, A_m, A_r = hc_static_init(n, self.layer_index)
-        self.B = self._param(B)
-        self.A_m = self._param(A_m)
-        self.A_r = self._param(A_r)
         self.W_b = self._zeros(C, 1)
         self.W_m = self._zeros(C, 1)
         self.W_r = self._zeros(C, n)
@@ -73,15 +67,8 @@ class HCDynamic(VariantModule):
         post = (self.s_b * torch.tanh(hbar @ self.W_b)).squeeze(-1) + self.B
         return HCOutput(pre, post, self._alpha_r(hbar).transpose(-1, -2))
 
-    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
-        """HC has no projection onto a constraint set: the "logits" are H_res itself; returned unchanged."""
-        return logits
-
     def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
         fan = 1.0 / math.sqrt(self.C)
-        return {
-            "res": [(self.A_r, 1.0)],
-            "pre": [(self.A_m, 1.0)],
-            "post": [(self.B, 1.0)],
-            "dynamic": [(self.W_r, fan), (self.W_m, fan), (self.W_b, fan)],
-        }
+        t = super()._perturb_targets()
+        t["dynamic"] = [(self.W_r, fan), (self.W_m, fan), (self.W_b, fan)]
+        return t

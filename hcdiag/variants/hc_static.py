@@ -30,17 +30,9 @@ def hc_static_init(n: int, layer_index: int) -> tuple[torch.Tensor, torch.Tensor
     return B, A_m, torch.eye(n, dtype=torch.float64)
 
 
-@register(
-    "hc-static",
-    summary="static hyper-connections (HC Eq. 1): unconstrained learned H_res",
-    growth="O(n^2)",
-    order=10,
-)
-class HCStatic(VariantModule):
-    """SHC: parameters B [n] (= H_post), A_m [n] (= H_pre^T), A_r [n, n] (= H_res^T, code orientation).
-
-    Forward: H_pre = A_m, H_post = B, H_res = A_r^T, the same for every token. No norm, no projections.
-    """
+class HCBase(VariantModule):
+    """What SHC and DHC share: the static B [n] (= H_post), A_m [n] (= H_pre^T), A_r [n, n] (= H_res^T, code
+    orientation), initialised by :func:`hc_static_init`, and no constraint on H_res."""
 
     exactness = Exactness.UNCONSTRAINED
 
@@ -50,6 +42,27 @@ class HCStatic(VariantModule):
         self.B = self._param(B)
         self.A_m = self._param(A_m)
         self.A_r = self._param(A_r)
+
+    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
+        """HC has no projection onto a constraint set: the "logits" are H_res itself (paper orientation);
+        returned unchanged."""
+        return logits
+
+    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
+        return {"res": [(self.A_r, 1.0)], "pre": [(self.A_m, 1.0)], "post": [(self.B, 1.0)]}
+
+
+@register(
+    "hc-static",
+    summary="static hyper-connections (HC Eq. 1): unconstrained learned H_res",
+    growth="O(n^2)",
+    order=10,
+)
+class HCStatic(HCBase):
+    """SHC: parameters B [n] (= H_post), A_m [n] (= H_pre^T), A_r [n, n] (= H_res^T, code orientation).
+
+    Forward: H_pre = A_m, H_post = B, H_res = A_r^T, the same for every token. No norm, no projections.
+    """
 
     @classmethod
     def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
@@ -64,10 +77,3 @@ class HCStatic(VariantModule):
         return HCOutput(
             self.A_m.expand(*lead, n), self.B.expand(*lead, n), self.A_r.transpose(0, 1).expand(*lead, n, n)
         )
-
-    def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
-        """HC has no projection: the "logits" are H_res itself (paper orientation); returned unchanged."""
-        return logits
-
-    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
-        return {"res": [(self.A_r, 1.0)], "pre": [(self.A_m, 1.0)], "post": [(self.B, 1.0)]}

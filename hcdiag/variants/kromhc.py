@@ -19,13 +19,12 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from hcdiag.enums import Exactness, Form
 from hcdiag.errors import UsageError
 from hcdiag.registry import ParamCount, register
-from hcdiag.site import HCOutput, SinkhornSpec
-from hcdiag.variants._common import MHCPrePost, batched_kron, mhc_pre_post_norm_count, prime_factors
+from hcdiag.site import SinkhornSpec
+from hcdiag.variants._common import MHCResSite, batched_kron, mhc_pre_post_norm_count, prime_factors
 from hcdiag.variants.mhc_lite import MAX_PRACTICAL_PERMS, bvn_combination, perm_logit_bias_init
 
 
@@ -39,10 +38,11 @@ def _fmt(factors: tuple[int, ...]) -> str:
     growth="O(nC sum_k i_k!)",
     order=50,
 )
-class KromHC(MHCPrePost):
+class KromHC(MHCResSite):
     """KromHC site: H_pre / H_post as mHC; W_res [nC, S], b_res [S], a_res (shared by all factors, as in the
     reference code); norm_weight [nC] in code form. ``factors``: sizes i_k (default: prime factorisation of n,
     all 2s for n = 2^K like the reference). Init per factor: identity logit 0, the others -8 (reference code).
+    res_logits: concatenated factor permutation logits [..., S] (factor 0 first).
     """
 
     exactness = Exactness.EXACT
@@ -52,12 +52,9 @@ class KromHC(MHCPrePost):
         super().__init__(n, C, **kw)
         self.factors = self.resolve_factors(n, factors)
         self._sizes = [math.factorial(f) for f in self.factors]
-        S = sum(self._sizes)
         self._init_pre_post()
-        self.W_res = self._zeros(n * C, S)
         bias = [perm_logit_bias_init(k) for k in self._sizes]
-        self.b_res = self._param(torch.cat(bias) if bias else torch.zeros(0, dtype=torch.float64))
-        self.a_res = self._scalar(0.01)
+        self._init_res(torch.cat(bias) if bias else torch.zeros(0, dtype=torch.float64))
 
     @classmethod
     def resolve_factors(cls, n: int, kron_factors: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -101,13 +98,6 @@ class KromHC(MHCPrePost):
         factors = cls.resolve_factors(n, factors)
         return all(math.factorial(f) <= MAX_PRACTICAL_PERMS for f in factors)
 
-    def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
-        return self.a_res * (h @ self.W_res) + self.b_res
-
-    def res_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., n, C] -> concatenated factor permutation logits [..., S] (factor 0 first)."""
-        return self._res_logits_h(self._normed(x))
-
     def factor_matrices(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """[..., S] -> [U_1 [..., i_1, i_1], ...] (paper orientation), softmax per factor."""
         out = []
@@ -124,14 +114,3 @@ class KromHC(MHCPrePost):
         for m in mats[1:]:
             res = batched_kron(res, m)
         return res
-
-    def forward(self, x: torch.Tensor) -> HCOutput:
-        h = self._normed(x)
-        pre, post = self._pre_post(h)
-        return HCOutput(pre, post, self.res_from_logits(self._res_logits_h(h)))
-
-    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
-        t = self._pre_post_targets()
-        t["res"] = [(self.b_res, 1.0)]
-        t["dynamic"].append((self.W_res, 1.0 / math.sqrt(self.n * self.C)))
-        return t

@@ -13,16 +13,14 @@ mat() reshapes row-major, so row i of mat(.) and of b_res belongs to output stre
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from hcdiag.enums import Convention, Exactness, Form
 from hcdiag.registry import ParamCount, register
-from hcdiag.site import HCOutput, SinkhornSpec
-from hcdiag.variants._common import MHCPrePost, mhc_pre_post_norm_count
+from hcdiag.site import SinkhornSpec
+from hcdiag.variants._common import MHCResSite, mhc_pre_post_norm_count
 
 
 def mhc_res_bias_init(n: int) -> torch.Tensor:
@@ -45,24 +43,24 @@ def mhc_res_bias_init(n: int) -> torch.Tensor:
     growth="O(n^3 C)",
     order=30,
 )
-class MHC(MHCPrePost):
+class MHC(MHCResSite):
     """mHC site. Parameters: phi_pre, phi_post [nC, n], phi_res [nC, n^2], b_pre, b_post [n], b_res [n, n]
     (paper orientation), a_pre, a_post, a_res (0-dim), and in code form norm_weight [nC].
 
     Init (site k): phi = 0 (the site starts static), a = 0.01, b_pre = b_post = -1 with +1 at k mod n,
     b_res = :func:`mhc_res_bias_init`. ``sinkhorn``: how H_res is projected (default: paper convention, 20
-    iterations, mHC Eq. 9 with t_max = 20).
+    iterations, mHC Eq. 9 with t_max = 20). res_logits: H~_res [..., n, n] (mHC Eq. 8), paper orientation,
+    before Sinkhorn.
     """
 
     exactness = Exactness.SINKHORN
+    res_projection = "phi_res"
 
     def __init__(self, n: int, C: int, *, sinkhorn: SinkhornSpec | None = None, **kw: Any) -> None:
         super().__init__(n, C, **kw)
         self.sinkhorn: SinkhornSpec = sinkhorn if sinkhorn is not None else SinkhornSpec(Convention.PAPER, 20)
         self._init_pre_post()
-        self.phi_res = self._zeros(n * C, n * n)
-        self.b_res = self._param(mhc_res_bias_init(n))
-        self.a_res = self._scalar(0.01)
+        self._init_res(mhc_res_bias_init(n))
 
     @classmethod
     def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
@@ -70,28 +68,8 @@ class MHC(MHCPrePost):
         pre, post, norm = mhc_pre_post_norm_count(n, C, form)
         return ParamCount(pre=pre, post=post, res=n * C * n * n + n * n + 1, norm=norm)
 
-    def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
-        """x' [..., nC] -> H~_res [..., n, n] (mHC Eq. 8, paper orientation)."""
-        return self.a_res * (h @ self.phi_res).unflatten(-1, (self.n, self.n)) + self.b_res
-
-    def res_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., n, C] -> H~_res [..., n, n], paper orientation, before Sinkhorn."""
-        return self._res_logits_h(self._normed(x))
-
     def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
         """H_res [..., n, n] = Sinkhorn(logits) under ``spec`` (default ``self.sinkhorn``) (mHC Eq. 9)."""
         from hcdiag.sinkhorn import project  # lazy: keeps importing the registry light
 
         return project(logits, spec if spec is not None else self.sinkhorn)
-
-    def forward(self, x: torch.Tensor) -> HCOutput:
-        """x [..., n, C] -> H_pre [..., n], H_post [..., n], H_res [..., n, n] (paper convention)."""
-        h = self._normed(x)
-        pre, post = self._pre_post(h)
-        return HCOutput(pre, post, self.res_from_logits(self._res_logits_h(h)))
-
-    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
-        t = self._pre_post_targets()
-        t["res"] = [(self.b_res, 1.0)]
-        t["dynamic"].append((self.phi_res, 1.0 / math.sqrt(self.n * self.C)))
-        return t

@@ -18,12 +18,11 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from hcdiag.enums import Exactness, Form
 from hcdiag.registry import ParamCount, register
-from hcdiag.site import HCOutput, SinkhornSpec
-from hcdiag.variants._common import MHCPrePost, bvn_matrices, mhc_pre_post_norm_count
+from hcdiag.site import SinkhornSpec
+from hcdiag.variants._common import MHCResSite, bvn_matrices, mhc_pre_post_norm_count
 
 #: mHC-lite is flagged impractical above this many permutations (n! > 720, i.e. n >= 7): SPEC sec. 2 calls it
 #: impractical beyond n ~ 6; at n = 7 every token needs 5,040 logits, at n = 8 40,320.
@@ -53,11 +52,12 @@ def bvn_combination(weights: torch.Tensor, n: int) -> torch.Tensor:
     growth="O(n! nC)",
     order=40,
 )
-class MHCLite(MHCPrePost):
+class MHCLite(MHCResSite):
     """mHC-lite site: H_pre / H_post as mHC; W_res [nC, n!], b_res [n!], a_res; norm_weight [nC] in code form.
 
     Init: W_res = 0, a_res = 0.01, b_res = :func:`perm_logit_bias_init`. Building refuses sizes whose
-    parameters exceed the registry's memory limit unless ``device="meta"``.
+    parameters exceed the registry's memory limit unless ``device="meta"``. res_logits: permutation logits
+    [..., n!] (before the softmax).
     """
 
     exactness = Exactness.EXACT
@@ -66,9 +66,7 @@ class MHCLite(MHCPrePost):
         super().__init__(n, C, **kw)
         k = math.factorial(n)
         self._init_pre_post()
-        self.W_res = self._zeros(n * C, k)
-        self.b_res = self._param(perm_logit_bias_init(k))
-        self.a_res = self._scalar(0.01)
+        self._init_res(perm_logit_bias_init(k))
 
     @classmethod
     def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
@@ -84,24 +82,6 @@ class MHCLite(MHCPrePost):
     def practical(cls, n: int, factors: tuple[int, ...] | None) -> bool:
         return math.factorial(n) <= MAX_PRACTICAL_PERMS
 
-    def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
-        return self.a_res * (h @ self.W_res) + self.b_res
-
-    def res_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., n, C] -> permutation logits [..., n!] (before the softmax)."""
-        return self._res_logits_h(self._normed(x))
-
     def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
         """[..., n!] -> H_res [..., n, n] = sum_k softmax(logits)_k Q_k (``spec`` ignored: no Sinkhorn)."""
         return bvn_combination(torch.softmax(logits, dim=-1), self.n)
-
-    def forward(self, x: torch.Tensor) -> HCOutput:
-        h = self._normed(x)
-        pre, post = self._pre_post(h)
-        return HCOutput(pre, post, self.res_from_logits(self._res_logits_h(h)))
-
-    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
-        t = self._pre_post_targets()
-        t["res"] = [(self.b_res, 1.0)]
-        t["dynamic"].append((self.W_res, 1.0 / math.sqrt(self.n * self.C)))
-        return t

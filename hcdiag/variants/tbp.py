@@ -19,16 +19,14 @@ H_res = X_code^T exactly; b_res / W_res are therefore stored in paper orientatio
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from hcdiag.enums import Exactness, Form
 from hcdiag.registry import ParamCount, register
-from hcdiag.site import HCOutput, SinkhornSpec
-from hcdiag.variants._common import MHCPrePost, mhc_pre_post_norm_count
+from hcdiag.site import SinkhornSpec
+from hcdiag.variants._common import MHCResSite, mhc_pre_post_norm_count
 
 #: Floor on the feasible-interval width (reference ``eps``): entries can dip to about -1e-7 by rounding.
 CHART_EPS = 1e-7
@@ -80,7 +78,7 @@ def tbp_smooth(X: torch.Tensor, delta_logit: torch.Tensor) -> torch.Tensor:
     growth="O(n^3 C)",
     order=60,
 )
-class TBP(MHCPrePost):
+class TBP(MHCResSite):
     """TBP-mHC site: H_pre / H_post as mHC; W_res [nC, n^2], b_res [n, n] (allocated; only the top-left
     (n-1) x (n-1) block is used), a_res, delta_logit; norm_weight [nC] in code form.
 
@@ -93,9 +91,7 @@ class TBP(MHCPrePost):
     def __init__(self, n: int, C: int, **kw: Any) -> None:
         super().__init__(n, C, **kw)
         self._init_pre_post()
-        self.W_res = self._zeros(n * C, n * n)
-        self.b_res = self._zeros(n, n)
-        self.a_res = self._scalar(0.01)
+        self._init_res(torch.zeros(n, n, dtype=torch.float64))
         self.delta_logit = self._scalar(-8.0)
 
     @classmethod
@@ -117,24 +113,9 @@ class TBP(MHCPrePost):
         )
 
     def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
-        full = self.a_res * (h @ self.W_res).unflatten(-1, (self.n, self.n)) + self.b_res
-        return full[..., : self.n - 1, : self.n - 1]
-
-    def res_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., n, C] -> chart logits t [..., n-1, n-1] (paper orientation, row = output stream)."""
-        return self._res_logits_h(self._normed(x))
+        """x' [..., nC] -> chart logits t [..., n-1, n-1] (paper orientation, row = output stream)."""
+        return super()._res_logits_h(h)[..., : self.n - 1, : self.n - 1]
 
     def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
         """t [..., n-1, n-1] -> H_res [..., n, n] = smoothed chart (``spec`` ignored: no Sinkhorn)."""
         return tbp_smooth(tbp_chart(logits), self.delta_logit)
-
-    def forward(self, x: torch.Tensor) -> HCOutput:
-        h = self._normed(x)
-        pre, post = self._pre_post(h)
-        return HCOutput(pre, post, self.res_from_logits(self._res_logits_h(h)))
-
-    def _perturb_targets(self) -> dict[str, list[tuple[nn.Parameter, float]]]:
-        t = self._pre_post_targets()
-        t["res"] = [(self.b_res, 1.0)]
-        t["dynamic"].append((self.W_res, 1.0 / math.sqrt(self.n * self.C)))
-        return t
