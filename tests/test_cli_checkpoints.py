@@ -149,3 +149,12 @@ def test_inspect_names_layout_and_sites():
     assert all(s["param_match"] for s in doc["sites"])
     assert math.isclose(doc["bytes_read"], sum(
         math.prod(t["shape"]) * 4 for s in doc["sites"] for t in s["tensors"]), rel_tol=0.0)
+
+
+def test_directory_of_separate_checkpoints_is_refused_not_merged(tmp_path):
+    # two unrelated checkpoints side by side (not named as shards) must not be read as one model
+    _mhc_file(tmp_path / "run_a.safetensors")
+    _mhc_file(tmp_path / "run_b.safetensors", scale=0.5)
+    p = run_cli("stochasticity", tmp_path)
+    assert p.returncode == 3
+    assert "pass one file" in p.stderr and len(p.stderr.strip().splitlines()) == 1

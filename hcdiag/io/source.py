@@ -682,6 +682,7 @@ def _open_file(
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$", re.IGNORECASE)
 
 
 def _open_dir(d: Path, *, trust_pickle: bool, state_key: str | None) -> Any:
@@ -719,7 +720,9 @@ def _open_dir(d: Path, *, trust_pickle: bool, state_key: str | None) -> Any:
         src = _open_file(chosen[0], trust_pickle=trust_pickle, state_key=state_key, config=config)
         src.metadata.update(meta)
         return src
-    if st:
+    # several files and no index: shards only when they are named like shards (model-00001-of-00003...);
+    # otherwise they are separate checkpoints (a folder of runs, samples/), and merging them would mix models
+    if st and all(_SHARD_NAME.search(f.name) for f in st):
         for s in st:
             _sniff(s)
         return SafetensorsSource(d, st, config=config, metadata=meta)
