@@ -3,7 +3,9 @@
 Dimension letters: n streams, C width of one stream.
 
 Pure compute: :func:`inspect_checkpoint` returns a frozen :class:`InspectReport`; rendering is the CLI's job.
-Reading costs the HC tensors only (safetensors headers, memory-mapped ``.pt``); ``bytes_read`` says how much.
+Headers only: sites are built from key names, shapes, metadata and config, and no tensor data is read
+(``bytes_read`` is 0; ``hc_bytes`` is what ``stochasticity`` / ``gain-sweep --from`` will read). NaN/Inf values are
+therefore not checked here; the analyses check them.
 Each site's stored parameter count is checked against the registry formula of its variant (SPEC section 5):
 transformers' packed fn / base / scale is the paper form, (n^2 + 2n)(nC + 1) + 3 for mHC and
 2(n nC + n + 1) for HY-V4's iHC.
@@ -63,6 +65,7 @@ class InspectReport:
     total_params: int
     unmatched_keys: tuple[TensorInfo, ...]
     bytes_read: int
+    hc_bytes: int
     bytes_total: int
     metadata: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -152,6 +155,7 @@ def inspect_model(model: LoadedModel) -> InspectReport:
         total_params=sum(s.params for s in sites),
         unmatched_keys=tuple(model.unmatched_keys),
         bytes_read=model.bytes_read,
+        hc_bytes=sum(_nbytes(t) for site in model.sites for t in site.tensors),
         bytes_total=model.bytes_total,
         metadata=dict(model.metadata),
         notes=tuple(model.notes),
@@ -165,7 +169,20 @@ def inspect_checkpoint(
     options: LoadOptions = LoadOptions(),
     trust_pickle: bool = False,
 ) -> InspectReport:
-    """Load ``path`` (see :func:`hcdiag.io.load.load`) and describe it; raises InputError / UsageError."""
+    """Describe ``path`` from its headers (see :func:`hcdiag.io.load.load` with ``headers_only``); raises
+    InputError / UsageError."""
     from hcdiag.io.load import load
 
-    return inspect_model(load(path, layout=layout, options=options, trust_pickle=trust_pickle))
+    model = load(path, layout=layout, options=options, trust_pickle=trust_pickle, headers_only=True)
+    model.notes.append("headers only: no tensor data was read (NaN/Inf checks run in stochasticity and gain-sweep)")
+    return inspect_model(model)
+
+
+def _nbytes(t: TensorInfo) -> int:
+    import math
+
+    import torch
+
+    dt = getattr(torch, t.dtype, None)
+    size = torch.empty((), dtype=dt).element_size() if isinstance(dt, torch.dtype) else 4
+    return math.prod(t.shape) * size

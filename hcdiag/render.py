@@ -236,8 +236,9 @@ def inspect(report: Any) -> None:
         t.add_row(str(s.index), escape(s.name), escape(s.variant), escape(s.exactness), tensors, _int(s.params),
                   Text(s.param_check, style=style))
     out.print(t)
-    out.print(f"HC parameters: {report.total_params:,}; tensor bytes read: {_bytes(report.bytes_read)} of "
-              f"{_bytes(report.bytes_total)}")
+    out.print(f"HC parameters: {report.total_params:,}; HC tensors {_bytes(report.hc_bytes)} of "
+              f"{_bytes(report.bytes_total)} in the checkpoint (the analyses read only these); "
+              f"read now: {_bytes(report.bytes_read)} (headers only)")
     if report.unmatched_keys:
         out.print(Text(f"{len(report.unmatched_keys)} HC-looking tensor(s) matched no rule "
                        "(describe them with --layout-file, see docs/layout-file.md):", style="yellow"))

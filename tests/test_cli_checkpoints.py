@@ -114,6 +114,8 @@ def _hostile(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["text", "empty", "no_hc", "nan", "truncated", "missing"])
 @pytest.mark.parametrize("command", ["stochasticity", "inspect", "gain-sweep"])
 def test_bad_files_one_line_exit_3_no_output(tmp_path, kind, command):
+    if (command, kind) == ("inspect", "nan"):
+        pytest.skip("inspect reads headers only (issue 5); see test_inspect_reads_no_tensor_data")
     path = _hostile(tmp_path)[kind]
     out = tmp_path / "out"
     args = {"stochasticity": ["stochasticity", path, "-o", out],
@@ -147,8 +149,18 @@ def test_inspect_names_layout_and_sites():
     assert doc["layout"] == "native" and doc["n"] == 4 and doc["C"] == 64
     assert [s["name"] for s in doc["sites"]] == [f"{k}_{b}" for b in range(8) for k in ("attn", "ffn")]
     assert all(s["param_match"] for s in doc["sites"])
-    assert math.isclose(doc["bytes_read"], sum(
-        math.prod(t["shape"]) * 4 for s in doc["sites"] for t in s["tensors"]), rel_tol=0.0)
+    assert doc["bytes_read"] == 0  # headers only
+    assert doc["hc_bytes"] == sum(math.prod(t["shape"]) * 4 for s in doc["sites"] for t in s["tensors"])
+
+
+def test_inspect_reads_no_tensor_data(tmp_path):
+    # a NaN in a stored tensor is invisible to a header-only inspect, and caught by the analyses that read it
+    path = _mhc_file(tmp_path / "nan.safetensors", poison=_nan_poison)
+    doc = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert doc["bytes_read"] == 0 and doc["layout"] == "native" and len(doc["sites"]) == 4
+    assert any("headers only" in note for note in doc["notes"])
+    bad = run_cli("stochasticity", path)
+    assert bad.returncode == 3 and "NaN" in bad.stderr
 
 
 def test_directory_of_separate_checkpoints_is_refused_not_merged(tmp_path):

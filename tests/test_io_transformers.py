@@ -259,7 +259,9 @@ def test_inspect_counts_match_registry_and_module(dsv4):
     d = rep.to_dict()
     json.dumps(d)
     assert d["sites"][0]["tensors"][0]["shape"] == [(N + 2) * N, N * HID]
-    assert 0 < d["bytes_read_fraction"] < 1
+    assert d["bytes_read"] == 0  # inspect reads headers only
+    assert d["hc_bytes"] == 2 * LAYERS * 4 * per_site  # float32 fn/base/scale of every site, from the headers
+    assert 0 < d["hc_bytes"] < d["bytes_total"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

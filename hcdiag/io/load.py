@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -133,12 +134,31 @@ def _check_shapes(source: TensorSource, model: LoadedModel, site: Site) -> None:
         )
 
 
+class _HeaderOnlySource:
+    """A source seen through its headers alone (``hcdiag inspect``): keys, shapes, dtypes, metadata and config
+    are the real ones; ``get`` returns zeros of the stored shape and never reads tensor data, so bytes_read
+    stays 0. Layouts identify sites by names and shapes only, so they build the same sites from it."""
+
+    def __init__(self, inner: TensorSource) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get(self, key: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+        info = self._inner.info(key)
+        stored = getattr(torch, info.dtype, None)
+        dt = dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
+        return torch.zeros(info.shape, dtype=dt)
+
+
 def load(
     path: str | os.PathLike[str],
     *,
     layout: str | None = None,
     options: LoadOptions = LoadOptions(),
     trust_pickle: bool = False,
+    headers_only: bool = False,
 ) -> LoadedModel:
     """Read the HC sites of a checkpoint file or model directory, in paper convention.
 
@@ -146,13 +166,17 @@ def load(
     options: iterations / convention overrides, ``layout_file`` (``--layout-file``), ``extra["state_key"]``
     (which state dict of a training checkpoint to read, e.g. ``"ema"``).
     trust_pickle: allow arbitrary pickles (``--trust-pickle``); never needed for safetensors.
+    headers_only: build the sites from names and shapes without reading any tensor data (``inspect``); the
+    site modules then hold zeros, so only structure, settings and parameter counts are meaningful.
     Raises InputError (unreadable file, no HC tensors, NaN/Inf in stored tensors, inconsistent shapes) and
     UsageError (unknown layout, conflicting options).
     """
     if options.layout_file is not None and layout not in (None, LAYOUT_FILE):
         raise UsageError(f"--layout {layout} and --layout-file conflict: pass one of them", option="--layout")
     state_key = options.extra.get("state_key") if options.extra else None
-    source = open_source(path, trust_pickle=trust_pickle, state_key=state_key)
+    source: Any = open_source(path, trust_pickle=trust_pickle, state_key=state_key)
+    if headers_only:
+        source = _HeaderOnlySource(source)
     import_layouts()
 
     if options.layout_file is not None or layout == LAYOUT_FILE:
