@@ -321,3 +321,17 @@ def test_index_pointing_outside_the_directory(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
     with pytest.raises(InputError, match="outside the checkpoint directory"):
         load(d)
+
+
+def test_training_loop_settings_are_exposed_as_config(tmp_path):
+    # nanoGPT saves model_args beside the weights; layouts read hyper_conn_type from there
+    from hcdiag.io.base import LoadOptions
+    from hcdiag.io.nanogpt_layout import hyper_conn_type
+    from hcdiag.io.source import open_source
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "model_args": {"hyper_conn_type": "tbp", "n_layer": 2,
+                                                               "bias": False}, "iter_num": 5}, path)
+    src = open_source(path)
+    assert src.config == {"model_args": {"hyper_conn_type": "tbp", "n_layer": 2, "bias": False}}
+    assert hyper_conn_type(src, LoadOptions()) == ("tbp", "config")

@@ -364,6 +364,8 @@ class TorchSource(_IndexedSource):
         self.container = ""
         obj = self._load(p, trust_pickle)
         self._tensors: dict[str, torch.Tensor] = self._pick(obj, state_key)
+        if self.config is None:
+            self.config = _training_config(obj)
         self.bytes_total = self._storage_bytes(obj)
         if self._legacy:
             # without mmap the whole file was read into memory
@@ -679,6 +681,22 @@ def _open_file(
     if kind == "safetensors":
         return SafetensorsSource(p, [p], config=config, metadata=meta)
     return TorchSource(p, trust_pickle=trust_pickle, state_key=state_key, config=config, metadata=meta)
+
+
+def _training_config(obj: Any) -> dict[str, Any] | None:
+    """Plain settings a training loop saved beside the weights (nanoGPT's ``model_args``, ``config``, ``args``),
+    for layouts that need them (e.g. ``hyper_conn_type``); None when there are none. Non-plain values are
+    dropped: they are never needed and may be arbitrary objects."""
+    if not isinstance(obj, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key in ("model_args", "config", "args"):
+        v = obj.get(key)
+        if isinstance(v, dict):
+            plain = {k: x for k, x in v.items() if isinstance(k, str) and isinstance(x, str | int | float | bool)}
+            if plain:
+                out[key] = plain
+    return out or None
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
