@@ -78,6 +78,10 @@ StateKeyOpt = Annotated[
     str | None,
     typer.Option("--state-key", help="Which state dict of a training checkpoint to read (e.g. ema; default: model)."),
 ]
+VariantsOpt = Annotated[
+    str | None, typer.Option("--variants", help="Comma-separated variant names (default: all).")
+]
+NOpt = Annotated[int, typer.Option("--n", help="Number of residual streams.")]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -110,6 +114,24 @@ def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int |
     return load(str(ckpt), layout=layout, options=options, trust_pickle=trust_pickle)
 
 
+def _probe(probe: Probe, activations: Path | None, tokens: int, seed: int):
+    """The probe object for --probe/--activations/--tokens/--seed (UsageError naming the option)."""
+    from hcdiag.probes import make_probe
+
+    if probe == Probe.ACTIVATIONS and activations is None:
+        raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)", "--activations")
+    return make_probe(probe, tokens=tokens, seed=seed, activations=str(activations) if activations else None)
+
+
+def _plots(plot, report, output_dir: Path | None, doc: dict) -> None:
+    """Write ``plot(report, dir)``'s PNGs into --output-dir (default ./hcdiag-out); list them in doc and on stderr."""
+    from hcdiag.fileio import ensure_dir
+
+    files = plot(report, ensure_dir(output_dir or Path("hcdiag-out")))
+    doc["plots"] = [str(f) for f in files]
+    _stderr("plots: " + ", ".join(str(f) for f in files))
+
+
 def _outputs(doc: dict, rows: list[dict], *, name: str, as_json: bool, csv_path: Path | None,
              output_dir: Path | None) -> None:
     """Write the JSON / CSV side outputs every command offers."""
@@ -136,12 +158,10 @@ def _outputs(doc: dict, rows: list[dict], *, name: str, as_json: bool, csv_path:
     "    hcdiag params --n 8 --C 4096 --kron-factors 2,4 --json\n\n" + EPILOG_EXIT,
 )
 def params_cmd(
-    n: Annotated[int, typer.Option("--n", help="Number of residual streams.")] = 4,
+    n: NOpt = 4,
     C: Annotated[int, typer.Option("--C", "-C", help="Width of one stream (the model's hidden size).")] = 4096,
     layers: Annotated[int, typer.Option("--layers", help="Transformer blocks (2 HC sites each).")] = 1,
-    variants: Annotated[
-        str | None, typer.Option("--variants", help="Comma-separated variant names (default: all).")
-    ] = None,
+    variants: VariantsOpt = None,
     form: Annotated[
         Form, typer.Option("--form", help="paper: mHC Eqs. 7-9 (no norm gain); code: reference modules.")
     ] = Form.CODE,
@@ -176,15 +196,9 @@ def _split_names(value: str | None, option: str) -> list[str] | None:
 
 
 def _parse_factors(value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        factors = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise UsageError(
-            f"--kron-factors {value!r} is not a list of integers; write e.g. 2,2,2", "--kron-factors"
-        ) from None
-    return factors
+    from hcdiag.registry import parse_kron_factors
+
+    return None if value is None else parse_kron_factors(value)
 
 
 # ---------------------------------------------------------------------------------------------- stochasticity
@@ -224,27 +238,18 @@ def stochasticity_cmd(
 ) -> None:
     """How far each site's H_res is from doubly stochastic, why, and what to change."""
     from hcdiag import render
-    from hcdiag.probes import make_probe
     from hcdiag.stochasticity import analyze_stochasticity
 
     if tol <= 0:
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
-    if probe == Probe.ACTIVATIONS and activations is None:
-        raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)", "--activations")
+    probe_obj = _probe(probe, activations, tokens, seed)
     model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
-    probe_obj = make_probe(probe, tokens=tokens, seed=seed,
-                           activations=str(activations) if activations else None)
     report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
     doc = report.to_dict()
     if plot:
         from hcdiag.plot_stochasticity import plot_stochasticity
 
-        out = output_dir or Path("hcdiag-out")
-        from hcdiag.fileio import ensure_dir
-
-        files = plot_stochasticity(report, ensure_dir(out))
-        doc["plots"] = [str(f) for f in files]
-        _stderr("plots: " + ", ".join(str(f) for f in files))
+        _plots(plot_stochasticity, report, output_dir, doc)
     _outputs(doc, doc["sites"], name="stochasticity", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
     if not as_json:
         render.stochasticity(report)
@@ -268,10 +273,8 @@ def stochasticity_cmd(
 )
 def gain_sweep_cmd(
     layers: Annotated[int, typer.Option("--layers", help="Blocks in the synthetic stack (2 HC sites each).")] = 64,
-    variants: Annotated[
-        str | None, typer.Option("--variants", help="Comma-separated variant names (default: all).")
-    ] = None,
-    n: Annotated[int, typer.Option("--n", help="Number of residual streams.")] = 4,
+    variants: VariantsOpt = None,
+    n: NOpt = 4,
     C: Annotated[int, typer.Option("--C", "-C", help="Stream width (matters for dynamic variants).")] = 64,
     init: Annotated[str, typer.Option("--init", help="paper: published init; perturb: init + noise.")] = "paper",
     logit_scale: Annotated[
@@ -307,13 +310,8 @@ def gain_sweep_cmd(
     from hcdiag.gain import gain_from_model, gain_sweep
 
     if from_ckpt is not None:
-        from hcdiag.probes import make_probe
-
-        if probe == Probe.ACTIVATIONS and activations is None:
-            raise UsageError("--probe activations needs --activations FILE", "--activations")
+        probe_obj = _probe(probe, activations, tokens, seed)
         model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
-        probe_obj = make_probe(probe, tokens=tokens, seed=seed,
-                               activations=str(activations) if activations else None)
         report = gain_from_model(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype)
     else:
         if init not in ("paper", "perturb"):
@@ -328,12 +326,9 @@ def gain_sweep_cmd(
     doc = report.to_dict()
     rows = report.table_rows(every)
     if plot:
-        from hcdiag.fileio import ensure_dir
         from hcdiag.plot_gain import plot_gain
 
-        files = plot_gain(report, ensure_dir(output_dir or Path("hcdiag-out")))
-        doc["plots"] = [str(f) for f in files]
-        _stderr("plots: " + ", ".join(str(f) for f in files))
+        _plots(plot_gain, report, output_dir, doc)
     _outputs(doc, rows, name="gain-sweep", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
     if not as_json:
         render.gain(report, rows)
