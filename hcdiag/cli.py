@@ -114,6 +114,15 @@ def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int |
     return load(str(ckpt), layout=layout, options=options, trust_pickle=trust_pickle)
 
 
+def _record_reading(doc: dict, model) -> str:
+    """Put what was read into the JSON document; return the line the table output ends with."""
+    doc["bytes_read"] = model.bytes_read
+    doc["bytes_total"] = model.bytes_total
+    frac = f" ({model.bytes_read / model.bytes_total:.3%})" if model.bytes_total else ""
+    return (f"read {model.bytes_read:,} of {model.bytes_total:,} tensor bytes{frac}: the hyper-connection tensors "
+            f"only ({model.layout} layout)")
+
+
 def _probe(probe: Probe, activations: Path | None, tokens: int, seed: int):
     """The probe object for --probe/--activations/--tokens/--seed (UsageError naming the option)."""
     from hcdiag.probes import make_probe
@@ -246,6 +255,7 @@ def stochasticity_cmd(
     model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
     report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
     doc = report.to_dict()
+    read_line = _record_reading(doc, model)
     if plot:
         from hcdiag.plot_stochasticity import plot_stochasticity
 
@@ -253,6 +263,7 @@ def stochasticity_cmd(
     _outputs(doc, doc["sites"], name="stochasticity", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
     if not as_json:
         render.stochasticity(report)
+        render.dim(read_line)
     if fail_above is not None:
         bad = report.exceeds(fail_above)
         if bad:
@@ -309,6 +320,7 @@ def gain_sweep_cmd(
     from hcdiag import render
     from hcdiag.gain import gain_from_model, gain_sweep
 
+    read_line: str | None = None
     if from_ckpt is not None:
         probe_obj = _probe(probe, activations, tokens, seed)
         model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
@@ -324,6 +336,8 @@ def gain_sweep_cmd(
                 kron_factors=_parse_factors(kron_factors), progress=progress,
             )
     doc = report.to_dict()
+    if from_ckpt is not None:
+        read_line = _record_reading(doc, model)
     rows = report.table_rows(every)
     if plot:
         from hcdiag.plot_gain import plot_gain
@@ -332,6 +346,8 @@ def gain_sweep_cmd(
     _outputs(doc, rows, name="gain-sweep", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
     if not as_json:
         render.gain(report, rows)
+        if read_line:
+            render.dim(read_line)
 
 
 # ----------------------------------------------------------------------------------------------------- inspect

@@ -122,6 +122,10 @@ def progress_reporter(enabled: bool = True) -> Iterator[Callable[[str, int, int]
         yield cb
 
 
+def dim(msg: str) -> None:
+    out.print(escape(msg), style="dim")
+
+
 def warn(msg: str) -> None:
     err.print(Text(f"hcdiag: {msg}", style="yellow"))
 

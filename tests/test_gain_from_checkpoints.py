@@ -30,11 +30,12 @@ def _brute(path: Path) -> list[np.ndarray]:
     return mats
 
 
-def _check(path: Path) -> None:
+def _check(path: Path) -> dict:
     mats = _brute(path)
     p = run_cli("gain-sweep", "--from", path, "--json")
     assert p.returncode == 0, p.stderr
-    v = json.loads(p.stdout)["variants"][0]
+    doc = json.loads(p.stdout)
+    v = doc["variants"][0]
     prod = np.eye(mats[0].shape[0])
     fwd = []
     for H in mats:
@@ -48,6 +49,7 @@ def _check(path: Path) -> None:
         prod = prod @ H  # H_L ... H_l
         bwd.append(np.abs(prod.sum(0)).max())
     np.testing.assert_allclose(v["curves"]["gain_bwd"]["median"], bwd[::-1], rtol=1e-10)
+    return doc
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.stem for p in SAMPLES])
@@ -64,7 +66,10 @@ def test_from_transformers_checkpoint_equals_brute_force_product(tmp_path):
     model = DeepseekV4ForCausalLM(DeepseekV4Config(**TINY_DSV4, **SETTINGS)).eval()
     _randomize_hc(model, 2)
     model.save_pretrained(tmp_path / "dsv4", max_shard_size="40KB")
-    _check(tmp_path / "dsv4")
+    doc = _check(tmp_path / "dsv4")
+    # only the HC tensors were read: fn [(n+2)n, nC], base [(n+2)n], scale [3] per site, float32
+    n, C, sites = TINY_DSV4["hc_mult"], TINY_DSV4["hidden_size"], 2 * TINY_DSV4["num_hidden_layers"]
+    assert doc["bytes_read"] == sites * 4 * ((n + 2) * n * (n * C + 1) + 3) < doc["bytes_total"]
 
 
 def test_gain_sweep_cli_json_and_plots(tmp_path):
