@@ -183,6 +183,8 @@ def _nbytes(t: TensorInfo) -> int:
 
     import torch
 
-    dt = getattr(torch, t.dtype, None)
-    size = torch.empty((), dtype=dt).element_size() if isinstance(dt, torch.dtype) else 4
+    from hcdiag.io.source import torch_dtype_of
+
+    dt = torch_dtype_of(t.dtype)
+    size = torch.empty((), dtype=dt).element_size() if dt is not None else 4
     return math.prod(t.shape) * size

@@ -19,7 +19,7 @@ import torch
 
 from hcdiag.errors import HcdiagError, InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, get_layout, layouts
-from hcdiag.io.source import looks_hc, open_source
+from hcdiag.io.source import looks_hc, open_source, torch_dtype_of
 from hcdiag.model import LoadedModel, Site, TensorInfo
 
 __all__ = ["LAYOUT_FILE", "LAYOUT_MODULES", "detect_layout", "import_layouts", "load", "unmatched_hc_keys"]
@@ -147,8 +147,7 @@ class _HeaderOnlySource:
 
     def get(self, key: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
         info = self._inner.info(key)
-        stored = getattr(torch, info.dtype, None)
-        dt = dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
+        dt = dtype or torch_dtype_of(info.dtype) or torch.float32
         return torch.zeros(info.shape, dtype=dt)
 
 

@@ -88,6 +88,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def torch_dtype_of(name: str) -> torch.dtype | None:
+    """The torch dtype a :class:`TensorInfo` dtype name stands for (inverse of the names sources report);
+    None for names torch does not know (packed or exotic formats)."""
+    dt = getattr(torch, name, None)
+    return dt if isinstance(dt, torch.dtype) else None
+
+
 # safetensors dtype codes -> (torch-style name, bytes per element or None when packed / unknown)
 _ST_DTYPES: dict[str, tuple[str, float | None]] = {
     "F64": ("float64", 8),
