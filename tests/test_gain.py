@@ -358,7 +358,8 @@ def test_plots_are_written(tmp_path) -> None:
 def test_results_do_not_depend_on_threads_or_chunking(monkeypatch) -> None:
     import hcdiag.gain as gain_mod
 
-    kw = dict(layers=6, variants=["mhc", "tbp"], n=4, C=4, init="perturb", logit_scale=1.0, seeds=3)
+    kw = dict(layers=6, variants=["hc-static", "mhc", "kromhc", "tbp"], n=4, C=4, init="perturb", logit_scale=1.0,
+              seeds=3)
     a = gain_sweep(threads=1, **kw)
     monkeypatch.setattr(gain_mod, "_CHUNK_ELEMS", 3 * 16)  # one site per metrics chunk
     monkeypatch.setattr(gain_mod, "_BUILD_ELEMS", 2 * 3 * 16)  # two sites per projection call
@@ -369,3 +370,17 @@ def test_results_do_not_depend_on_threads_or_chunking(monkeypatch) -> None:
                 np.testing.assert_array_equal(va.curves[m][st], vb.curves[m][st])
         np.testing.assert_array_equal(va.heatmaps["all"], vb.heatmaps["all"])
     assert torch.get_num_threads() >= 1
+
+
+def test_deeper_sweep_extends_the_shallower_one() -> None:
+    # every site draws from its own stream (child i of the variant's seed), so sites 1..12 of a 12-block sweep are
+    # the 6-block sweep's sites, and so are its forward composites; the backward ones start from another top
+    kw = dict(variants=["hc-static", "mhc"], n=4, C=4, init="perturb", logit_scale=0.5, seeds=3, keep_stacks=True)
+    short, deep = gain_sweep(layers=6, **kw), gain_sweep(layers=12, **kw)
+    for vs, vd in zip(short.variants, deep.variants, strict=True):
+        torch.testing.assert_close(vd.stack[:12], vs.stack, rtol=0, atol=0)
+        np.testing.assert_array_equal(vd.curves["gain_fwd"]["max"][:12], vs.curves["gain_fwd"]["max"])
+        assert not np.array_equal(vd.curves["gain_bwd"]["max"][:12], vs.curves["gain_bwd"]["max"])
+    # and another --seed gives other draws
+    other = gain_sweep(layers=6, seed=1, **kw)
+    assert not torch.equal(other.variants[0].stack, short.variants[0].stack)
