@@ -280,6 +280,7 @@ def stochasticity_cmd(
     epilog="Examples:\n\n"
     "    hcdiag gain-sweep --layers 64\n\n"
     "    hcdiag gain-sweep --layers 64 --init perturb --logit-scale 1.0 --seeds 32 --plot\n\n"
+    "    hcdiag gain-sweep --layers 1024 --seeds 256 --n 16 --logit-scale 0.05 --threads 2\n\n"
     "    hcdiag gain-sweep --from samples/hc-dynamic.safetensors --probe random --tokens 64\n\n" + EPILOG_EXIT,
 )
 def gain_sweep_cmd(
@@ -299,6 +300,10 @@ def gain_sweep_cmd(
     = DType.FLOAT64,
     kron_factors: Annotated[str | None, typer.Option("--kron-factors", help="KromHC factor sizes.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Base seed.")] = 0,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="Worker threads (default: torch's, the cores); results do not change."),
+    ] = None,
     from_ckpt: Annotated[
         Path | None, typer.Option("--from", help="Use a real checkpoint's sites instead of a synthetic stack.")
     ] = None,
@@ -324,7 +329,9 @@ def gain_sweep_cmd(
     if from_ckpt is not None:
         probe_obj = _probe(probe, activations, tokens, seed)
         model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
-        report = gain_from_model(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype)
+        report = gain_from_model(
+            model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, threads=threads
+        )
     else:
         if init not in ("paper", "perturb"):
             raise UsageError(f"--init {init!r} is not one of: paper, perturb", "--init")
@@ -333,7 +340,7 @@ def gain_sweep_cmd(
                 layers=layers, variants=_split_names(variants, "--variants"), n=n, C=C,
                 init="perturb" if logit_scale else init, logit_scale=logit_scale or 0.0, seeds=seeds,
                 tokens=tokens, iters=iters, convention=convention, dtype=dtype, seed=seed,
-                kron_factors=_parse_factors(kron_factors), progress=progress,
+                kron_factors=_parse_factors(kron_factors), progress=progress, threads=threads,
             )
     doc = report.to_dict()
     if from_ckpt is not None:

@@ -384,3 +384,22 @@ def test_deeper_sweep_extends_the_shallower_one() -> None:
     # and another --seed gives other draws
     other = gain_sweep(layers=6, seed=1, **kw)
     assert not torch.equal(other.variants[0].stack, short.variants[0].stack)
+
+
+def test_cli_threads_option_changes_nothing_but_the_speed() -> None:
+    from cli_runner import run_cli
+
+    args = ["gain-sweep", "--layers", "5", "--n", "4", "--C", "4", "--logit-scale", "0.5", "--seeds", "3",
+            "--variants", "hc-static,mhc,tbp", "--json"]
+    one, two = run_cli(*args, "--threads", "1"), run_cli(*args, "--threads", "2")
+    assert one.returncode == two.returncode == 0, one.stderr + two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    for va, vb in zip(a["variants"], b["variants"], strict=True):
+        assert va["curves"] == vb["curves"] and va["heatmaps"] == vb["heatmaps"]
+    # and the same numbers as the library call
+    ref = gain_sweep(layers=5, n=4, C=4, init="perturb", logit_scale=0.5, seeds=3, variants=["hc-static", "mhc", "tbp"])
+    mhc = a["variants"][1]
+    assert mhc["name"] == "mhc"
+    np.testing.assert_array_equal(mhc["curves"]["gain_bwd"]["max"], ref.variant("mhc").curves["gain_bwd"]["max"])
+    bad = run_cli(*args, "--threads", "0")
+    assert bad.returncode == 2 and "--threads" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
