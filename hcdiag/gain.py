@@ -108,7 +108,7 @@ MAX_STACK_BYTES = 4 * 1024**3
 
 _TORCH_DTYPES = {DType.FLOAT64: torch.float64, DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16}
 _CHUNK_ELEMS = 1 << 17  # matrix entries per chunk of sites (1 MB in float64): keeps the work in cache
-_BUILD_ELEMS = 1 << 20  # logits per res_from_logits call: TBP's chart is a Python loop over (n-1)^2 entries
+_BUILD_ELEMS: int | None = None  # logits per res_from_logits call; None: the module's projection_batch
 
 Progress = Callable[[str, int, int], None]
 
@@ -714,7 +714,8 @@ def _build_stack(
         out = _empty((L, S, 1, n, n), workspace)
         dest = out.view(L, S, n, n)
         gens = _site_generators(root, L)
-        step = max(1, _BUILD_ELEMS // max(1, S * max(math.prod(K), n * n)))
+        batch = module.projection_batch if _BUILD_ELEMS is None else _BUILD_ELEMS
+        step = max(1, batch // max(1, S * max(math.prod(K), n * n)))
 
         def fill(a: int, b: int) -> None:
             # sites a..b-1: one [S, K] draw per site from its own stream, scaled around init, then projected

@@ -47,6 +47,10 @@ class SiteModule(torch.nn.Module):
     C: int
     exactness: Exactness = Exactness.UNCONSTRAINED
     sinkhorn: SinkhornSpec | None = None
+    #: Logits per :meth:`res_from_logits` call that suit this projection when many matrices are built at once
+    #: (gain-sweep): small enough that the temporaries of elementwise passes (Sinkhorn) stay in cache and are
+    #: recycled by the allocator; a projection that loops in Python over entries wants larger calls.
+    projection_batch: int = 1 << 18
 
     def forward(self, x: torch.Tensor) -> HCOutput:  # x: [..., n, C]
         raise NotImplementedError
