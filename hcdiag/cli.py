@@ -19,7 +19,7 @@ from hcdiag.errors import HcdiagError, UsageError
 
 EPILOG_EXIT = (
     "Exit status: 0 ok, 1 check failed (--fail-above), 2 usage error, 3 unreadable or unsupported input, "
-    "4 internal error."
+    "4 internal error, 130 interrupted."
 )
 
 app = typer.Typer(
@@ -472,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
         _stderr(f"hcdiag: error: {what}: {type(exc).__name__}: {_one_line(str(exc))[:300]} "
                 "(rerun with HCDIAG_DEBUG=1 for a traceback and report it if the file is valid)")
         sys.exit(code)
+    if rc == 130:  # typer turns KeyboardInterrupt into Exit(130), which click returns without a word
+        _stderr("hcdiag: interrupted")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

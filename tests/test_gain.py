@@ -403,3 +403,18 @@ def test_cli_threads_option_changes_nothing_but_the_speed() -> None:
     np.testing.assert_array_equal(mhc["curves"]["gain_bwd"]["max"], ref.variant("mhc").curves["gain_bwd"]["max"])
     bad = run_cli(*args, "--threads", "0")
     assert bad.returncode == 2 and "--threads" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_ctrl_c_says_interrupted_and_exits_130(monkeypatch, tmp_path) -> None:
+    from cli_runner import run_cli
+
+    import hcdiag.gain as gain_mod
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gain_mod, "gain_sweep", interrupted)
+    r = run_cli("gain-sweep", "--layers", "2", "-o", tmp_path / "out", "--json")
+    assert r.returncode == 130
+    assert r.stderr.strip() == "hcdiag: interrupted" and r.stdout == ""
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
