@@ -627,8 +627,8 @@ def _perturbs_res(spec: Any, n: int, C: int, kf: tuple[int, ...] | None) -> bool
 def _check_finite(H: torch.Tensor, name: str, scale: float) -> None:
     if not bool(torch.isfinite(H).all()):
         raise UsageError(
-            f"{name}: H_res has non-finite entries at --logit-scale {scale:g} (exp overflow in the projection); "
-            "lower --logit-scale",
+            f"{name}: H_res has non-finite entries at --logit-scale {scale:g} (float64 overflow: exp in the "
+            "projection, or the noise itself); lower --logit-scale",
             option="--logit-scale",
         )
 
