@@ -351,6 +351,9 @@ def gain_sweep_cmd(
 
         _plots(plot_gain, report, output_dir, doc)
     _outputs(doc, rows, name="gain-sweep", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
+    for v in report.variants:
+        for w in v.warnings:
+            render.warn(w)
     if not as_json:
         render.gain(report, rows)
         if read_line:

@@ -126,8 +126,9 @@ class VariantGain:
     heatmaps: [n, n] composites of one representative seed (``heatmap_seed``: the median seed by the final
     composite's max(G_f, G_b)): ``site_1`` = H_1, ``first_half`` = H_{L/2} ... H_1, ``second_half`` =
     H_L ... H_{L/2+1}, ``all`` = H_L ... H_1 (mHC Fig. 8); with T > 1 from the token-mean matrices.
-    status: ``ok`` or ``skipped`` (``reason`` says why). stack: the float64 H_res stack [L, S, T, n, n] when
-    asked for (``keep_stacks=True``), never serialised.
+    status: ``ok`` or ``skipped`` (``reason`` says why). notes: what the numbers mean for this variant;
+    warnings: what may make them misleading (composites that overflowed the accumulation dtype). stack: the
+    float64 H_res stack [L, S, T, n, n] when asked for (``keep_stacks=True``), never serialised.
     """
 
     name: str
@@ -141,6 +142,7 @@ class VariantGain:
     heatmap_seed: int | None = None
     notes: tuple[str, ...] = ()
     elapsed_s: float = 0.0
+    warnings: tuple[str, ...] = ()
     stack: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -161,6 +163,7 @@ class VariantGain:
             "sinkhorn": self.sinkhorn,
             "elapsed_s": round(self.elapsed_s, 4),
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
             "curves": curves_dict(self.curves) if self.ok else None,
             "token_mean_curves": curves_dict(self.token_mean_curves),
             "heatmap_seed": self.heatmap_seed,
@@ -312,12 +315,21 @@ def _sums(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fwd_chunk_metrics(buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics of forward composites buf [k, B, n, n] float64 -> each [k, B]."""
+    """Metrics of forward composites buf [k, B, n, n] float64 -> each [k, B].
+
+    A composite with an inf or NaN entry overflowed the accumulation dtype (inf, then inf - inf = NaN in later
+    products): its gains, spectral norm, distances and errors are reported as inf (IEEE's overflow), its sigma_2
+    and min entry as NaN (unknown), and LAPACK never sees it.
+    """
     n = buf.shape[-1]
+    bad = ~torch.isfinite(buf).all(dim=-1).all(dim=-1)
+    any_bad = bool(bad.any())
+    if any_bad:
+        buf = buf.masked_fill(bad[..., None, None], 0.0)
     rs, cs = _sums(buf)
     s = torch.linalg.svdvals(buf)
     eye = torch.eye(n, dtype=buf.dtype)
-    return {
+    out = {
         "gain_fwd": rs.abs().amax(-1),
         "fwd_gain_bwd": cs.abs().amax(-1),
         "spectral_norm": s[..., 0],
@@ -328,6 +340,34 @@ def _fwd_chunk_metrics(buf: torch.Tensor) -> dict[str, torch.Tensor]:
         "col_err": (cs - 1).abs().amax(-1),
         "min_entry": buf.amin((-2, -1)),
     }
+    if any_bad:
+        for m, v in out.items():
+            v.masked_fill_(bad, math.nan if m in ("sigma2", "min_entry") else math.inf)
+    return out
+
+
+def _gain_or_inf(sums: torch.Tensor) -> torch.Tensor:
+    """max |sum| over the last dim; inf where a sum is not finite (the composite overflowed)."""
+    g = sums.abs().amax(-1)
+    return g.masked_fill(~torch.isfinite(sums).all(dim=-1), math.inf)
+
+
+def _overflow_note(name: str, curves: dict[str, dict[str, np.ndarray]], dt: DType) -> str | None:
+    """A note when some composite overflowed the accumulation dtype (its metrics are then inf / NaN)."""
+    fwd = ~np.isfinite(curves["gain_fwd"]["max"])
+    bwd = ~np.isfinite(curves["gain_bwd"]["max"])
+    if not (fwd.any() or bwd.any()):
+        return None
+    where = []
+    if fwd.any():
+        where.append(f"forward from site {int(np.argmax(fwd)) + 1}")
+    if bwd.any():
+        where.append(f"backward from site {len(bwd) - int(np.argmax(bwd[::-1]))} down")
+    top = float(torch.finfo(_TORCH_DTYPES[dt]).max)
+    return (
+        f"{name}: composites overflow {dt.value} (max {top:.2g}) in the worst seed, {' and '.join(where)}: "
+        "gains, spectral norm and distances there are inf, sigma_2 NaN"
+    )
 
 
 def _site_chunk_metrics(buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -461,8 +501,8 @@ def _backward(H: torch.Tensor, tdt: torch.dtype, chunk: int, values: dict[str, n
                 second_half = q64.clone()
             torch.matmul(q64, ones, out=rows[i].unsqueeze(-1))
             torch.matmul(ones.mT, q64, out=cols[i].unsqueeze(-2))
-        values["gain_bwd"][a:b] = cols[: b - a].abs().amax(-1).numpy()
-        values["bwd_gain_fwd"][a:b] = rows[: b - a].abs().amax(-1).numpy()
+        values["gain_bwd"][a:b] = _gain_or_inf(cols[: b - a]).numpy()
+        values["bwd_gain_fwd"][a:b] = _gain_or_inf(rows[: b - a]).numpy()
     return second_half
 
 
@@ -845,11 +885,13 @@ def _sweep_variants(
         sub(L, L)
         curves, tm, heat, s_med = _curves_from_stack(st.H, dt, threads=threads)
         notes = _variant_notes(spec.name, st, sk, tokens)
+        overflow = _overflow_note(spec.name, curves, dt)
         H_full = st.H.expand(L, seeds, tokens, n, n) if st.constant else st.H
         results.append(
             VariantGain(
                 spec.name, exact, "ok", sinkhorn=_spec_dict(sk), curves=curves, token_mean_curves=tm,
                 heatmaps=heat, heatmap_seed=s_med, notes=tuple(notes), elapsed_s=time.perf_counter() - t0,
+                warnings=(overflow,) if overflow else (),
                 stack=H_full if keep_stacks else None,
             )
         )
@@ -1120,9 +1162,11 @@ def gain_from_model(
         )
     if len(uniq_specs) > 1:
         vnotes.append(f"{name}: sites use different Sinkhorn settings")
+    overflow = _overflow_note(name, curves, dt)
     result = VariantGain(
         name, "/".join(exactness), "ok", sinkhorn=sk_first, curves=curves, token_mean_curves=tm, heatmaps=heat,
         heatmap_seed=0, notes=tuple(vnotes), elapsed_s=time.perf_counter() - t_start,
+        warnings=(overflow,) if overflow else (),
         stack=stack if keep_stacks else None,
     )
     probe_dict = probe.to_dict() if hasattr(probe, "to_dict") else {"kind": str(probe)}

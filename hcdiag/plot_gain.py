@@ -322,7 +322,10 @@ def _heatmap(fig: Any, spec: Any, M: np.ndarray, title: str) -> None:
     rounding-level errors stay white and an mHC-like 0.41 / 1.50 stands out.
     """
     n = M.shape[0]
-    big = float(np.max(np.abs(M))) if M.size else 0.0
+    if not np.isfinite(M).all():
+        title = f"{title}\noverflowed: inf / NaN entries"
+        M = np.where(np.isfinite(M), M, np.nan)
+    big = float(np.nanmax(np.abs(M))) if np.isfinite(M).any() else 0.0
     k = int(math.floor(math.log10(big))) if big >= 1e3 and math.isfinite(big) else 0
     if k:
         M = M / 10.0**k  # show mantissas; the title carries the factor
@@ -332,7 +335,8 @@ def _heatmap(fig: Any, spec: Any, M: np.ndarray, title: str) -> None:
     ax_r = fig.add_subplot(gs[0, 1], sharey=ax)
     ax_c = fig.add_subplot(gs[1, 0], sharex=ax)
     rows, cols = M.sum(axis=1), M.sum(axis=0)
-    lo, hi = float(M.min()), float(M.max())
+    finite = M[np.isfinite(M)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if lo < -1e-6:
         m = max(abs(lo), abs(hi)) or 1.0
         cmap, vmin, vmax = "RdBu_r", -m, m
@@ -349,8 +353,9 @@ def _heatmap(fig: Any, spec: Any, M: np.ndarray, title: str) -> None:
                 frac = (val - vmin) / (vmax - vmin) if vmax > vmin else 0.0
                 dark = frac > 0.6 or (cmap == "RdBu_r" and frac < 0.2)
                 ax.text(j, i, _num(val), ha="center", va="center", fontsize=fs, color="white" if dark else "black")
-    if not fs:  # no numbers in the cells: say what the colour scale spans
-        title = f"{title}\nentries {lo:.3g} to {hi:.3g}"
+    if not fs and finite.size:  # no numbers in the cells: say what the colour scale spans
+        which = "entries" if finite.size == M.size else "finite entries"
+        title = f"{title}\n{which} {lo:.3g} to {hi:.3g}"
     ax.set_title(title, fontsize=8.5)
     tick_fs = 7 if n <= 8 else 5
     ax.set_xticks(range(n), [str(i + 1) for i in range(n)], fontsize=tick_fs)

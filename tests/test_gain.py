@@ -418,3 +418,53 @@ def test_cli_ctrl_c_says_interrupted_and_exits_130(monkeypatch, tmp_path) -> Non
     assert r.returncode == 130
     assert r.stderr.strip() == "hcdiag: interrupted" and r.stdout == ""
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_overflowing_composites_are_inf_with_a_warning_never_a_crash(dtype: str) -> None:
+    # hc-static at logit scale 3 grows ~x2.4 a site: float32 overflows within ~60 sites, float64 within ~500
+    L = 800 if dtype == "float64" else 80
+    r = gain_sweep(layers=L // 2, variants=["hc-static"], n=4, C=4, init="perturb", logit_scale=3.0, seeds=3,
+                   dtype=dtype, keep_stacks=True)
+    v = r.variant("hc-static")
+    # brute force: the same products one rounded matmul at a time in that dtype (torch, as a model computes them)
+    tdt = getattr(torch, dtype)
+    H = v.stack[:, :, 0].to(tdt)
+    P, first_bad, F_all = H[0], None, []
+    for layer in range(L):
+        P = H[0] if layer == 0 else torch.matmul(H[layer], P)
+        F_all.append(P.to(torch.float64))
+        if first_bad is None and not bool(torch.isfinite(P).all()):
+            first_bad = layer
+    assert first_bad is not None and 0 < first_bad < L - 1
+    gf = v.curves["gain_fwd"]["max"]
+    assert np.isfinite(gf[:first_bad]).all() and np.isinf(gf[first_bad:]).all()
+    F = torch.stack(F_all)[:first_bad].numpy()
+    np.testing.assert_allclose(gf[:first_bad], np.abs(F.sum(-1)).max(-1).max(-1), rtol=1e-12)
+    for m in ("spectral_norm", "dist_uniform", "row_err"):
+        assert np.isinf(v.curves[m]["max"][first_bad:]).all()
+    assert np.isnan(v.curves["sigma2"]["max"][first_bad:]).all()
+    assert len(v.warnings) == 1 and f"overflow {dtype}" in v.warnings[0]
+    assert f"forward from site {first_bad + 1}" in v.warnings[0]
+    doc = json.loads(json.dumps(r.to_dict()))  # strict JSON: inf / NaN as null via hcdiag.fileio
+    assert doc["variants"][0]["warnings"] == list(v.warnings)
+
+
+def test_cli_overflow_prints_the_warning_and_exits_0(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from cli_runner import run_cli
+
+    r = run_cli("gain-sweep", "--layers", "40", "--variants", "hc-static", "--logit-scale", "3", "--seeds", "2",
+                "--n", "4", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "hcdiag: hc-static: composites overflow float32" in r.stderr and "Traceback" not in r.stderr
+    js = run_cli("gain-sweep", "--layers", "40", "--variants", "hc-static", "--logit-scale", "3", "--seeds", "2",
+                 "--n", "4", "--dtype", "float32", "--json")
+    assert js.returncode == 0 and "composites overflow" in js.stderr
+    assert json.loads(js.stdout)["variants"][0]["warnings"]
+    # the figures of an overflowed stack are still drawn (non-finite composites marked in the heatmap titles)
+    p = run_cli("gain-sweep", "--layers", "40", "--variants", "hc-static", "--logit-scale", "3", "--seeds", "2",
+                "--n", "12", "--dtype", "float32", "--plot", "-o", tmp_path)
+    assert p.returncode == 0, p.stderr
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 4 and all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in pngs)
