@@ -774,55 +774,69 @@ def _build_stack(
             _check_finite(dest[a:b], spec.name, scale)
 
         # chunks of sites go to the pool's threads (numpy's draws, Sinkhorn and the charts release the GIL)
-        pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
-        try:
-            bounds = [(a, min(L, a + step)) for a in range(0, L, step)]
-            if pool is None:
-                for a, b in bounds:
-                    fill(a, b)
-                    if progress:
-                        progress(b, L)
-            else:
-                futures = [pool.submit(fill, a, b) for a, b in bounds]
-                for fut, (_, b) in zip(futures, bounds, strict=True):
-                    fut.result()
-                    if progress:
-                        progress(b, L)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        _run_chunks(fill, L, step, threads, progress)
         return _Stack(out, constant=False)
 
-    # T > 1: a loop over (site, seed) module states; the tokens of one (site, seed) are batched
-    params = list(module.parameters())
-    init = [p.detach().clone() for p in params]
-    rng = np.random.Generator(np.random.PCG64(root))
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))  # perturb_ draws from a torch generator
+    # T > 1: a loop over (site, seed) module states; the tokens of one (site, seed) are batched. Sites go to the
+    # pool's threads in chunks, each thread with its own copy of the module (perturb_ changes it in place); site
+    # i draws its tokens and (through a torch generator seeded from it) its perturbation from its own stream.
     out = _empty((L, S, T, n, n), workspace)
-    logits: list[torch.Tensor] = []
-    for layer in range(L):
-        for s in range(S):
-            for p, p0 in zip(params, init, strict=True):
-                p.copy_(p0)
-            if perturb:
-                module.perturb_(scale, gen, parts=("res", "dynamic"))
-            x = torch.from_numpy(rng.standard_normal((T, n, C)))
-            z = module.res_logits(x)
-            if z is None:
-                out[layer, s] = module.forward(x).res.detach().to(torch.float64)
-            else:
-                logits.append(z.detach().to(torch.float64))
-        if logits:
-            # project the site's S x T logits in one call, from the init state (res_from_logits reads only
-            # constants of the module: the Sinkhorn spec, TBP's delta_logit, which perturb_ leaves alone)
-            for p, p0 in zip(params, init, strict=True):
-                p.copy_(p0)
-            out[layer] = module.res_from_logits(torch.stack(logits), sk_spec).to(torch.float64)
-            logits.clear()
-        _check_finite(out[layer], spec.name, scale)
-        if progress:
-            progress(layer + 1, L)
+    gens = _site_generators(root, L)
+    init = [p.detach().clone() for p in module.parameters()]
+
+    def sites(a: int, b: int) -> None:
+        with torch.no_grad():
+            m = copy.deepcopy(module)
+            params = list(m.parameters())
+            for layer in range(a, b):
+                g = gens[layer]
+                gen = torch.Generator().manual_seed(int(g.integers(2**62)))  # perturb_ draws from torch
+                xs = torch.from_numpy(g.standard_normal((S, T, n, C)))
+                logits: list[torch.Tensor] = []
+                for s in range(S):
+                    for p, p0 in zip(params, init, strict=True):
+                        p.copy_(p0)
+                    if perturb:
+                        m.perturb_(scale, gen, parts=("res", "dynamic"))
+                    z = m.res_logits(xs[s])
+                    if z is None:
+                        out[layer, s] = m.forward(xs[s]).res.detach().to(torch.float64)
+                    else:
+                        logits.append(z.detach().to(torch.float64))
+                if logits:
+                    # the site's S x T logits in one call, from the init state (res_from_logits reads only
+                    # constants of the module: the Sinkhorn spec, TBP's delta_logit, which perturb_ leaves alone)
+                    for p, p0 in zip(params, init, strict=True):
+                        p.copy_(p0)
+                    out[layer] = m.res_from_logits(torch.stack(logits), sk_spec).to(torch.float64)
+                _check_finite(out[layer], spec.name, scale)
+
+    step = max(1, -(-L // (8 * threads)))  # a few chunks per thread: progress moves, threads stay balanced
+    _run_chunks(sites, L, step, threads, progress)
     return _Stack(out, constant=False)
+
+
+def _run_chunks(
+    work: Callable[[int, int], None], L: int, step: int, threads: int, progress: Callable[[int, int], None] | None
+) -> None:
+    """work(a, b) for the chunks [a, b) of range(L), on ``threads`` pool threads (inline for one); progress in
+    depth order, from this thread."""
+    bounds = [(a, min(L, a + step)) for a in range(0, L, step)]
+    if threads <= 1:
+        for a, b in bounds:
+            work(a, b)
+            if progress:
+                progress(b, L)
+        return
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        futures = [pool.submit(work, a, b) for a, b in bounds]
+        for fut, (_, b) in zip(futures, bounds, strict=True):
+            fut.result()
+            if progress:
+                progress(b, L)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -370,6 +370,13 @@ def test_results_do_not_depend_on_threads_or_chunking(monkeypatch) -> None:
                 np.testing.assert_array_equal(va.curves[m][st], vb.curves[m][st])
         np.testing.assert_array_equal(va.heatmaps["all"], vb.heatmaps["all"])
     assert torch.get_num_threads() >= 1
+    # tokens > 1: (site, seed) module states, sites spread over threads, each with its own module copy
+    kw = dict(layers=5, variants=["hc-dynamic", "mhc", "kromhc"], n=4, C=4, init="perturb", logit_scale=1.0,
+              seeds=3, tokens=4, keep_stacks=True)
+    one, many = gain_sweep(threads=1, **kw), gain_sweep(threads=3, **kw)
+    for va, vb in zip(one.variants, many.variants, strict=True):
+        assert torch.equal(va.stack, vb.stack)
+        assert not torch.equal(va.stack[:, :, 0], va.stack[:, :, 1])  # the tokens differ
 
 
 def test_deeper_sweep_extends_the_shallower_one() -> None:
