@@ -1110,8 +1110,15 @@ def _model_stack(
             path=str(model.path),
         )
     stack = torch.stack(mats).unsqueeze(1)  # [L, 1, T, n, n]
-    if not bool(torch.isfinite(stack).all()):
-        raise InputError(f"{model.path}: H_res has non-finite entries; check the checkpoint", path=str(model.path))
+    finite = torch.isfinite(stack).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = [sites[i].name for i in range(len(sites)) if not bool(finite[i])]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise InputError(
+            f"{model.path}: H_res is NaN/Inf at site(s) {', '.join(bad[:3])}{more} (the projection overflowed); "
+            f"`hcdiag stochasticity {model.path}` shows the logits and a convention that avoids it",
+            path=str(model.path),
+        )
     return stack, specs_used
 
 

@@ -86,3 +86,27 @@ def test_gain_sweep_cli_json_and_plots(tmp_path):
     for f in doc["plots"]:
         assert mpimg.imread(f).ndim == 3
     assert (out / "gain-sweep.json").exists() and (out / "gain-sweep.csv").exists()
+
+
+def test_from_checkpoint_whose_projection_overflows(tmp_path):
+    # finite but huge logits at attn_0: exp() overflows in the paper convention -> a one-line refusal naming the
+    # site (exit 3); the log-domain convention projects the same logits and the run goes through
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = next(p for p in SAMPLES if p.stem == "mhc")
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(src))
+    key = "hc.sites.0.b_res"
+    tensors[key] = torch.full_like(tensors[key], 1000.0)
+    tensors[key][0, 1] = -1000.0
+    bad = tmp_path / "big_logits.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    p = run_cli("gain-sweep", "--from", bad, "-o", tmp_path / "out")
+    assert p.returncode == 3 and len(p.stderr.strip().splitlines()) == 1
+    assert "attn_0" in p.stderr and "hcdiag stochasticity" in p.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    ok = run_cli("gain-sweep", "--from", bad, "--convention", "log", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert all(np.isfinite(json.loads(ok.stdout)["variants"][0]["heatmaps"]["all"]).ravel())
