@@ -1102,6 +1102,14 @@ def _model_stack(
             H = H.unsqueeze(0)
         mats.append(H)
         specs_used.append(_spec_dict(sk))
+    ns = {h.shape[-1] for h in mats}
+    if len(ns) != 1:
+        by_n = {k: next(site.name for site, h in zip(sites, mats, strict=True) if h.shape[-1] == k) for k in ns}
+        raise InputError(
+            f"{model.path}: sites have different stream counts n ({', '.join(f'{k} at {v}' for k, v in by_n.items())}"
+            "); a product across depth needs one n (use `hcdiag stochasticity` for per-site numbers)",
+            path=str(model.path),
+        )
     Ts = {h.shape[0] for h in mats}
     if len(Ts) != 1:
         raise InputError(

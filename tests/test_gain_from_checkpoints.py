@@ -110,3 +110,20 @@ def test_from_checkpoint_whose_projection_overflows(tmp_path):
     ok = run_cli("gain-sweep", "--from", bad, "--convention", "log", "--json")
     assert ok.returncode == 0, ok.stderr
     assert all(np.isfinite(json.loads(ok.stdout)["variants"][0]["heatmaps"]["all"]).ravel())
+
+
+def test_from_model_with_mixed_stream_counts_is_refused_by_name():
+    import dataclasses
+
+    from hcdiag import registry
+    from hcdiag.errors import InputError
+    from hcdiag.gain import gain_from_model
+
+    model = load(str(next(p for p in SAMPLES if p.stem == "mhc")))
+    first = model.sites[0]
+    six = registry.get("mhc").build(6, first.module.C, layer_index=1, dtype=torch.float64)
+    sites = list(model.sites)
+    sites[1] = dataclasses.replace(sites[1], module=six)
+    with pytest.raises(InputError) as err:
+        gain_from_model(dataclasses.replace(model, sites=tuple(sites)))
+    assert "4 at attn_0" in str(err.value) and "6 at ffn_0" in str(err.value)
