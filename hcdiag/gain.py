@@ -108,7 +108,6 @@ MAX_STACK_BYTES = 4 * 1024**3
 
 _TORCH_DTYPES = {DType.FLOAT64: torch.float64, DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16}
 _CHUNK_ELEMS = 1 << 17  # matrix entries per chunk of sites (1 MB in float64): keeps the work in cache
-_BUILD_ELEMS: int | None = None  # logits per res_from_logits call; None: the module's projection_batch
 
 Progress = Callable[[str, int, int], None]
 
@@ -754,8 +753,7 @@ def _build_stack(
         out = _empty((L, S, 1, n, n), workspace)
         dest = out.view(L, S, n, n)
         gens = _site_generators(root, L)
-        batch = module.projection_batch if _BUILD_ELEMS is None else _BUILD_ELEMS
-        step = max(1, batch // max(1, S * max(math.prod(K), n * n)))
+        step = max(1, module.projection_batch // max(1, S * max(math.prod(K), n * n)))
 
         def fill(a: int, b: int) -> None:
             # sites a..b-1: one [S, K] draw per site from its own stream, scaled around init, then projected
@@ -1102,12 +1100,14 @@ def _model_stack(
             H = H.unsqueeze(0)
         mats.append(H)
         specs_used.append(_spec_dict(sk))
-    ns = {h.shape[-1] for h in mats}
-    if len(ns) != 1:
-        by_n = {k: next(site.name for site, h in zip(sites, mats, strict=True) if h.shape[-1] == k) for k in ns}
+    first_at: dict[int, str] = {}  # stream count n -> the first site that has it
+    for site, h in zip(sites, mats, strict=True):
+        first_at.setdefault(h.shape[-1], site.name)
+    if len(first_at) != 1:
+        where = ", ".join(f"{k} at {name}" for k, name in first_at.items())
         raise InputError(
-            f"{model.path}: sites have different stream counts n ({', '.join(f'{k} at {v}' for k, v in by_n.items())}"
-            "); a product across depth needs one n (use `hcdiag stochasticity` for per-site numbers)",
+            f"{model.path}: sites have different stream counts n ({where}); a product across depth needs one n "
+            "(use `hcdiag stochasticity` for per-site numbers)",
             path=str(model.path),
         )
     Ts = {h.shape[0] for h in mats}

@@ -357,12 +357,15 @@ def test_plots_are_written(tmp_path) -> None:
 
 def test_results_do_not_depend_on_threads_or_chunking(monkeypatch) -> None:
     import hcdiag.gain as gain_mod
+    from hcdiag.site import SiteModule
+    from hcdiag.variants.tbp import TBP
 
     kw = dict(layers=6, variants=["hc-static", "mhc", "kromhc", "tbp"], n=4, C=4, init="perturb", logit_scale=1.0,
               seeds=3)
     a = gain_sweep(threads=1, **kw)
     monkeypatch.setattr(gain_mod, "_CHUNK_ELEMS", 3 * 16)  # one site per metrics chunk
-    monkeypatch.setattr(gain_mod, "_BUILD_ELEMS", 2 * 3 * 16)  # two sites per projection call
+    for cls in (SiteModule, TBP):  # two sites per projection call
+        monkeypatch.setattr(cls, "projection_batch", 2 * 3 * 16)
     b = gain_sweep(threads=3, **kw)
     for va, vb in zip(a.variants, b.variants, strict=True):
         for m in METRICS:
