@@ -416,10 +416,11 @@ def depth_metrics(H: torch.Tensor, dtype: DType | str = DType.FLOAT64, *, thread
     half = L // 2
     first_half: torch.Tensor | None = None
 
-    def metrics(buf: torch.Tensor, a: int, b: int) -> None:
-        # everything about sites a..b-1 whose forward composites are in buf[: b - a]; then buf is free again
+    def metrics(buf: torch.Tensor, hq: torch.Tensor, a: int, b: int) -> None:
+        # everything about sites a..b-1 (hq: H[a:b] in tdt) whose forward composites are in buf[: b - a]; then
+        # buf is free again
         try:
-            for m, val in _site_chunk_metrics(H[a:b].to(tdt).to(f64)).items():
+            for m, val in _site_chunk_metrics(hq.to(f64)).items():
                 values[m][a:b] = val.numpy()
             for m, val in _fwd_chunk_metrics(buf[: b - a]).items():
                 values[m][a:b] = val.numpy()
@@ -453,9 +454,9 @@ def depth_metrics(H: torch.Tensor, dtype: DType | str = DType.FLOAT64, *, thread
             assert P is not None
             P = P.clone()  # buf goes to a worker and is reused
             if pool is None:
-                metrics(buf, a, b)
+                metrics(buf, hq, a, b)
             else:
-                pending.append(pool.submit(metrics, buf, a, b))
+                pending.append(pool.submit(metrics, buf, hq, a, b))
                 pending = _drop_done(pending)
         assert P is not None
         all_sites = P.to(f64)

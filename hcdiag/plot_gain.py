@@ -322,10 +322,11 @@ def _heatmap(fig: Any, spec: Any, M: np.ndarray, title: str) -> None:
     rounding-level errors stay white and an mHC-like 0.41 / 1.50 stands out.
     """
     n = M.shape[0]
-    if not np.isfinite(M).all():
+    ok = np.isfinite(M)  # False where a composite overflowed
+    if not ok.all():
         title = f"{title}\noverflowed: inf / NaN entries"
-        M = np.where(np.isfinite(M), M, np.nan)
-    big = float(np.nanmax(np.abs(M))) if np.isfinite(M).any() else 0.0
+        M = np.where(ok, M, np.nan)
+    big = float(np.abs(M[ok]).max()) if ok.any() else 0.0
     k = int(math.floor(math.log10(big))) if big >= 1e3 and math.isfinite(big) else 0
     if k:
         M = M / 10.0**k  # show mantissas; the title carries the factor
@@ -335,7 +336,7 @@ def _heatmap(fig: Any, spec: Any, M: np.ndarray, title: str) -> None:
     ax_r = fig.add_subplot(gs[0, 1], sharey=ax)
     ax_c = fig.add_subplot(gs[1, 0], sharex=ax)
     rows, cols = M.sum(axis=1), M.sum(axis=0)
-    finite = M[np.isfinite(M)]
+    finite = M[ok]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if lo < -1e-6:
         m = max(abs(lo), abs(hi)) or 1.0
