@@ -158,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     nv, nl, ns = a.naive_variant, a.naive_layers, a.naive_seeds
     t_naive = _naive(nv, nl, ns, a.n, a.C, scale)
     t0 = time.perf_counter()
-    kw = {"init": "perturb", "logit_scale": scale} if scale else {}
     gain_sweep(layers=nl, seeds=ns, n=a.n, C=a.C, variants=[nv], **kw)
     t_fast = time.perf_counter() - t0
     per = t_naive / (2 * nl * ns)
