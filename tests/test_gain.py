@@ -456,7 +456,7 @@ def test_overflowing_composites_are_inf_with_a_warning_never_a_crash(dtype: str)
     assert np.isnan(v.curves["sigma2"]["max"][first_bad:]).all()
     assert len(v.warnings) == 1 and f"overflow {dtype}" in v.warnings[0]
     assert f"forward from site {first_bad + 1}" in v.warnings[0]
-    doc = json.loads(json.dumps(r.to_dict()))  # strict JSON: inf / NaN as null via hcdiag.fileio
+    doc = json.loads(json.dumps(r.to_dict()))  # the warning travels in the JSON document too
     assert doc["variants"][0]["warnings"] == list(v.warnings)
 
 
@@ -464,17 +464,16 @@ def test_cli_overflow_prints_the_warning_and_exits_0(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     from cli_runner import run_cli
 
-    r = run_cli("gain-sweep", "--layers", "40", "--variants", "hc-static", "--logit-scale", "3", "--seeds", "2",
-                "--n", "4", "--dtype", "float32")
+    args = ["gain-sweep", "--layers", "40", "--variants", "hc-static", "--logit-scale", "3", "--seeds", "2",
+            "--dtype", "float32"]
+    r = run_cli(*args, "--n", "4")
     assert r.returncode == 0, r.stderr
     assert "hcdiag: hc-static: composites overflow float32" in r.stderr and "Traceback" not in r.stderr
-    js = run_cli("gain-sweep", "--layers", "40", "--variants", "hc-static", "--logit-scale", "3", "--seeds", "2",
-                 "--n", "4", "--dtype", "float32", "--json")
+    js = run_cli(*args, "--n", "4", "--json")
     assert js.returncode == 0 and "composites overflow" in js.stderr
     assert json.loads(js.stdout)["variants"][0]["warnings"]
     # the figures of an overflowed stack are still drawn (non-finite composites marked in the heatmap titles)
-    p = run_cli("gain-sweep", "--layers", "40", "--variants", "hc-static", "--logit-scale", "3", "--seeds", "2",
-                "--n", "12", "--dtype", "float32", "--plot", "-o", tmp_path)
+    p = run_cli(*args, "--n", "12", "--plot", "-o", tmp_path)
     assert p.returncode == 0, p.stderr
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 4 and all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in pngs)
