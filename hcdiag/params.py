@@ -24,6 +24,10 @@ BASELINE = (
 )
 
 
+#: The count fields that :class:`Counts` and :class:`ParamsRow` share, in their JSON order.
+COUNT_FIELDS = ("pre", "post", "res", "norm", "per_site", "per_model", "overhead")
+
+
 @dataclass(frozen=True)
 class Counts:
     """One set of counts: per site by part, per site total, per model (x 2 x layers) and the overhead."""
@@ -42,15 +46,7 @@ class Counts:
         return cls(pc.pre, pc.post, pc.res, pc.norm, pc.total, per_model, per_model / baseline)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "pre": self.pre,
-            "post": self.post,
-            "res": self.res,
-            "norm": self.norm,
-            "per_site": self.per_site,
-            "per_model": self.per_model,
-            "overhead": self.overhead,
-        }
+        return {f: getattr(self, f) for f in COUNT_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -78,13 +74,7 @@ class ParamsRow:
             "variant": self.variant,
             "exactness": self.exactness.value,
             "growth": self.growth,
-            "pre": self.pre,
-            "post": self.post,
-            "res": self.res,
-            "norm": self.norm,
-            "per_site": self.per_site,
-            "per_model": self.per_model,
-            "overhead": self.overhead,
+            **{f: getattr(self, f) for f in COUNT_FIELDS},
             "practical": self.practical,
             "notes": list(self.notes),
             "effective": None if self.effective is None else self.effective.to_dict(),
