@@ -127,7 +127,7 @@ def dim(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    err.print(Text(f"hcdiag: {msg}", style="yellow"))
+    err.print(Text(f"hcdiag: {msg}", style="yellow"), soft_wrap=True)  # one line, however narrow the terminal
 
 
 # ------------------------------------------------------------------------------------------------ stochasticity

@@ -469,6 +469,7 @@ def test_cli_overflow_prints_the_warning_and_exits_0(tmp_path) -> None:
     r = run_cli(*args, "--n", "4")
     assert r.returncode == 0, r.stderr
     assert "hcdiag: hc-static: composites overflow float32" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # one line, not wrapped at the console width
     js = run_cli(*args, "--n", "4", "--json")
     assert js.returncode == 0 and "composites overflow" in js.stderr
     assert json.loads(js.stdout)["variants"][0]["warnings"]
