@@ -1088,9 +1088,7 @@ def _model_stack(
     mats: list[torch.Tensor] = []
     specs_used: list[dict[str, Any] | None] = []
     for site in sites:
-        m = site.module
-        if any(p.dtype != torch.float64 for p in m.parameters()):
-            m = copy.deepcopy(m).to(torch.float64)
+        m = site.module.in_dtype(torch.float64)
         x = probe.inputs(site, DType.FLOAT64)
         with torch.no_grad():
             z = m.res_logits(x)

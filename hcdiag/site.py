@@ -10,6 +10,7 @@ is made from the input streams; x_{l+1} = H_res x_l + H_post^T F(H_pre x_l).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +55,16 @@ class SiteModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> HCOutput:  # x: [..., n, C]
         raise NotImplementedError
+
+    def in_dtype(self, dtype: torch.dtype) -> SiteModule:
+        """This site computing in ``dtype``: itself when every floating parameter and buffer already has that
+        dtype, else a converted deep copy, so a loaded model is never modified. The one cast path of every
+        command (stochasticity, gain-sweep --from, ...). Subclasses compute in their parameters' dtype; one
+        without floating parameters computes in its input's dtype."""
+        floats = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+        if all(t.dtype == dtype for t in floats):
+            return self
+        return copy.deepcopy(self).to(dtype)
 
     def res_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """Pre-projection logits that H_res is computed from, for x [..., n, C].

@@ -22,7 +22,6 @@ modes of mHC Fig. 3 (SPEC sec. 4): the mean of per-token gains, and the gain of 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -47,7 +46,7 @@ from hcdiag.metrics import (
 from hcdiag.model import LoadedModel, Site
 from hcdiag.probes import ProbeBase, make_probe, torch_dtype
 from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, exact_axis, iters_to_tol, parse_convention, sinkhorn
-from hcdiag.site import SinkhornSpec, SiteModule
+from hcdiag.site import SinkhornSpec
 
 __all__ = [
     "CURVE_ITERS",
@@ -362,20 +361,6 @@ def effective_spec(
     return SinkhornSpec(conv, it, e, src), {"convention": conv_src, "iters": it_src, "eps": e_src}
 
 
-def _module_in(module: SiteModule, dtype: torch.dtype) -> SiteModule:
-    """``module`` computing in ``dtype``: itself when it already does, else a converted deep copy (the loaded
-    model is never modified)."""
-    floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-    own = getattr(module, "_dtype", None)
-    if all(t.dtype == dtype for t in floats) and (own is None or own == dtype):
-        return module
-    m: Any = copy.deepcopy(module).to(dtype)
-    if own is not None:
-        # VariantModule casts its input to the dtype it was built with; keep that in step with the parameters
-        m._dtype = dtype
-    return m
-
-
 def _f(t: torch.Tensor) -> float:
     return float(t.item())
 
@@ -477,7 +462,7 @@ def _analyze_site(
 ) -> _SiteWork:
     module = site.module
     exactness = Exactness(getattr(module, "exactness", Exactness.UNCONSTRAINED))
-    m = _module_in(module, tdtype)
+    m = module.in_dtype(tdtype)
     n, T = int(module.n), int(x.shape[0])
     base: dict[str, Any] = dict(
         index=site.index, name=site.name, variant=site.variant, exactness=exactness.value, n=n, tokens=T

@@ -160,9 +160,12 @@ class VariantModule(SiteModule):
                 f"{self.variant_name} site expects x of shape [..., n={self.n}, C={self.C}], got "
                 f"{tuple(x.shape)}; pass the stream tensor with streams in dim -2 and width in dim -1"
             )
-        # the parameters' current dtype, not the one built with: .double() / .to() must keep forward working
+        # the parameters' current dtype, not the one built with: .double() / .to() / in_dtype() must keep
+        # forward working; a module without parameters (identity) computes in the input's own dtype
         p = next(self.parameters(), None)
-        return x.to(p.dtype if p is not None else self._dtype)
+        if p is not None:
+            return x.to(p.dtype)
+        return x if x.is_floating_point() else x.to(self._dtype)
 
     def _eye(self, lead: torch.Size, like: torch.Tensor) -> torch.Tensor:
         return torch.eye(self.n, dtype=like.dtype, device=like.device).expand(*lead, self.n, self.n)
