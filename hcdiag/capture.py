@@ -8,7 +8,7 @@ Usage::
 
     with capture(model, "acts.safetensors", max_tokens=4096):
         model(input_ids)                      # any number of forward passes
-    sites = read_activations("acts.safetensors")   # [CapturedSite(name, x [T, n, C], h_res [T, n, n]), ...]
+    sites = read_activations("acts.safetensors")   # [CapturedSite(name, x [T, n, C], h_res [T, n, n], ...)]
 
 Sites found (each records every call; a site called several times, e.g. over several forward passes,
 concatenates its tokens, keeping the first ``max_tokens`` per site):
@@ -28,17 +28,43 @@ concatenates its tokens, keeping the first ``max_tokens`` per site):
 File format (one safetensors file, written atomically: a temporary name in the same directory, then
 ``os.replace``)::
 
-    tensors   sites.{i}.x       [T_i, n_i, C_i]  float32   stream input of site i, one row per token
+    tensors   sites.{i}.x       [T_i, n_i, C_i]  float32   stream input x_l of site i, one row per token
               sites.{i}.h_res   [T_i, n_i, n_i]  float32   H_res used for that token, paper convention
                                                            (row = output stream: x_next = H_res x + ...)
+    optional (version 1 files written before these existed lack them; readers treat them as absent):
+              sites.{i}.f             [T_i, C_i]       branch output F_l: what the attention / MLP wrote back
+              sites.{i}.y             [T_i, n_i, C_i]  output streams x_{l+1} (the next site's input, or what
+                                                       the decoder layer / final collapse received)
+              sites.{i}.h_pre         [T_i, n_i]       H_pre as the module produced it
+              sites.{i}.h_post        [T_i, n_i]       H_post as the module produced it (x_next = ... + H_post^T F)
+              sites.{i}.branch_in     [T_i, C_i]       the branch input the module produced (= H_pre x when
+                                                       the module applies H_pre itself and does not return it)
+              sites.{i}.h_res_module  [T_i, n_i, n_i]  H_res as the module's own code produced it, where
+                                                       ``h_res`` is a recomputation (lucidrains mHC: the output
+                                                       of its ``residual_mix_constraint_fn``, mean over
+                                                       proposals, transposed to paper convention)
     metadata  format   "hcdiag-activations"
               version  "1"
               sites    JSON list, one object per site in first-call order:
                        {"index": i, "name": module path in the model, "module_class": "pkg.mod.Class",
                         "h_res_from": "output" | "comb" | "identity" | "recomputed", "tokens": T_i,
-                        "n": n_i, "C": C_i}
+                        "n": n_i, "C": C_i, "library": "transformers" | "hyper-connections" | "hcdiag" | ...,
+                        "library_version": "5.24.0", "recorded": {optional tensor: where it came from},
+                        "skipped": {optional tensor: why it was not recorded}}
 
-Readers need only ``index``, ``name`` and the two tensors; the other fields are informative.
+What each kind of module exposes (the rest is listed under "skipped" with the reason):
+
+* transformers DeepSeek-V4 / GLM-5-Next: h_post = ``post``, H_res = ``comb``^T, branch_in = ``collapsed``
+  (the module applies H_pre itself and does not return it: no h_pre), f = the output of the decoder layer's
+  ``self_attn`` (attn sites) or ``mlp`` (ffn sites), y = the next site's input within the decoder layer, or the
+  decoder layer's output. HY-V4: the same without comb (H_res = I).
+* lucidrains HyperConnections / mHC (``num_fracs`` = 1, one input view): branch_in and h_post (``beta``) from
+  ``width_connection``, f and y from ``depth_connection``; mHC also h_res_module. No h_pre (not returned).
+* hcdiag SiteModules: h_pre, h_post from the output; they compute the matrices only (the caller applies the
+  update), so f and y are not seen.
+
+Readers need only ``index``, ``name`` and the two tensors ``x`` and ``h_res``; the other fields are informative
+or used by ``hcdiag verify``.
 """
 
 from __future__ import annotations
@@ -47,9 +73,10 @@ import contextlib
 import fnmatch
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +87,7 @@ from hcdiag.enums import Convention
 from hcdiag.errors import InputError, UsageError
 from hcdiag.site import SinkhornSpec, SiteModule
 
-__all__ = ["DEFAULT_MAX_TOKENS", "FORMAT", "VERSION", "CaptureSession", "CapturedSite", "capture",
+__all__ = ["DEFAULT_MAX_TOKENS", "FORMAT", "OPTIONAL", "VERSION", "CaptureSession", "CapturedSite", "capture",
            "read_activations"]
 
 FORMAT = "hcdiag-activations"
@@ -68,15 +95,47 @@ VERSION = "1"
 DEFAULT_MAX_TOKENS = 4096
 
 
+#: optional per-site tensors: name -> trailing shape as letters (T rows first), see the module docstring
+OPTIONAL = {"f": "C", "y": "nC", "h_pre": "n", "h_post": "n", "branch_in": "C", "h_res_module": "nn"}
+
+
 @dataclass(frozen=True)
 class CapturedSite:
-    """One site of an activations file: x [T, n, C] and h_res [T, n, n] (paper convention), float32."""
+    """One site of an activations file: x [T, n, C] and h_res [T, n, n] (paper convention), float32, and the
+    optional tensors of :data:`OPTIONAL` (None where the file does not hold them)."""
 
     name: str
     x: torch.Tensor
     h_res: torch.Tensor
     module_class: str = ""
     index: int = 0
+    f: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    h_pre: torch.Tensor | None = None
+    h_post: torch.Tensor | None = None
+    branch_in: torch.Tensor | None = None
+    h_res_module: torch.Tensor | None = None
+    h_res_from: str = ""
+    library: str = ""
+    library_version: str = ""
+    recorded: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _tail(letters: str, n: int, C: int) -> tuple[int, ...]:
+    return tuple(n if ch == "n" else C for ch in letters)
+
+
+def _library(module: nn.Module) -> tuple[str, str]:
+    """(distribution name, version) of the package that defines ``module``'s class; ("", "") if unknown."""
+    from importlib import metadata
+
+    top = type(module).__module__.split(".")[0]
+    dists = metadata.packages_distributions().get(top, [top])
+    for dist in dists:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return dist, metadata.version(dist)
+    return top, str(getattr(__import__(top), "__version__", ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,18 +146,26 @@ class _Record:
     def __init__(self, name: str, module: nn.Module, how: str, limit: int) -> None:
         self.name = name
         self.module_class = f"{type(module).__module__}.{type(module).__qualname__}"
+        self.library, self.library_version = _library(module)
         self.how = how
         self.limit = limit
         self.xs: list[torch.Tensor] = []
         self.hs: list[torch.Tensor] = []
         self.tokens = 0
+        self.calls = 0
+        self.extra: dict[str, list[torch.Tensor]] = {}
+        self.extra_rows: dict[str, int] = {}
+        self.recorded: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.call_rows = 0  # rows (tokens) of the latest call, before the cap
+        self.take = 0  # rows of the latest call that were kept
 
     @property
     def full(self) -> bool:
         return self.tokens >= self.limit
 
-    def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        """x [..., n, C], h [..., n, n] with the same leading dims."""
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> int:
+        """x [..., n, C], h [..., n, n] with the same leading dims; returns the rows kept."""
         n, C = x.shape[-2:]
         x = x.detach().reshape(-1, n, C)
         h = h.detach().reshape(-1, n, n)
@@ -107,12 +174,48 @@ class _Record:
         if self.xs and self.xs[0].shape[1:] != x.shape[1:]:
             raise UsageError(f"site {self.name} was called with streams {tuple(x.shape[1:])} after "
                              f"{tuple(self.xs[0].shape[1:])}; one file holds one shape per site")
-        take = min(x.shape[0], self.limit - self.tokens)
+        self.calls += 1
+        self.call_rows = int(x.shape[0])
+        take = max(0, min(x.shape[0], self.limit - self.tokens))
+        self.take = take
         if take <= 0:
-            return
+            return 0
         self.xs.append(x[:take].to(device="cpu", dtype=torch.float32).clone())
         self.hs.append(h[:take].to(device="cpu", dtype=torch.float32).clone())
         self.tokens += take
+        return take
+
+    def shape(self) -> tuple[int, int]:
+        return int(self.xs[0].shape[1]), int(self.xs[0].shape[2])
+
+    def skip(self, key: str, why: str) -> None:
+        self.skipped.setdefault(key, why)
+
+    def add_extra(self, key: str, t: Any, source: str) -> None:
+        """Keep the latest call's rows of an optional tensor ``key`` (trailing shape from :data:`OPTIONAL`)."""
+        if self.take <= 0 or not self.xs or key in self.skipped:
+            return
+        tail = _tail(OPTIONAL[key], *self.shape())
+        if not isinstance(t, torch.Tensor) or t.numel() != self.call_rows * math.prod(tail):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            self.skip(key, f"{source} has shape {got}, not {self.call_rows} tokens x {list(tail)}")
+            return
+        rows = t.detach().reshape(self.call_rows, *tail)[: self.take]
+        self.extra.setdefault(key, []).append(rows.to(device="cpu", dtype=torch.float32).clone())
+        self.extra_rows[key] = self.extra_rows.get(key, 0) + self.take
+        self.recorded.setdefault(key, source)
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """The optional tensors recorded for every kept token; the others go to ``skipped`` with the reason."""
+        out = {}
+        for key, parts in self.extra.items():
+            if key in self.skipped:
+                continue
+            if self.extra_rows[key] != self.tokens:
+                self.skip(key, f"seen for {self.extra_rows[key]} of {self.tokens} tokens")
+                continue
+            out[key] = torch.cat(parts).contiguous()
+        return out
 
 
 class CaptureSession:
@@ -123,6 +226,9 @@ class CaptureSession:
         self.max_tokens = max_tokens
         self._records: list[_Record] = []
         self._by_module: dict[int, _Record] = {}
+        self._pending_y: dict[int, _Record] = {}  # decoder layer -> site whose output streams are awaited
+        self._hooked_layers: set[int] = set()
+        self.root: nn.Module | None = None
 
     @property
     def names(self) -> list[str]:
@@ -156,8 +262,13 @@ class CaptureSession:
             h = torch.cat(r.hs).contiguous()
             tensors[f"sites.{i}.x"] = x
             tensors[f"sites.{i}.h_res"] = h
+            for key, t in r.extras().items():
+                tensors[f"sites.{i}.{key}"] = t
             sites.append({"index": i, "name": r.name, "module_class": r.module_class, "h_res_from": r.how,
-                          "tokens": int(x.shape[0]), "n": int(x.shape[1]), "C": int(x.shape[2])})
+                          "tokens": int(x.shape[0]), "n": int(x.shape[1]), "C": int(x.shape[2]),
+                          "library": r.library, "library_version": r.library_version,
+                          "recorded": {k: v for k, v in r.recorded.items() if k not in r.skipped},
+                          "skipped": dict(r.skipped)})
         meta = {"format": FORMAT, "version": VERSION, "sites": json.dumps(sites)}
         return atomic_write(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), option="path")
 
@@ -184,6 +295,17 @@ def _is_width_connection_hc(m: nn.Module) -> bool:
                                                                          torch.Tensor)
 
 
+def _per_token(v: Any, x: torch.Tensor) -> Any:
+    """A site output [n] or [..., n] broadcast to x's leading dims (static sites return one vector)."""
+    if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[-1] == x.shape[-2]:
+        with contextlib.suppress(RuntimeError):
+            return v.expand(*x.shape[:-2], v.shape[-1])
+    return v
+
+
+_NO_UPDATE = "hcdiag SiteModules compute the matrices only; the caller applies the update, so capture does not see it"
+
+
 def _attach_site_module(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
     def hook(module, args, kwargs, output):
         if not session._wants(module):
@@ -193,29 +315,103 @@ def _attach_site_module(session: CaptureSession, name: str, m: nn.Module) -> Cal
         if res is None and isinstance(output, tuple) and len(output) == 3:
             res = output[2]
         if isinstance(x, torch.Tensor) and isinstance(res, torch.Tensor):
-            session._record(name, module, "output").add(x, res)
+            rec = session._record(name, module, "output")
+            rec.add(x, res)
+            rec.add_extra("h_pre", _per_token(output[0], x), "output.pre")
+            rec.add_extra("h_post", _per_token(output[1], x), "output.post")
+            for key in ("f", "y"):
+                rec.skip(key, _NO_UPDATE)
 
     handle = m.register_forward_hook(hook, with_kwargs=True)
     return handle.remove
 
 
+# the branch a transformers HC site feeds, by the first word of the site's attribute name (attn_hc, ffn_hc)
+_BRANCHES = {"attn": ("self_attn", "attn", "attention", "self_attention"),
+             "ffn": ("mlp", "ffn", "feed_forward"), "mlp": ("mlp", "ffn", "feed_forward")}
+
+
+def _first_tensor(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple | list) and output else output
+
+
+def _decoder_layer(session: CaptureSession, name: str) -> nn.Module | None:
+    parent = name.rpartition(".")[0]
+    if not parent or session.root is None:
+        return None
+    with contextlib.suppress(AttributeError):
+        return session.root.get_submodule(parent)
+    return None
+
+
+def _branch_of(layer: nn.Module | None, name: str) -> tuple[str, nn.Module] | None:
+    word = name.rpartition(".")[2].split("_")[0]
+    for attr in _BRANCHES.get(word, ()):
+        child = getattr(layer, attr, None) if layer is not None else None
+        if isinstance(child, nn.Module):
+            return attr, child
+    return None
+
+
 def _attach_transformers(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    layer = _decoder_layer(session, name)
+    branch = _branch_of(layer, name)
+    removers = []
+
     def hook(module, args, kwargs, output):
+        x = _first_arg(args, kwargs, "hidden_streams", "hidden_states", "x")
+        if layer is not None:  # this site's input is the output streams of the site called before it in the layer
+            waiting = session._pending_y.pop(id(layer), None)
+            if waiting is not None:
+                waiting.add_extra("y", x, "input of the next site in the decoder layer")
         if not session._wants(module):
             return
-        x = _first_arg(args, kwargs, "hidden_streams", "hidden_states", "x")
         if not isinstance(x, torch.Tensor) or not isinstance(output, tuple):
             return
         n = x.shape[-2]
         if len(output) >= 3 and isinstance(output[1], torch.Tensor) and tuple(output[1].shape[-2:]) == (n, n):
             # comb is [input stream, output stream]: the layer mixes with comb^T (paper H_res)
-            session._record(name, module, "comb").add(x, output[1].transpose(-1, -2))
+            rec = session._record(name, module, "comb")
+            rec.add(x, output[1].transpose(-1, -2))
         else:  # no comb (HY-V4): the residual streams pass unmixed
             eye = torch.eye(n, dtype=torch.float32, device=x.device).expand(*x.shape[:-2], n, n)
-            session._record(name, module, "identity").add(x, eye)
+            rec = session._record(name, module, "identity")
+            rec.add(x, eye)
+        rec.add_extra("h_post", output[0], "output post")
+        rec.add_extra("branch_in", output[-1], "output collapsed")
+        rec.skip("h_pre", "the module applies H_pre itself and returns only the collapsed branch input")
+        if branch is None:
+            rec.skip("f", f"no self_attn / mlp module next to {name}: the branch output is not seen")
+        if layer is None:
+            rec.skip("y", f"{name} has no parent decoder layer: the output streams are not seen")
+        else:
+            session._pending_y[id(layer)] = rec
 
-    handle = m.register_forward_hook(hook, with_kwargs=True)
-    return handle.remove
+    removers.append(m.register_forward_hook(hook, with_kwargs=True).remove)
+    if branch is not None:
+        attr, mod = branch
+
+        def branch_hook(module, args, output):
+            rec = session._by_module.get(id(m))
+            if rec is not None:
+                rec.add_extra("f", _first_tensor(output), f"output of {attr}")
+
+        removers.append(mod.register_forward_hook(branch_hook).remove)
+    if layer is not None and id(layer) not in session._hooked_layers:
+        session._hooked_layers.add(id(layer))
+
+        def layer_hook(module, args, output):
+            waiting = session._pending_y.pop(id(module), None)
+            if waiting is not None:
+                waiting.add_extra("y", _first_tensor(output), "output of the decoder layer")
+
+        removers.append(layer.register_forward_hook(layer_hook).remove)
+
+    def undo() -> None:
+        for r in removers:
+            r()
+
+    return undo
 
 
 # Reference-repo classes whose math hcdiag.io.nanogpt_layout reproduces, by class name -> hyper_conn_type
@@ -239,14 +435,32 @@ def _lucidrains_convention(fn: Any, name: str) -> tuple[Convention | None, int]:
                      "reproduce it, leave this site out with sites=[...]", option="sites")
 
 
-def _library_site(name: str, m: nn.Module) -> tuple[SiteModule, Callable[[torch.Tensor], torch.Tensor], Any]:
-    """(hcdiag site built from the live parameters, residuals -> x [..., n, C], per-call spec hook)."""
+@dataclass
+class _LibrarySite:
+    """How capture reads one lucidrains / reference-repo module: the hcdiag site built from its live parameters,
+    residuals -> x (with ``residual_transform``), residuals -> streams (without it), the per-call Sinkhorn
+    iterations of mHCv2's triton kernel (None otherwise), and why the update tensors cannot be recorded (None
+    when they can)."""
+
+    site: SiteModule
+    to_x: Callable[[torch.Tensor], torch.Tensor]
+    streams: Callable[[torch.Tensor], torch.Tensor]
+    triton_iters: int | None
+    no_update: str | None
+    n: int
+
+
+def _library_site(name: str, m: nn.Module) -> _LibrarySite:
     from hcdiag.io import lucidrains_layout as lr
     from hcdiag.io import nanogpt_layout as ng
 
     state = {k: v for k, v in m.state_dict(keep_vars=False).items() if not k.startswith(lr.IGNORED_SUBTREES)}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     cls_module = type(m).__module__
+    channel_first = bool(getattr(m, "channel_first", False))
+    no_update = None
+    if channel_first:
+        no_update = "channel_first module: its branch tensors are not in token order"
     if cls_module.startswith("hyper_connections"):
         v2 = cls_module.endswith("mHCv2")
         force = "mhc-v2" if v2 else ("hc" if "dynamic_alpha_scale" in shapes else "mhc")
@@ -261,11 +475,10 @@ def _library_site(name: str, m: nn.Module) -> tuple[SiteModule, Callable[[torch.
         site = lr.build_site(plan, state, tanh=isinstance(getattr(m, "act", nn.Tanh()), nn.Tanh), spec=spec)
         s, f = plan.streams, plan.fracs
         transform = getattr(m, "residual_transform", None) if plan.cls != "hc" else None
-        channel_first = bool(getattr(m, "channel_first", False))
+        if f > 1 or int(getattr(m, "num_input_views", 1)) > 1:
+            no_update = "num_fracs / num_input_views > 1: the branch reads and writes fractions, not n streams"
 
-        def to_x(r: torch.Tensor) -> torch.Tensor:
-            if transform is not None:
-                r = transform(r)
+        def streams(r: torch.Tensor) -> torch.Tensor:
             if v2:  # [..., s, (f d)] -> [..., (s f), d]
                 return r.reshape(*r.shape[:-2], s * f, r.shape[-1] // f)
             if channel_first:
@@ -274,7 +487,10 @@ def _library_site(name: str, m: nn.Module) -> tuple[SiteModule, Callable[[torch.
             r = r.reshape(bs // s, s, *mid, f, D // f).movedim(1, -2)
             return r.reshape(bs // s, *mid, f * s, D // f)
 
-        return site, to_x, per_call
+        def to_x(r: torch.Tensor) -> torch.Tensor:
+            return streams(transform(r) if transform is not None else r)
+
+        return _LibrarySite(site, to_x, streams, per_call, no_update, s * f)
     hc_type = _REF_CLASSES.get(type(m).__name__)
     if hc_type is None:
         raise UsageError(f"capture(): site {name} is a {type(m).__qualname__} ({cls_module}), a hyper-connection "
@@ -283,7 +499,6 @@ def _library_site(name: str, m: nn.Module) -> tuple[SiteModule, Callable[[torch.
     iters = int(getattr(m, "sinkhorn_iters", ng.DEFAULT_ITERS))
     ref_site = ng.build_ref_site(rplan, state, SinkhornSpec(Convention.LOG, iters, source="module"))
     n = rplan.n
-    channel_first = bool(getattr(m, "channel_first", False))
 
     def to_x_ref(r: torch.Tensor) -> torch.Tensor:
         if channel_first:
@@ -291,34 +506,81 @@ def _library_site(name: str, m: nn.Module) -> tuple[SiteModule, Callable[[torch.
         bs, *mid, D = r.shape  # [(b s), ..., d] -> [b, ..., s, d]
         return r.reshape(bs // n, n, *mid, D).movedim(1, -2)
 
-    return ref_site, to_x_ref, None
+    return _LibrarySite(ref_site, to_x_ref, to_x_ref, None, no_update, n)
+
+
+def _beta(out: Any) -> Any:
+    """H_post (``beta``) from a width_connection's (branch_input, residuals, {"beta": ...}) return value."""
+    if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], dict):
+        return out[2].get("beta")
+    return None
 
 
 def _attach_width_connection(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
-    site, to_x, triton_iters = _library_site(name, m)
-    inner = m.__dict__.get("width_connection")  # an instance-level wrapper someone else installed
+    lib = _library_site(name, m)
+    site, n = lib.site, lib.n
+    saved = {k: m.__dict__.get(k) for k in ("width_connection", "depth_connection", "residual_mix_constraint_fn")}
     original = m.width_connection
+    original_depth = getattr(m, "depth_connection", None)
+    mix_fn = m.__dict__.get("residual_mix_constraint_fn")
+    produced: list[torch.Tensor] = []  # the module's own H_res in the current width_connection call
 
     def width_connection(residuals, *args, **kwargs):
+        rec = None
         if session._wants(m) and isinstance(residuals, torch.Tensor):
             with torch.no_grad():
-                x = to_x(residuals)
-                if triton_iters is not None:  # mHCv2 triton kernel: log domain on CUDA only
+                x = lib.to_x(residuals)
+                if lib.triton_iters is not None:  # mHCv2 triton kernel: log domain on CUDA only
                     conv = Convention.LOG if x.is_cuda else Convention.LUCIDRAINS
-                    spec = SinkhornSpec(conv, triton_iters, source="module")
+                    spec = SinkhornSpec(conv, lib.triton_iters, source="module")
                     site.sinkhorn = spec
                     site._spec = spec  # type: ignore[attr-defined]  # a LucidrainsSite (mHCv2)
                 h = site.to(x.device)(x.float()).res
-            session._record(name, m, "recomputed").add(x, h)
-        return original(residuals, *args, **kwargs)
+            rec = session._record(name, m, "recomputed")
+            rec.add(x, h)
+        produced.clear()
+        out = original(residuals, *args, **kwargs)
+        if rec is not None:
+            rec.skip("h_pre", "the module applies H_pre itself and returns only the branch input")
+            if lib.no_update is not None:
+                for key in ("f", "y", "branch_in", "h_post"):
+                    rec.skip(key, lib.no_update)
+            else:
+                rec.add_extra("branch_in", _first_tensor(out), "width_connection branch input")
+                rec.add_extra("h_post", _beta(out), "width_connection beta")
+            if mix_fn is None:
+                rec.skip("h_res_module", "the module has no residual_mix_constraint_fn (unconstrained HC)")
+            elif len(produced) == 1 and lib.no_update is None:
+                res = produced[0]  # [proposals, tokens..., input, output]
+                rec.add_extra("h_res_module", res.mean(0).transpose(-1, -2), "residual_mix_constraint_fn")
+        return out
+
+    def depth_connection(branch_output, residuals, *args, **kwargs):
+        out = original_depth(branch_output, residuals, *args, **kwargs)
+        rec = session._by_module.get(id(m))
+        if rec is not None and lib.no_update is None and isinstance(out, torch.Tensor):
+            rec.add_extra("f", branch_output, "depth_connection branch output")
+            rec.add_extra("y", lib.streams(out), "depth_connection output")
+        return out
+
+    def constraint(alpha, *args, **kwargs):
+        res = mix_fn(alpha, *args, **kwargs)
+        if isinstance(res, torch.Tensor) and res.ndim >= 3 and tuple(res.shape[-2:]) == (n, n):
+            produced.append(res.detach())
+        return res
 
     m.__dict__["width_connection"] = width_connection  # shadows the method: forward() finds it through self
+    if callable(original_depth):
+        m.__dict__["depth_connection"] = depth_connection
+    if mix_fn is not None:
+        m.__dict__["residual_mix_constraint_fn"] = constraint
 
     def undo() -> None:
-        if inner is None:
-            m.__dict__.pop("width_connection", None)
-        else:
-            m.__dict__["width_connection"] = inner
+        for key, value in saved.items():
+            if value is None:
+                m.__dict__.pop(key, None)
+            else:
+                m.__dict__[key] = value
 
     return undo
 
@@ -384,6 +646,7 @@ def capture(
                          "(hcdiag SiteModule, transformers *HyperConnection, hyper-connections / reference-repo "
                          "width_connection modules)", option="model")
     session = CaptureSession(Path(path), max_tokens)
+    session.root = model
     undo: list[Callable[[], None]] = []
     try:
         for name, m, attach in chosen:
@@ -401,6 +664,29 @@ def capture(
 
 def _bad(path: str, why: str) -> InputError:
     return InputError(f"{path}: {why}; record activations with hcdiag.capture.capture()", path=path)
+
+
+def _str_dict(v: Any) -> dict[str, str]:
+    return {str(k): str(w) for k, w in v.items()} if isinstance(v, dict) else {}
+
+
+def _optional(p: str, f: Any, keys: set[str], e: dict, T: int, n: int, C: int) -> dict[str, Any]:
+    """The optional tensors of site ``e`` (:data:`OPTIONAL`) and its informative metadata fields."""
+    i, name = e["index"], e.get("name")
+    out: dict[str, Any] = {}
+    for key, letters in OPTIONAL.items():
+        k = f"sites.{i}.{key}"
+        if k not in keys:
+            continue
+        t = f.get_tensor(k)
+        want = (T, *_tail(letters, n, C))
+        if tuple(t.shape) != want or not t.is_floating_point():
+            raise _bad(p, f"site {i} ({name}): {k} {tuple(t.shape)} is not a {list(want)} float tensor")
+        out[key] = t.float()
+    out.update(h_res_from=str(e.get("h_res_from", "")), library=str(e.get("library", "")),
+               library_version=str(e.get("library_version", "")), recorded=_str_dict(e.get("recorded")),
+               skipped=_str_dict(e.get("skipped")))
+    return out
 
 
 def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
@@ -445,7 +731,8 @@ def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
                         or h.shape[1] != x.shape[1] or not x.is_floating_point() or not h.is_floating_point()):
                     raise _bad(p, f"site {i} ({name}): x {tuple(x.shape)} / h_res {tuple(h.shape)} are not "
                                "[T, n, C] / [T, n, n] float tensors")
-                out.append(CapturedSite(name, x.float(), h.float(), str(e.get("module_class", "")), i))
+                out.append(CapturedSite(name, x.float(), h.float(), str(e.get("module_class", "")), i,
+                                        **_optional(p, f, keys, e, x.shape[0], x.shape[1], x.shape[2])))
             return out
     except InputError:
         raise
