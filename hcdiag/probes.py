@@ -223,6 +223,10 @@ class ActivationsProbe(ProbeBase):
     def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
         return self._match(site).x.to(torch_dtype(dtype))
 
+    def captured(self, site: Site) -> Any:
+        """The :class:`hcdiag.capture.CapturedSite` recorded for ``site`` (matched as :meth:`prepare` says)."""
+        return self._match(site)
+
     def recorded_h_res(self, site: Site) -> torch.Tensor | None:
         h = getattr(self._match(site), "h_res", None)
         return None if h is None else h.to(torch.float64)

@@ -1,0 +1,645 @@
+"""``hcdiag verify``: does a model compute the hyper-connection it claims? (update equation, diagnoses, fingerprint)
+
+Dimension letters: T tokens, S tokens of the fingerprint sample, n streams, C width of one stream, K iterations.
+
+Inputs: a checkpoint (read through :func:`hcdiag.io.load`, sites as :class:`~hcdiag.site.SiteModule`) and an
+activations file of a forward pass of the model (:mod:`hcdiag.capture`): per site and token the input streams
+x_l [T, n, C], the branch output F_l [T, C], the output streams x_{l+1} [T, n, C], and the H_res / H_post (and
+where returned the branch input) that the model's module produced. Captured sites are matched to checkpoint sites
+as ``--probe activations`` matches them (:class:`hcdiag.probes.ActivationsProbe`).
+
+Per site, in float64, with rel(a, b) = ||a - b||_F / ||b||_F over all recorded tokens:
+
+``update (model)``       rel(H_res x + H_post^T F, x_{l+1}) with the matrices the model produced (mHC Eq. 3);
+``update (recomputed)``  the same with the H_res, H_post that the checkpoint's parameters give under the
+                         layout's convention (the site module's forward on x);
+``branch input``         rel(H_pre x, branch input) with the recomputed H_pre, where the module returned its
+                         branch input (transformers ``collapsed``, lucidrains ``branch_input``);
+``H_res`` / ``H_post`` / ``H_pre``  rel(recomputed, model's), used as the checks where the update itself was not
+                         recorded (hcdiag's own SiteModules compute the matrices only).
+
+A site **conforms** when every check it has is at float32 rounding: at most :data:`TOLERANCE` =
+:data:`TOL_FACTOR` x eps(float32) = 64 x 1.19e-7 = 7.6e-6. Why this size: the model computes in float32, so
+each entry of x_{l+1} carries a relative rounding error of a few eps from the n + 1 products it sums, and the
+recomputed matrices differ from the model's by the float32 rounding of its RMSNorm, projection and Sinkhorn
+(measured: ~5e-8 for the update with the model's own matrices, ~1e-7 to 1e-6 with recomputed ones on the tiny
+test models); the bugs this command is for move the residual by 1e-4 (a 10-iteration Sinkhorn) to 1 (a
+transposed mix). ``tol`` overrides it.
+
+When a site does not conform, **diagnoses** are tried in turn, each an alternative prediction of x_{l+1} (or, where
+the update was not recorded, of the model's matrices) with its residual: the mix transposed (``comb`` applied
+instead of ``comb^T``), the residual unmixed (H_res = I), the packed projection split in another order (the five
+other orders of [pre, post, comb]; transformers layout only), H_post without the factor 2 or with eps added, a
+different Sinkhorn iteration count (1..100, the layout's convention), and the convention of the fingerprint. The
+first that reaches the tolerance names the site's diagnosis.
+
+The **fingerprint** asks which Sinkhorn choices reproduce the H_res the model used, from the logits the checkpoint
+gives (site ``res_logits``) on S sampled tokens: start exp / exp - max / softmax + eps / sigmoid + eps, eps in the
+denominators or not, pass order (columns or rows first, in paper axes), orientation (on H or on H^T), exp or log
+domain, iterations 1..100. Candidates come from :func:`hcdiag.sinkhorn.sinkhorn` (conventions paper, log,
+transformers, lucidrains, each on the logits and on their transpose), plus one implemented here: the sigmoid start
+of the earlier transformers DeepSeek-V4 code (``comb = sigmoid(logits) + eps``, then K x (rows, columns) of comb,
+each division by sum + eps), which :mod:`hcdiag.sinkhorn` does not have (to integrate there later). In exact
+arithmetic the exp and log domains, and exp with or without the max subtracted, are the same map, so candidates
+are grouped into classes (start, pass order, eps); the report names the best candidate, the other members of its
+class (``equivalent``: told apart by rounding only), the runner-up (best candidate of another class or another
+iteration count) and the best candidate of another class, each with its residual rel(H_candidate, H_model).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import permutations
+from typing import Any
+
+import torch
+
+from hcdiag.enums import Convention, Exactness, Probe
+from hcdiag.errors import UsageError
+from hcdiag.model import LoadedModel, Site
+from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, sinkhorn
+from hcdiag.site import SinkhornSpec
+
+__all__ = [
+    "FINGERPRINT_TOKENS",
+    "MAX_ITERS",
+    "TOLERANCE",
+    "TOL_FACTOR",
+    "Candidate",
+    "Diagnosis",
+    "Fingerprint",
+    "SiteVerification",
+    "VerifyReport",
+    "sigmoid_sinkhorn",
+    "verify",
+]
+
+TOL_FACTOR = 64
+TOLERANCE = TOL_FACTOR * torch.finfo(torch.float32).eps  # 7.6e-6
+MAX_ITERS = 100  # iteration counts the fingerprint and the iterations diagnosis try: 1..MAX_ITERS
+FINGERPRINT_TOKENS = 64  # tokens (evenly spread over the recording) the fingerprint compares on
+
+_F64 = torch.float64
+_PARTS = ("pre", "post", "comb")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result objects
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """One alternative tried on a non-conforming site: its name, residual (None: not applicable), and whether it
+    reaches the tolerance (it explains what the model did)."""
+
+    name: str
+    residual: float | None
+    explains: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "residual": self.residual, "explains": self.explains, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One Sinkhorn candidate of the fingerprint: the family's choices, its iteration count and residual."""
+
+    family: str  # e.g. "transformers", "paper (transposed)", "sigmoid (earlier transformers)"
+    convention: str  # hcdiag convention name, or "sigmoid"
+    transposed: bool  # run on the logits' transpose (the other orientation), result transposed back
+    start: str
+    eps: float
+    order: str  # pass order in paper axes, e.g. "columns, rows"
+    domain: str
+    iters: int
+    residual: float
+
+    @property
+    def label(self) -> str:
+        eps = f", eps {self.eps:g}" if self.eps else ""
+        return f"{self.family} x{self.iters}{eps}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "convention": self.convention, "transposed": self.transposed,
+                "start": self.start, "eps": self.eps, "order": self.order, "domain": self.domain,
+                "iters": self.iters, "residual": self.residual, "label": self.label}
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Which Sinkhorn choices reproduce the model's H_res (module docstring)."""
+
+    best: Candidate
+    equivalent: tuple[str, ...]  # other families equal to best's in exact arithmetic
+    runner_up: Candidate | None
+    other_class: Candidate | None
+    tokens: int
+    matches: bool  # best.residual <= tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best": self.best.to_dict(), "equivalent": list(self.equivalent),
+                "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
+                "other_class": None if self.other_class is None else self.other_class.to_dict(),
+                "tokens": self.tokens, "matches": self.matches}
+
+
+@dataclass(frozen=True)
+class SiteVerification:
+    """One site: checks (name -> residual), skipped checks (name -> why), diagnoses, fingerprint."""
+
+    index: int
+    name: str
+    captured_name: str
+    variant: str
+    module_class: str
+    library: str
+    tokens: int
+    n: int
+    C: int
+    conforms: bool
+    checks: dict[str, float]
+    skipped: dict[str, str]
+    failing: tuple[str, ...]
+    diagnoses: tuple[Diagnosis, ...] = ()
+    diagnosis: str | None = None  # name of the first diagnosis that explains the site
+    fingerprint: Fingerprint | None = None
+    fingerprint_skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "captured_name": self.captured_name,
+                "variant": self.variant, "module_class": self.module_class, "library": self.library,
+                "tokens": self.tokens, "n": self.n, "C": self.C, "conforms": self.conforms,
+                "checks": dict(self.checks), "failing": list(self.failing), "skipped": dict(self.skipped),
+                "diagnosis": self.diagnosis, "diagnoses": [d.to_dict() for d in self.diagnoses],
+                "fingerprint": None if self.fingerprint is None else self.fingerprint.to_dict(),
+                "fingerprint_skipped": self.fingerprint_skipped}
+
+    def row(self) -> dict[str, Any]:
+        """One flat CSV row."""
+        fp = self.fingerprint
+        return {"index": self.index, "name": self.name, "conforms": self.conforms,
+                "update_model": self.checks.get("update (model)"),
+                "update_recomputed": self.checks.get("update (recomputed)"),
+                "branch_input": self.checks.get("branch input"), "h_res": self.checks.get("H_res"),
+                "h_post": self.checks.get("H_post"), "diagnosis": self.diagnosis or "",
+                "fingerprint": "" if fp is None else fp.best.label,
+                "fingerprint_residual": None if fp is None else fp.best.residual,
+                "runner_up": "" if fp is None or fp.runner_up is None else fp.runner_up.label,
+                "runner_up_residual": None if fp is None or fp.runner_up is None else fp.runner_up.residual}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: str
+    activations: str
+    layout: str
+    tolerance: float
+    sites: tuple[SiteVerification, ...]
+    verdict: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def conforms(self) -> bool:
+        return all(s.conforms for s in self.sites)
+
+    def failing(self) -> list[str]:
+        return [s.name for s in self.sites if not s.conforms]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [s.row() for s in self.sites]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": "verify", "path": self.path, "activations": self.activations, "layout": self.layout,
+                "tolerance": self.tolerance, "conforms": self.conforms, "failing": self.failing(),
+                "verdict": self.verdict, "sites": [s.to_dict() for s in self.sites], "notes": list(self.notes)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sinkhorn candidates
+
+
+def sigmoid_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> Iterator[tuple[int, torch.Tensor]]:
+    """The earlier transformers DeepSeek-V4 Sinkhorn, every iterate: comb = sigmoid(comb logits) + eps, then
+    ``iters`` x (rows, columns) of comb, each division by (sum + eps). logits [..., n, n] paper orientation
+    (comb = logits^T); yields (k, H_res after k iterations [..., n, n], paper orientation), k = 1..iters."""
+    comb = torch.sigmoid(logits.transpose(-1, -2)) + eps
+    for k in range(1, iters + 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        yield k, comb.transpose(-1, -2)
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    convention: str
+    transposed: bool
+    start: str
+    order: str
+    domain: str
+    eps: float
+    klass: tuple[str, str, bool]  # (start class, pass order, eps): equal in exact arithmetic
+
+    def iterates(self, logits: torch.Tensor, K: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(k, H_k) for k = 1..K, paper orientation."""
+        lg = logits.transpose(-1, -2) if self.transposed else logits
+        back: Callable[[torch.Tensor], torch.Tensor] = (lambda m: m.transpose(-1, -2)) if self.transposed \
+            else (lambda m: m)
+        if self.convention == "sigmoid":
+            for k, m in sigmoid_sinkhorn(lg, K, self.eps):
+                yield k, back(m)
+        elif self.eps:  # transformers: each k from scratch (the eps start cannot be restarted from a matrix)
+            for k in range(1, K + 1):
+                yield k, back(sinkhorn(lg, self.convention, k, eps=self.eps).matrix)
+        else:  # no eps: one iteration from log(H_k) is iteration k + 1 (the starts are scale invariant)
+            m = sinkhorn(lg, self.convention, 1).matrix
+            yield 1, back(m)
+            for k in range(2, K + 1):
+                m = sinkhorn(m.log(), self.convention, 1).matrix
+                yield k, back(m)
+
+
+_ORDERS = {False: "columns, rows", True: "rows, columns"}  # paper convention's order on H; flipped on H^T
+
+
+def _families(eps: float) -> list[_Family]:
+    out = []
+    for t in (False, True):
+        suffix = " (transposed)" if t else ""
+        cr, rc = _ORDERS[t], _ORDERS[not t]
+        out += [
+            _Family("paper" + suffix, Convention.PAPER.value, t, "exp", cr, "exp", 0.0, ("exp", cr, False)),
+            _Family("log" + suffix, Convention.LOG.value, t, "exp", rc, "log", 0.0, ("exp", rc, False)),
+            _Family("lucidrains" + suffix, Convention.LUCIDRAINS.value, t, "exp - max", rc, "exp", 0.0,
+                    ("exp", rc, False)),
+            _Family("transformers" + suffix, Convention.TRANSFORMERS.value, t, "softmax + eps", cr, "exp", eps,
+                    ("exp", cr, True)),
+            _Family("sigmoid (earlier transformers)" + suffix, "sigmoid", t, "sigmoid + eps", cr, "exp", eps,
+                    ("sigmoid", cr, True)),
+        ]
+    return out
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    den = float(ref.norm())
+    num = float((a - ref).norm())
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _rel_per_matrix(h: torch.Tensor, ref: torch.Tensor) -> float:
+    return _rel(h, ref)
+
+
+def _fingerprint(logits: torch.Tensor, H_model: torch.Tensor, eps: float, tol: float,
+                 K: int) -> tuple[Fingerprint, dict[tuple[str, int], float]]:
+    fams = _families(eps)
+    res = torch.full((len(fams), K), float("inf"), dtype=_F64)
+    with torch.no_grad():
+        for i, fam in enumerate(fams):
+            for k, m in fam.iterates(logits, K):
+                r = _rel_per_matrix(m, H_model)
+                res[i, k - 1] = r if r == r else float("inf")  # NaN (underflow to 0 then log) never wins
+
+    def cand(i: int, k: int) -> Candidate:
+        f = fams[i]
+        return Candidate(f.name, f.convention, f.transposed, f.start, f.eps, f.order, f.domain, k + 1,
+                         float(res[i, k]))
+
+    flat = int(torch.argmin(res))
+    bi, bk = divmod(flat, K)
+    best = cand(bi, bk)
+    same = torch.tensor([f.klass == fams[bi].klass for f in fams])
+    masked = res.clone()
+    masked[same, bk] = float("inf")
+    ri, rk = divmod(int(torch.argmin(masked)), K)
+    other = res.clone()
+    other[same] = float("inf")
+    oi, ok = divmod(int(torch.argmin(other)), K)
+    fp = Fingerprint(
+        best=best,
+        equivalent=tuple(f.name for j, f in enumerate(fams) if same[j] and j != bi),
+        runner_up=cand(ri, rk) if torch.isfinite(masked[ri, rk]) else None,
+        other_class=cand(oi, ok) if torch.isfinite(other[oi, ok]) else None,
+        tokens=int(H_model.shape[0]),
+        matches=best.residual <= tol,
+    )
+    table = {(f.name, k + 1): float(res[i, k]) for i, f in enumerate(fams) for k in range(K)}
+    return fp, table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One site
+
+
+@dataclass
+class _Data:
+    """A site's recorded tensors in float64 (None: not recorded) and the checkpoint's recomputation."""
+
+    x: torch.Tensor
+    H_model: torch.Tensor
+    post_model: torch.Tensor | None
+    pre_model: torch.Tensor | None
+    F: torch.Tensor | None
+    y: torch.Tensor | None
+    branch_in: torch.Tensor | None
+    pre: torch.Tensor
+    post: torch.Tensor
+    res: torch.Tensor
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_update(self) -> bool:
+        return self.F is not None and self.y is not None
+
+    def predict(self, H: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        """H_res x + H_post^T F: [T, n, C] (mHC Eq. 3)."""
+        assert self.F is not None
+        return H @ self.x + post.unsqueeze(-1) * self.F.unsqueeze(-2)
+
+    def residual(self, H: torch.Tensor, post: torch.Tensor, pre: torch.Tensor | None = None) -> float:
+        """How far an alternative (H_res, H_post[, H_pre]) is from what the model did: the update residual when
+        the update was recorded, else the larger of the matrix residuals against the model's matrices."""
+        if self.has_update:
+            assert self.y is not None
+            r = _rel(self.predict(H, post), self.y)
+            if pre is not None and self.branch_in is not None:
+                r = max(r, _rel((pre.unsqueeze(-1) * self.x).sum(-2), self.branch_in))
+            return r
+        r = _rel(H, self.H_model)
+        if self.post_model is not None:
+            r = max(r, _rel(post, self.post_model))
+        if pre is not None and self.pre_model is not None:
+            r = max(r, _rel(pre, self.pre_model))
+        return r
+
+
+def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(_F64)
+
+
+def _data(site: Site, captured: Any, x: torch.Tensor) -> _Data:
+    m = site.module.in_dtype(_F64)
+    with torch.no_grad():
+        out = m(x)
+    T, n = x.shape[0], x.shape[1]
+    res = out.res.expand(T, n, n) if out.res.ndim == 2 else out.res
+    pre = out.pre.expand(T, n) if out.pre.ndim == 1 else out.pre
+    post = out.post.expand(T, n) if out.post.ndim == 1 else out.post
+    skipped = dict(captured.skipped)
+    H_mod = captured.h_res_module
+    if H_mod is None and captured.h_res_from == "recomputed":
+        skipped["model H_res"] = ("the module does not expose its mixing matrix: the model-matrix check uses the "
+                                  "H_res capture recomputed from the module's live parameters")
+    H_model = (H_mod if H_mod is not None else captured.h_res).to(_F64)
+    return _Data(x=x, H_model=H_model, post_model=_opt(captured.h_post), pre_model=_opt(captured.h_pre),
+                 F=_opt(captured.f), y=_opt(captured.y), branch_in=_opt(captured.branch_in),
+                 pre=pre.to(_F64), post=post.to(_F64), res=res.to(_F64), skipped=skipped)
+
+
+def _checks(d: _Data) -> dict[str, float]:
+    checks: dict[str, float] = {}
+    if d.has_update:
+        assert d.y is not None
+        if d.post_model is not None:
+            checks["update (model)"] = _rel(d.predict(d.H_model, d.post_model), d.y)
+        else:
+            d.skipped.setdefault("update (model)", "H_post was not recorded")
+        checks["update (recomputed)"] = _rel(d.predict(d.res, d.post), d.y)
+    else:
+        why = d.skipped.get("y") or d.skipped.get("f") or "F / x_{l+1} were not recorded"
+        d.skipped.setdefault("update (model)", why)
+        d.skipped.setdefault("update (recomputed)", why)
+        checks["H_res"] = _rel(d.res, d.H_model)
+        if d.post_model is not None:
+            checks["H_post"] = _rel(d.post, d.post_model)
+        if d.pre_model is not None:
+            checks["H_pre"] = _rel(d.pre, d.pre_model)
+    if d.branch_in is not None:
+        checks["branch input"] = _rel((d.pre.unsqueeze(-1) * d.x).sum(-2), d.branch_in)
+    elif d.pre_model is None:
+        d.skipped.setdefault("branch input", d.skipped.get("branch_in", "the branch input was not recorded"))
+    return checks
+
+
+def _split_sites(module: Any) -> list[tuple[str, Any]]:
+    """The transformers packed projection read in each other order of [pre, post, comb]: (name, site module)."""
+    n = int(module.n)
+    size = {"pre": n, "post": n, "comb": n * n}
+    out = []
+    for order in permutations(_PARTS):
+        if order == _PARTS:
+            continue
+        # rows stored in `order` are re-packed so that the standard [pre, post, comb] split reads them
+        bounds, start = {}, 0
+        for part in order:
+            bounds[part] = (start, start + size[part])
+            start += size[part]
+        rows = torch.cat([torch.arange(*bounds[p]) for p in _PARTS])
+        for scale_too in (False, True):
+            scale = module.scale
+            if scale_too:
+                scale = module.scale[torch.tensor([order.index(p) for p in _PARTS])]
+            site = type(module)(module.fn[rows], module.base[rows], scale, n=n, C=int(module.C),
+                                norm_eps=module.norm_eps, hc_eps=module.hc_eps, sinkhorn=module.sinkhorn)
+            name = f"split order [{', '.join(order)}]" + (" (scales too)" if scale_too else "")
+            out.append((name, site))
+    return out
+
+
+def _is_packed(module: Any) -> bool:
+    return all(isinstance(getattr(module, a, None), torch.Tensor) for a in ("fn", "base", "scale")) and \
+        getattr(module, "scale").shape == (3,) and hasattr(module, "hc_eps")
+
+
+def _sinkhorn_spec(site: Site) -> SinkhornSpec | None:
+    spec = getattr(site.module, "sinkhorn", None)
+    if Exactness(getattr(site.module, "exactness", Exactness.UNCONSTRAINED)) is not Exactness.SINKHORN:
+        return None
+    return spec
+
+
+def _sample(T: int, S: int) -> torch.Tensor:
+    if T <= S:
+        return torch.arange(T)
+    return torch.linspace(0, T - 1, S).round().long()
+
+
+def _layout_family(spec: SinkhornSpec) -> str:
+    return str(Convention(spec.convention).value)
+
+
+def _diagnoses(site: Site, d: _Data, spec: SinkhornSpec | None, logits: torch.Tensor | None,
+               fp: Fingerprint | None, table: dict[tuple[str, int], float], tol: float,
+               K: int) -> list[Diagnosis]:
+    out: list[Diagnosis] = []
+
+    def add(name: str, r: float | None, note: str = "") -> None:
+        out.append(Diagnosis(name, r, r is not None and r <= tol, note))
+
+    with torch.no_grad():
+        add("transposed mix (comb applied instead of comb^T)", d.residual(d.res.transpose(-1, -2), d.post))
+        eye = torch.eye(d.res.shape[-1], dtype=_F64).expand_as(d.res)
+        add("unmixed residual (H_res = I)", d.residual(eye, d.post))
+        module = site.module
+        if _is_packed(module) and spec is not None:
+            for name, alt in _split_sites(module):
+                o = alt.in_dtype(_F64)(d.x)
+                add(name, d.residual(o.res, o.post, o.pre))
+        else:
+            add("split order of the packed projection", None,
+                "not applicable: the layout has no packed [pre, post, comb] projection")
+        add("H_post without the factor 2", d.residual(d.res, d.post / 2))
+        hc_eps = float(getattr(module, "hc_eps", TRANSFORMERS_DEFAULT_EPS))
+        add(f"H_post with eps ({hc_eps:g}) added", d.residual(d.res, d.post + hc_eps))
+        if spec is None or logits is None:
+            add("different iteration count", None, "not applicable: no Sinkhorn at this site")
+        else:
+            fam = _layout_family(spec)
+            scores = {k: r for (f, k), r in table.items() if f == fam and k != spec.iters}
+            if scores:
+                k = min(scores, key=lambda j: scores[j])
+                H = module.in_dtype(_F64).res_from_logits(logits, SinkhornSpec(spec.convention, k, spec.eps))
+                add(f"iterations {k} (layout: {spec.iters})", d.residual(H, d.post))
+            if fp is not None and (fp.best.family != fam or fp.best.iters != spec.iters):
+                H = _candidate_matrix(fp.best, logits)
+                add(f"Sinkhorn {fp.best.label}", d.residual(H, d.post),
+                    "the fingerprint's best candidate, on every token")
+    return out
+
+
+def _candidate_matrix(c: Candidate, logits: torch.Tensor) -> torch.Tensor:
+    fam = next(f for f in _families(c.eps or TRANSFORMERS_DEFAULT_EPS) if f.name == c.family)
+    fam = _Family(fam.name, fam.convention, fam.transposed, fam.start, fam.order, fam.domain, c.eps, fam.klass)
+    m = logits
+    for _, m in fam.iterates(logits, c.iters):
+        pass
+    return m
+
+
+def _verify_site(site: Site, captured: Any, x: torch.Tensor, *, tol: float, fingerprint: bool,
+                 fingerprint_tokens: int, K: int) -> SiteVerification:
+    d = _data(site, captured, x)
+    checks = _checks(d)
+    failing = tuple(k for k, v in checks.items() if not v <= tol)
+    conforms = not failing
+    spec = _sinkhorn_spec(site)
+    fp = None
+    fp_skipped = None
+    table: dict[tuple[str, int], float] = {}
+    logits = None
+    if spec is None:
+        fp_skipped = f"no Sinkhorn at this site ({site.variant}: " + (
+            "H_res = I)" if getattr(site.module, "exactness", None) == Exactness.IDENTITY else "not a Sinkhorn H_res)")
+    else:
+        with torch.no_grad():
+            logits = site.module.in_dtype(_F64).res_logits(x)
+        if fingerprint or not conforms:
+            idx = _sample(int(x.shape[0]), fingerprint_tokens)
+            eps = spec.eps if spec.eps > 0 else TRANSFORMERS_DEFAULT_EPS
+            fp, table = _fingerprint(logits[idx], d.H_model[idx], eps, tol, K)
+        else:
+            fp_skipped = "not asked for (fingerprint=False)"
+    diags: list[Diagnosis] = []
+    diagnosis = None
+    if not conforms:
+        diags = _diagnoses(site, d, spec, logits, fp, table, tol, K)
+        hit = next((g for g in diags if g.explains), None)
+        diagnosis = hit.name if hit is not None else None
+    return SiteVerification(
+        index=site.index, name=site.name, captured_name=captured.name, variant=site.variant,
+        module_class=captured.module_class, library=f"{captured.library} {captured.library_version}".strip(),
+        tokens=int(x.shape[0]), n=int(x.shape[1]), C=int(x.shape[2]), conforms=conforms, checks=checks,
+        skipped=d.skipped, failing=failing, diagnoses=tuple(diags), diagnosis=diagnosis, fingerprint=fp,
+        fingerprint_skipped=fp_skipped,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdict
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _verdict(sites: list[SiteVerification], tol: float) -> str:
+    bad = [s for s in sites if not s.conforms]
+    fps = {}
+    for s in sites:
+        if s.fingerprint is not None:
+            fps.setdefault(s.fingerprint.best.label, []).append(s.name)
+    fp_text = ""
+    if fps:
+        parts = [f"{label} at {len(v)} site(s)" for label, v in sorted(fps.items(), key=lambda kv: -len(kv[1]))]
+        fp_text = " Sinkhorn fingerprint of the model's H_res: " + "; ".join(parts) + "."
+    if not bad:
+        return (f"All {len(sites)} sites conform: the recorded output streams follow x_(l+1) = H_res x_l + "
+                f"H_post^T F_l with the model's matrices and with those the checkpoint gives, to {tol:.2g} "
+                f"(float32 rounding).{fp_text}")
+    groups: dict[str, list[str]] = {}
+    for s in bad:
+        groups.setdefault(s.diagnosis or "unexplained by every diagnosis tried", []).append(s.name)
+    model_bad = [s.name for s in bad if "update (model)" in s.failing]
+    parts = [f"{_names(v)}: {k}" for k, v in groups.items()]
+    why = ""
+    if model_bad:
+        why = (f" At {_names(model_bad)} the layer does not apply the matrices its own module produced "
+               "(the update with the model's matrices fails).")
+    elif any("update (recomputed)" in s.failing or "H_res" in s.failing for s in bad):
+        why = (" The layers apply their modules' matrices consistently, but those differ from what the "
+               "checkpoint's parameters give under the layout's convention.")
+    return (f"{len(bad)} of {len(sites)} sites do not conform (tolerance {tol:.2g}). " + "; ".join(parts) + "."
+            + why + fp_text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def verify(
+    model: LoadedModel | str | os.PathLike[str],
+    activations: str | os.PathLike[str],
+    *,
+    tol: float | None = None,
+    fingerprint: bool = True,
+    fingerprint_tokens: int = FINGERPRINT_TOKENS,
+    max_iters: int = MAX_ITERS,
+    layout: str | None = None,
+    options: Any = None,
+) -> VerifyReport:
+    """Check every site's recorded update against the update equation (module docstring).
+
+    model: a :class:`LoadedModel` or a checkpoint path (read with :func:`hcdiag.io.load`, ``layout`` /
+    ``options`` passed on). activations: a file written by :func:`hcdiag.capture.capture` during a forward pass
+    of that model. tol: conformance threshold (default :data:`TOLERANCE`). fingerprint: compute the Sinkhorn
+    fingerprint at every Sinkhorn site (always done at non-conforming ones), on ``fingerprint_tokens`` tokens,
+    iterations 1..``max_iters``. Returns :class:`VerifyReport`; raises UsageError / InputError for bad inputs.
+    """
+    from hcdiag.probes import make_probe
+
+    tol = TOLERANCE if tol is None else tol
+    if not (isinstance(tol, int | float) and tol > 0):
+        raise UsageError(f"--tol {tol!r} must be a positive number, e.g. {TOLERANCE:.1e}", "--tol")
+    for value, option in ((fingerprint_tokens, "--fingerprint-tokens"), (max_iters, "--max-iters")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{option} must be an integer >= 1, got {value!r}", option)
+    if not isinstance(model, LoadedModel):
+        from hcdiag.io.base import LoadOptions
+        from hcdiag.io.load import load
+
+        model = load(str(model), layout=layout, options=options or LoadOptions())
+    probe = make_probe(Probe.ACTIVATIONS, activations=activations)
+    probe.prepare(model.sites)
+    sites = []
+    for site in model.sites:
+        sites.append(_verify_site(site, probe.captured(site), probe.inputs(site, _F64), tol=float(tol),
+                                  fingerprint=fingerprint, fingerprint_tokens=fingerprint_tokens, K=max_iters))
+    notes = []
+    libs = sorted({s.library for s in sites if s.library})
+    if libs:
+        notes.append("recorded with " + ", ".join(libs))
+    return VerifyReport(path=model.path, activations=str(activations), layout=model.layout, tolerance=float(tol),
+                        sites=tuple(sites), verdict=_verdict(sites, float(tol)), notes=tuple(notes))
