@@ -1,8 +1,10 @@
 """The registry of hyper-connection variants, keyed by stable names (``mhc``, ``mhc-lite``, ...).
 
-Each variant module in :mod:`hcdiag.variants` registers its :class:`~hcdiag.site.SiteModule` subclass with
-:func:`register`; the CLI builds its choices and help text from :func:`specs`. Nothing dispatches on variant
-names: a :class:`VariantSpec` delegates to class methods of the registered module.
+Every variant is declared here once (:data:`_DECLARED`): name, one-line summary, exactness, growth, its closed-form
+parameter count (:mod:`hcdiag.counts`) and the module that builds it. Describing and counting variants
+(``hcdiag params``, ``hcdiag variants``) therefore imports neither torch nor numpy; only :meth:`VariantSpec.build`
+and :attr:`VariantSpec.cls` import the variant's torch module, which binds its class with :func:`register`.
+The CLI builds its choices and help text from :func:`specs`. Nothing dispatches on variant names.
 
 Dimension letters: n streams, C width of one stream, S = sum_k i_k! (KromHC permutation logits).
 Parameter counts (SPEC section 5) are exact Python ints computed from closed forms, never by allocating.
@@ -10,16 +12,19 @@ Parameter counts (SPEC section 5) are exact Python ints computed from closed for
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from hcdiag import counts
+from hcdiag.counts import ParamCount
 from hcdiag.enums import Exactness, Form
 from hcdiag.errors import UsageError
 
 if TYPE_CHECKING:
+    import torch
+
     from hcdiag.variants._common import VariantModule
 
 __all__ = [
@@ -39,40 +44,8 @@ __all__ = [
 # 5.3 GB in float32); counting never allocates, and device="meta" builds without memory.
 BUILD_LIMIT_BYTES = 2 * 1024**3
 
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameters of one HC site, split by what they produce (SPEC section 5).
-
-    pre / post / res: projection + bias + scale(s) of H_pre, H_post, H_res; norm: RMSNorm gain (nC in code
-    form, 0 in paper form). ``effective`` (TBP-mHC only): the entries the forward pass actually uses, where
-    the module allocates more. ``notes``: one-line remarks (shared parameters, factorisation used, ...).
-    """
-
-    pre: int
-    post: int
-    res: int
-    norm: int
-    effective: ParamCount | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def total(self) -> int:
-        return self.pre + self.post + self.res + self.norm
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "pre": self.pre,
-            "post": self.post,
-            "res": self.res,
-            "norm": self.norm,
-            "total": self.total,
-        }
-        if self.effective is not None:
-            d["effective"] = self.effective.to_dict()
-        if self.notes:
-            d["notes"] = list(self.notes)
-        return d
+Factors = tuple[int, ...] | None
+CountFn = Callable[[int, int, Form, Factors], ParamCount]
 
 
 def check_int(value: object, option: str, what: str, minimum: int) -> int:
@@ -113,42 +86,61 @@ def parse_kron_factors(text: str) -> tuple[int, ...]:
     return factors
 
 
+def _always_practical(n: int, factors: Factors) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class VariantSpec:
-    """One registered variant.
+    """One declared variant.
 
     name: stable key (CLI choice, JSON value). summary: one line for ``--help``. exactness: how exactly H_res
-    lies on the Birkhoff polytope. growth: parameter growth of one site, e.g. ``"O(n^3 C)"``.
-    cls: the :class:`~hcdiag.variants._common.VariantModule` subclass that builds and counts it.
+    lies on the Birkhoff polytope. growth: parameter growth of one site, e.g. ``"O(n^3 C)"``. count: the
+    closed-form parameter count ``(n, C, form, factors) -> ParamCount``. module: ``"package.module:Class"``
+    of the :class:`~hcdiag.variants._common.VariantModule` subclass that builds it (imported on first use).
     """
 
     name: str
     summary: str
     exactness: Exactness
     growth: str
-    cls: type[VariantModule]
+    count: CountFn
+    module: str
+    accepts_kron_factors: bool = False
+    practical_fn: Callable[[int, Factors], bool] = _always_practical
+    order: int = 1000
 
     @property
-    def accepts_kron_factors(self) -> bool:
-        return self.cls.accepts_kron_factors
+    def cls(self) -> type[VariantModule]:
+        """The module class (imports torch and the variant's module)."""
+        importlib.import_module(self.module.partition(":")[0])  # its @register binds the class
+        return _CLASSES[self.name]
+
+    def resolve_factors(self, n: int, kron_factors: Factors) -> Factors:
+        """KromHC: kron_factors checked, or the prime factorisation of n; others: None (refusing factors)."""
+        if self.accepts_kron_factors:
+            return counts.kromhc_factors(n, kron_factors)
+        if kron_factors is not None:
+            raise UsageError(f"--kron-factors applies only to kromhc, not {self.name}; drop --kron-factors",
+                             option="--kron-factors")
+        return None
 
     def validate(self, n: int, C: int, kron_factors: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
         """Raise :class:`UsageError` naming the option and the fix; return the factorisation used (KromHC)."""
         check_int(n, "--n", "stream count n", 1)
         check_int(C, "--C", "stream width C", 1)
-        return self.cls.resolve_factors(n, kron_factors)
+        return self.resolve_factors(n, kron_factors)
 
     def param_count(
         self, n: int, C: int, form: Form | str = Form.CODE, *, kron_factors: tuple[int, ...] | None = None
     ) -> ParamCount:
         """Exact parameter count of one site (Python ints; nothing is allocated)."""
         factors = self.validate(n, C, kron_factors)
-        return self.cls.count(n, C, check_form(form), factors)
+        return self.count(n, C, check_form(form), factors)
 
     def practical(self, n: int, kron_factors: tuple[int, ...] | None = None) -> bool:
         """False where the variant is computable but not usable in practice (mHC-lite beyond n = 6)."""
-        factors = self.cls.resolve_factors(n, kron_factors)
-        return self.cls.practical(n, factors)
+        return self.practical_fn(n, self.resolve_factors(n, kron_factors))
 
     def build(
         self,
@@ -168,12 +160,14 @@ class VariantSpec:
         ``device="meta"`` builds shapes only (for counting huge sizes); otherwise building refuses modules
         whose parameters exceed ``max_bytes``. Extra keywords go to the module (e.g. ``sinkhorn=`` for mhc).
         """
+        import torch
+
         factors = self.validate(n, C, kron_factors)
         check_int(layer_index, "--layer-index", "site index", 0)
         form = check_form(form)
         if torch.device(device or "cpu").type != "meta":
             dt = dtype or torch.get_default_dtype()
-            need = self.cls.count(n, C, form, factors).total * torch.empty((), dtype=dt).element_size()
+            need = self.count(n, C, form, factors).total * torch.empty((), dtype=dt).element_size()
             if need > max_bytes:
                 raise UsageError(
                     f"{self.name} at n = {n}, C = {C} needs {need / 1e9:.3g} GB of parameters "
@@ -185,31 +179,51 @@ class VariantSpec:
         )
 
 
-_REGISTRY: dict[str, VariantSpec] = {}
-_ORDER: dict[str, int] = {}
+#: Every variant, in display order. Adding a variant: one module under hcdiag/variants (its class decorated
+#: with ``@register(name)``), its closed-form count in hcdiag/counts.py, and one entry here.
+_DECLARED: tuple[VariantSpec, ...] = (
+    VariantSpec("identity", "plain pre-norm residual: H_res = I, no parameters", Exactness.IDENTITY, "0",
+                counts.identity, "hcdiag.variants.identity:IdentitySite", order=0),
+    VariantSpec("hc-static", "static hyper-connections (HC Eq. 1): unconstrained learned H_res",
+                Exactness.UNCONSTRAINED, "O(n^2)", counts.hc_static, "hcdiag.variants.hc_static:HCStatic",
+                order=10),
+    VariantSpec("hc-dynamic", "dynamic hyper-connections (HC Eqs. 10-13): token-dependent, unconstrained H_res",
+                Exactness.UNCONSTRAINED, "O(nC)", counts.hc_dynamic, "hcdiag.variants.hc_dynamic:HCDynamic",
+                order=20),
+    VariantSpec("mhc", "mHC (mHC Eqs. 7-9): Sinkhorn-projected dynamic H_res, approximately doubly stochastic",
+                Exactness.SINKHORN, "O(n^3 C)", counts.mhc, "hcdiag.variants.mhc:MHC", order=30),
+    VariantSpec("mhc-lite", "mHC-lite: softmax-weighted sum of all n! permutations, exactly doubly stochastic",
+                Exactness.EXACT, "O(n! nC)", counts.mhc_lite, "hcdiag.variants.mhc_lite:MHCLite",
+                practical_fn=counts.mhc_lite_practical, order=40),
+    VariantSpec("kromhc", "KromHC: Kronecker product of small mHC-lite factors, exactly doubly stochastic",
+                Exactness.EXACT, "O(nC sum_k i_k!)", counts.kromhc, "hcdiag.variants.kromhc:KromHC",
+                accepts_kron_factors=True, practical_fn=counts.kromhc_practical, order=50),
+    VariantSpec("tbp", "TBP-mHC: transportation-polytope chart, exactly doubly stochastic from (n-1)^2 logits",
+                Exactness.EXACT, "O(n^3 C)", counts.tbp, "hcdiag.variants.tbp:TBP", order=60),
+    VariantSpec("ihc", "identity-residual HC: mHC's learned H_pre / H_post, H_res = I", Exactness.IDENTITY,
+                "O(n^2 C)", counts.ihc, "hcdiag.variants.ihc:IHC", order=70),
+)
+_REGISTRY: dict[str, VariantSpec] = {s.name: s for s in _DECLARED}
+_CLASSES: dict[str, type[VariantModule]] = {}
 
 
-def register(
-    name: str, *, summary: str, growth: str, order: int = 1000
-) -> Callable[[type[VariantModule]], type[VariantModule]]:
-    """Class decorator: ``@register("mhc", summary=..., growth="O(n^3 C)", order=30)`` on a VariantModule
-    subclass. ``order`` sets the display order of :func:`names` / :func:`specs` (ties: by name)."""
+def register(name: str) -> Callable[[type[VariantModule]], type[VariantModule]]:
+    """Class decorator: ``@register("mhc")`` binds a VariantModule subclass to its declared spec. Refuses
+    names not declared in :data:`_DECLARED` and classes whose exactness or Kronecker factors disagree with it."""
 
     def deco(cls: type[VariantModule]) -> type[VariantModule]:
-        old = _REGISTRY.get(name)
-        if old is not None and old.cls.__qualname__ != cls.__qualname__:
-            raise ValueError(f"variant {name!r} registered twice: {old.cls.__qualname__}, {cls.__qualname__}")
+        spec = _REGISTRY.get(name)
+        if spec is None:
+            raise ValueError(f"variant {name!r} is not declared in hcdiag.registry._DECLARED; declare it there")
+        if spec.module.partition(":")[2] != cls.__qualname__:
+            raise ValueError(f"variant {name!r} is declared as {spec.module}, not {cls.__qualname__}")
+        if cls.exactness != spec.exactness or cls.accepts_kron_factors != spec.accepts_kron_factors:
+            raise ValueError(f"variant {name!r}: class {cls.__qualname__} disagrees with its declaration")
         cls.variant_name = name
-        _REGISTRY[name] = VariantSpec(name, summary, cls.exactness, growth, cls)
-        _ORDER[name] = order
+        _CLASSES[name] = cls
         return cls
 
     return deco
-
-
-def _load_all() -> None:
-    # importing the package registers every variant module (hcdiag/variants/__init__.py)
-    import hcdiag.variants  # noqa: F401
 
 
 def names() -> tuple[str, ...]:
@@ -218,13 +232,11 @@ def names() -> tuple[str, ...]:
 
 
 def specs() -> tuple[VariantSpec, ...]:
-    _load_all()
-    return tuple(sorted(_REGISTRY.values(), key=lambda s: (_ORDER[s.name], s.name)))
+    return tuple(sorted(_REGISTRY.values(), key=lambda s: (s.order, s.name)))
 
 
 def get(name: str, *, option: str = "--variant") -> VariantSpec:
-    """The spec registered as ``name``; UsageError listing the known names otherwise."""
-    _load_all()
+    """The spec declared as ``name``; UsageError listing the known names otherwise."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):

@@ -17,19 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hcdiag.enums import Form
-from hcdiag.registry import ParamCount, register
+from hcdiag.registry import register
 from hcdiag.site import HCOutput
 from hcdiag.variants._common import rms_norm
 from hcdiag.variants.hc_static import HCBase
 
 
-@register(
-    "hc-dynamic",
-    summary="dynamic hyper-connections (HC Eqs. 10-13): token-dependent, unconstrained H_res",
-    growth="O(nC)",
-    order=20,
-)
+@register("hc-dynamic")
 class HCDynamic(HCBase):
     """DHC site: W_b, W_m [C, 1], W_r [C, n], s_a, s_b scalars, static B [n], A_m [n], A_r [n, n].
 
@@ -43,17 +37,6 @@ class HCDynamic(HCBase):
         self.W_r = self._zeros(C, n)
         self.s_a = self._scalar(0.01)
         self.s_b = self._scalar(0.01)
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        """C(n+2) + n(n+2) + 2 per site (HC Eq. 25), in both forms (no norm parameters)."""
-        return ParamCount(
-            pre=C + n,  # W_m, A_m
-            post=C + n + 1,  # W_b, B, s_b
-            res=C * n + n * n + 1,  # W_r, A_r, s_a
-            norm=0,
-            notes=("s_a is shared by A_m and A_r; counted under res",),
-        )
 
     def _alpha_r(self, hbar: torch.Tensor) -> torch.Tensor:
         """A_r(H) [..., n, n] (code orientation [input, output]) from H_bar [..., n, C] (HC Eq. 12)."""

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hcdiag.enums import Exactness, Form
-from hcdiag.registry import ParamCount, register
+from hcdiag.enums import Exactness
+from hcdiag.registry import register
 from hcdiag.site import HCOutput, SinkhornSpec
 from hcdiag.variants._common import VariantModule
 
@@ -52,22 +52,12 @@ class HCBase(VariantModule):
         return {"res": [(self.A_r, 1.0)], "pre": [(self.A_m, 1.0)], "post": [(self.B, 1.0)]}
 
 
-@register(
-    "hc-static",
-    summary="static hyper-connections (HC Eq. 1): unconstrained learned H_res",
-    growth="O(n^2)",
-    order=10,
-)
+@register("hc-static")
 class HCStatic(HCBase):
     """SHC: parameters B [n] (= H_post), A_m [n] (= H_pre^T), A_r [n, n] (= H_res^T, code orientation).
 
     Forward: H_pre = A_m, H_post = B, H_res = A_r^T, the same for every token. No norm, no projections.
     """
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        """n^2 + 2n per site (HC Eq. 21), in both forms (no norm parameters)."""
-        return ParamCount(pre=n, post=n, res=n * n, norm=0)
 
     def forward(self, x: torch.Tensor) -> HCOutput:
         """x [..., n, C] -> H_pre [..., n] = A_m, H_post [..., n] = B, H_res [..., n, n] = A_r^T."""

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from hcdiag.enums import Exactness, Form
-from hcdiag.registry import ParamCount, register
+from hcdiag.enums import Exactness
+from hcdiag.registry import register
 from hcdiag.site import HCOutput, SinkhornSpec
 from hcdiag.variants._common import VariantModule
 
 
-@register("identity", summary="plain pre-norm residual: H_res = I, no parameters", growth="0", order=0)
+@register("identity")
 class IdentitySite(VariantModule):
     """Plain pre-norm residual written as an n-stream site.
 
@@ -24,10 +24,6 @@ class IdentitySite(VariantModule):
     """
 
     exactness = Exactness.IDENTITY
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        return ParamCount(0, 0, 0, 0)
 
     def forward(self, x: torch.Tensor) -> HCOutput:
         """x [..., n, C] -> H_pre [..., n] = 1/n, H_post [..., n] = 1, H_res [..., n, n] = I."""

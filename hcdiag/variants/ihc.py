@@ -10,18 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hcdiag.enums import Exactness, Form
-from hcdiag.registry import ParamCount, register
+from hcdiag.enums import Exactness
+from hcdiag.registry import register
 from hcdiag.site import HCOutput, SinkhornSpec
-from hcdiag.variants._common import MHCPrePost, mhc_pre_post_norm_count
+from hcdiag.variants._common import MHCPrePost
 
 
-@register(
-    "ihc",
-    summary="identity-residual HC: mHC's learned H_pre / H_post, H_res = I",
-    growth="O(n^2 C)",
-    order=70,
-)
+@register("ihc")
 class IHC(MHCPrePost):
     """iHC site: phi_pre, phi_post [nC, n], b_pre, b_post [n], a_pre, a_post, norm_weight [nC] (code form).
 
@@ -34,11 +29,6 @@ class IHC(MHCPrePost):
     def __init__(self, n: int, C: int, **kw: Any) -> None:
         super().__init__(n, C, **kw)
         self._init_pre_post()
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        pre, post, norm = mhc_pre_post_norm_count(n, C, form)
-        return ParamCount(pre=pre, post=post, res=0, norm=norm)
 
     def forward(self, x: torch.Tensor) -> HCOutput:
         """x [..., n, C] -> H_pre [..., n], H_post [..., n], H_res [..., n, n] = I."""

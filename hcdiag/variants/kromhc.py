@@ -20,24 +20,15 @@ from typing import Any
 
 import torch
 
-from hcdiag.enums import Exactness, Form
-from hcdiag.errors import UsageError
-from hcdiag.registry import ParamCount, register
+from hcdiag.counts import kromhc_factors
+from hcdiag.enums import Exactness
+from hcdiag.registry import register
 from hcdiag.site import SinkhornSpec
-from hcdiag.variants._common import MHCResSite, batched_kron, mhc_pre_post_norm_count, prime_factors
-from hcdiag.variants.mhc_lite import MAX_PRACTICAL_PERMS, bvn_combination, perm_logit_bias_init
+from hcdiag.variants._common import MHCResSite, batched_kron
+from hcdiag.variants.mhc_lite import bvn_combination, perm_logit_bias_init
 
 
-def _fmt(factors: tuple[int, ...]) -> str:
-    return ",".join(str(f) for f in factors)
-
-
-@register(
-    "kromhc",
-    summary="KromHC: Kronecker product of small mHC-lite factors, exactly doubly stochastic",
-    growth="O(nC sum_k i_k!)",
-    order=50,
-)
+@register("kromhc")
 class KromHC(MHCResSite):
     """KromHC site: H_pre / H_post as mHC; W_res [nC, S], b_res [S], a_res (shared by all factors, as in the
     reference code); norm_weight [nC] in code form. ``factors``: sizes i_k (default: prime factorisation of n,
@@ -59,44 +50,7 @@ class KromHC(MHCResSite):
     @classmethod
     def resolve_factors(cls, n: int, kron_factors: tuple[int, ...] | None) -> tuple[int, ...]:
         """kron_factors checked (each >= 2, product n) or, when None, the prime factorisation of n."""
-        default = prime_factors(n)
-        if kron_factors is None:
-            return default
-        example = _fmt(default) if len(default) > 1 else f"{n} (a single factor)"
-        factors = tuple(kron_factors)
-        for f in factors:
-            if isinstance(f, bool) or not isinstance(f, int) or f < 2:
-                raise UsageError(
-                    f"--kron-factors {_fmt(factors)} has factor {f!r}; every factor must be an integer >= 2 "
-                    f"and their product n = {n}, e.g. {example}",
-                    option="--kron-factors",
-                )
-        if math.prod(factors) != n:
-            raise UsageError(
-                f"--kron-factors {_fmt(factors)} multiplies to {math.prod(factors)}, not n = {n}; "
-                f"give factors whose product is n, e.g. {example}",
-                option="--kron-factors",
-            )
-        return factors
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        """H_res: S nC + S + 1 with S = sum_k i_k! (SPEC section 5); pre / post / norm as mHC code form."""
-        factors = cls.resolve_factors(n, factors)
-        pre, post, norm = mhc_pre_post_norm_count(n, C, form)
-        S = sum(math.factorial(f) for f in factors)
-        notes = [f"factors {_fmt(factors) or '(none, n = 1)'}"]
-        if any(f != 2 for f in factors):
-            notes.append("reference code supports only 2x2 factors (n = 2^K)")
-        if not cls.practical(n, factors):
-            big = max(factors)
-            notes.append(f"impractical: a factor of size {big} has {math.factorial(big):,} permutations")
-        return ParamCount(pre=pre, post=post, res=S * n * C + S + 1, norm=norm, notes=tuple(notes))
-
-    @classmethod
-    def practical(cls, n: int, factors: tuple[int, ...] | None) -> bool:
-        factors = cls.resolve_factors(n, factors)
-        return all(math.factorial(f) <= MAX_PRACTICAL_PERMS for f in factors)
+        return kromhc_factors(n, kron_factors)
 
     def factor_matrices(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """[..., S] -> [U_1 [..., i_1, i_1], ...] (paper orientation), softmax per factor."""

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from hcdiag.enums import Convention, Exactness, Form
-from hcdiag.registry import ParamCount, register
+from hcdiag.enums import Convention, Exactness
+from hcdiag.registry import register
 from hcdiag.site import SinkhornSpec
-from hcdiag.variants._common import MHCResSite, mhc_pre_post_norm_count
+from hcdiag.variants._common import MHCResSite
 
 
 def mhc_res_bias_init(n: int) -> torch.Tensor:
@@ -37,12 +37,7 @@ def mhc_res_bias_init(n: int) -> torch.Tensor:
     return b
 
 
-@register(
-    "mhc",
-    summary="mHC (mHC Eqs. 7-9): Sinkhorn-projected dynamic H_res, approximately doubly stochastic",
-    growth="O(n^3 C)",
-    order=30,
-)
+@register("mhc")
 class MHC(MHCResSite):
     """mHC site. Parameters: phi_pre, phi_post [nC, n], phi_res [nC, n^2], b_pre, b_post [n], b_res [n, n]
     (paper orientation), a_pre, a_post, a_res (0-dim), and in code form norm_weight [nC].
@@ -61,12 +56,6 @@ class MHC(MHCResSite):
         self.sinkhorn: SinkhornSpec = sinkhorn if sinkhorn is not None else SinkhornSpec(Convention.PAPER, 20)
         self._init_pre_post()
         self._init_res(mhc_res_bias_init(n))
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        """Paper form (n^2 + 2n)(nC + 1) + 3; code form adds the RMSNorm gain nC (SPEC section 5)."""
-        pre, post, norm = mhc_pre_post_norm_count(n, C, form)
-        return ParamCount(pre=pre, post=post, res=n * C * n * n + n * n + 1, norm=norm)
 
     def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
         """H_res [..., n, n] = Sinkhorn(logits) under ``spec`` (default ``self.sinkhorn``) (mHC Eq. 9)."""

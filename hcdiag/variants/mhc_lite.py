@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from hcdiag.enums import Exactness, Form
-from hcdiag.registry import ParamCount, register
+from hcdiag.counts import MAX_PRACTICAL_PERMS
+from hcdiag.enums import Exactness
+from hcdiag.registry import register
 from hcdiag.site import SinkhornSpec
-from hcdiag.variants._common import MHCResSite, bvn_matrices, mhc_pre_post_norm_count
+from hcdiag.variants._common import MHCResSite, bvn_matrices
 
-#: mHC-lite is flagged impractical above this many permutations (n! > 720, i.e. n >= 7): SPEC sec. 2 calls it
-#: impractical beyond n ~ 6; at n = 7 every token needs 5,040 logits, at n = 8 40,320.
-MAX_PRACTICAL_PERMS = 720
+__all__ = ["MAX_PRACTICAL_PERMS", "MHCLite", "bvn_combination", "perm_logit_bias_init"]
 
 
 def perm_logit_bias_init(k: int) -> torch.Tensor:
@@ -46,12 +45,7 @@ def bvn_combination(weights: torch.Tensor, n: int) -> torch.Tensor:
     return torch.einsum("...k,kij->...ij", weights, Q)
 
 
-@register(
-    "mhc-lite",
-    summary="mHC-lite: softmax-weighted sum of all n! permutations, exactly doubly stochastic",
-    growth="O(n! nC)",
-    order=40,
-)
+@register("mhc-lite")
 class MHCLite(MHCResSite):
     """mHC-lite site: H_pre / H_post as mHC; W_res [nC, n!], b_res [n!], a_res; norm_weight [nC] in code form.
 
@@ -67,20 +61,6 @@ class MHCLite(MHCResSite):
         k = math.factorial(n)
         self._init_pre_post()
         self._init_res(perm_logit_bias_init(k))
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        """H_res: n! nC + n! + 1 (SPEC section 5); pre / post / norm as mHC code form."""
-        pre, post, norm = mhc_pre_post_norm_count(n, C, form)
-        k = math.factorial(n)
-        notes: tuple[str, ...] = ()
-        if not cls.practical(n, None):
-            notes = (f"impractical: {k:,} permutation logits per token (n! > {MAX_PRACTICAL_PERMS})",)
-        return ParamCount(pre=pre, post=post, res=k * n * C + k + 1, norm=norm, notes=notes)
-
-    @classmethod
-    def practical(cls, n: int, factors: tuple[int, ...] | None) -> bool:
-        return math.factorial(n) <= MAX_PRACTICAL_PERMS
 
     def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
         """[..., n!] -> H_res [..., n, n] = sum_k softmax(logits)_k Q_k (``spec`` ignored: no Sinkhorn)."""

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from hcdiag.enums import Exactness, Form
-from hcdiag.registry import ParamCount, register
+from hcdiag.enums import Exactness
+from hcdiag.registry import register
 from hcdiag.site import SinkhornSpec
-from hcdiag.variants._common import MHCResSite, mhc_pre_post_norm_count
+from hcdiag.variants._common import MHCResSite
 
 #: Floor on the feasible-interval width (reference ``eps``): entries can dip to about -1e-7 by rounding.
 CHART_EPS = 1e-7
@@ -72,12 +72,7 @@ def tbp_smooth(X: torch.Tensor, delta_logit: torch.Tensor) -> torch.Tensor:
     return (1.0 - d) * X + d / X.shape[-1]
 
 
-@register(
-    "tbp",
-    summary="TBP-mHC: transportation-polytope chart, exactly doubly stochastic from (n-1)^2 logits",
-    growth="O(n^3 C)",
-    order=60,
-)
+@register("tbp")
 class TBP(MHCResSite):
     """TBP-mHC site: H_pre / H_post as mHC; W_res [nC, n^2], b_res [n, n] (allocated; only the top-left
     (n-1) x (n-1) block is used), a_res, delta_logit; norm_weight [nC] in code form.
@@ -96,24 +91,6 @@ class TBP(MHCResSite):
         self._init_pre_post()
         self._init_res(torch.zeros(n, n, dtype=torch.float64))
         self.delta_logit = self._scalar(-8.0)
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        """Allocated H_res: n^3 C + n^2 + 2; effective: (n-1)^2 nC + (n-1)^2 + 2 (SPEC section 5).
-
-        +2 = a_res and delta_logit.
-        """
-        pre, post, norm = mhc_pre_post_norm_count(n, C, form)
-        m2 = (n - 1) ** 2
-        eff = ParamCount(pre=pre, post=post, res=m2 * n * C + m2 + 2, norm=norm)
-        return ParamCount(
-            pre=pre,
-            post=post,
-            res=n * n * n * C + n * n + 2,
-            norm=norm,
-            effective=eff,
-            notes=(f"allocates W_res [nC, n^2]; the chart uses (n-1)^2 = {m2} of its n^2 = {n * n} columns",),
-        )
 
     def _res_logits_h(self, h: torch.Tensor) -> torch.Tensor:
         """x' [..., nC] -> chart logits t [..., n-1, n-1] (paper orientation, row = output stream)."""
