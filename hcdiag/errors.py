@@ -4,7 +4,9 @@ Exit codes (documented in the README):
     0  success
     1  a check failed (``--fail-above`` exceeded)
     2  usage error (bad option value, impossible combination)
-    3  unreadable or unsupported input (not a checkpoint, no HC tensors, NaN logits, ...)
+    3  unreadable or unsupported input (not a checkpoint, no HC tensors, NaN logits, ...): an InputError that a
+       reader raised where it recognised the problem, saying what, where and how to fix it
+    4  internal error: any other exception, i.e. a bug in hcdiag (``HCDIAG_DEBUG=1`` prints its traceback)
 """
 
 from __future__ import annotations

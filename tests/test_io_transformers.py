@@ -144,6 +144,38 @@ def test_sharded_dir_matches_library(dsv4):
     assert "hc_head" in loaded.metadata and loaded.unmatched_keys == []
 
 
+def test_one_shard_is_refused_naming_the_index(dsv4, tmp_path):
+    """One file of a real save_pretrained(max_shard_size=...) checkpoint, through the CLI: one line naming the
+    index beside it and the directory to pass; a shard copied away from its index: pass the directory that holds
+    all shards. Reading one shard as the model would analyse a fraction of its sites."""
+    import shutil
+
+    from cli_runner import run_cli
+
+    _, root = dsv4
+    d = root / "sharded"
+    index = d / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    k = len(shards)
+    shard = d / shards[1]
+    assert shard.name == f"model-00002-of-{k:05d}.safetensors"  # transformers' own naming
+    for cmd in (["inspect"], ["stochasticity"], ["gain-sweep", "--from"]):
+        r = run_cli(*cmd, shard)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 3 and len(lines) == 1, r.stderr
+        assert f"shard 2 of {k} of a sharded checkpoint" in lines[0]
+        assert f"whose index is {index}; pass the directory {d} " in lines[0]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(shard, alone / shard.name)
+    r = run_cli("inspect", alone / shard.name)
+    assert r.returncode == 3 and len(r.stderr.splitlines()) == 1
+    assert f"no model.safetensors.index.json beside it; pass the directory that holds all {k} shards" in r.stderr
+    r = run_cli("stochasticity", alone)
+    assert r.returncode == 3 and f"shard 2 of {k}, and no index" in r.stderr
+    assert run_cli("inspect", d).returncode == 0  # the directory itself is read whole
+
+
 def test_iters_override_matches_library(dsv4):
     model, root = dsv4
     loaded = load(root / "sharded", options=LoadOptions(iters=2))

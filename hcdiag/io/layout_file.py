@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.limits import MAX_ITERS, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
@@ -153,11 +154,14 @@ def _num(value: Any, what: str, path: str, *, integer: bool = False, minimum: fl
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Pow: operator.pow}
+_MAX_SIZE = 1 << 40  # a part size, and every intermediate of its expression ("9**9**9" must not run for hours)
 
 
 def _size(expr: Any, n: int, path: str) -> int:
     """A part size: an integer or an expression in n ("n", "n*n", "n^2", "2*n + 1")."""
     if isinstance(expr, int) and not isinstance(expr, bool):
+        if not 0 <= expr <= _MAX_SIZE:
+            raise _err(path, f"split size {expr} must be between 0 and {_MAX_SIZE:,}")
         return expr
 
     def ev(node: ast.AST) -> int:
@@ -168,11 +172,22 @@ def _size(expr: Any, n: int, path: str) -> int:
         if isinstance(node, ast.Name) and node.id == "n":
             return n
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and not (0 <= right <= 64 and abs(left) <= _MAX_SIZE):
+                raise OverflowError(expr)
+            value = _OPS[type(node.op)](left, right)
+            if abs(value) > _MAX_SIZE:
+                raise OverflowError(expr)
+            return value
         raise ValueError(expr)
 
     try:
-        return int(ev(ast.parse(str(expr).replace("^", "**"), mode="eval")))
+        value = int(ev(ast.parse(str(expr).replace("^", "**"), mode="eval")))
+        if value < 0:
+            raise OverflowError(expr)
+        return value
+    except OverflowError:
+        raise _err(path, f"split size {expr!r} is not between 0 and {_MAX_SIZE:,} at n={n}") from None
     except (ValueError, SyntaxError, TypeError):
         raise _err(path, f'split size {expr!r} is not an integer or an expression in n like "n*n"') from None
 
@@ -224,8 +239,10 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
         raise _err(ps, f"version = {data.get('version')!r}; this hcdiag reads version 1")
     if "n" not in data:
         raise _err(ps, "n (number of streams) is required")
-    n = _num(data["n"], "n", ps, integer=True, minimum=1)
+    n = bounded(_num(data["n"], "n", ps, integer=True, minimum=1), MAX_STREAMS, "layout file n (streams)", ps)
     C = _num(data["C"], "C", ps, integer=True, minimum=1) if "C" in data else None
+    if C is not None:
+        bounded(n * C, MAX_STREAM_WIDTH, "layout file n * C (stream entries per token)", ps)
 
     sites = _table(data, "sites", ps, {"pattern", "kinds", "list"})
     pattern = None
@@ -326,6 +343,8 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
                 "orders are not supported)",
             ) from None
     iters = _num(sk["iters"], "[sinkhorn] iters", ps, integer=True, minimum=1) if "iters" in sk else None
+    if iters is not None:
+        bounded(iters, MAX_ITERS, "layout file [sinkhorn] iters", ps, override="--iters")
     sk_eps = _num(sk["eps"], "[sinkhorn] eps", ps) if "eps" in sk else None
 
     return LayoutSpec(
@@ -669,6 +688,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         if spec.res_constraint != "identity" and not has_res:
             raise _err(spec.path, "H_res has neither a projection part nor a bias named res")
         module = LayoutFileSite(n=n, C=C or 1, spec=spec, tensors=tensors, consts=consts, sinkhorn=sink)
+        _trial(module, path, spec, prefix, infos)
         name = f"{kind}_{block}" if kind != "other" else f"{raw or 'site'}_{block}"
         if any(s.name == name for s in sites):
             name = f"{name}_{j}"
@@ -709,6 +729,23 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         unmatched_keys=unmatched_hc_keys(source, used),
         notes=notes,
     )
+
+
+def _trial(module: LayoutFileSite, path: str, spec: LayoutSpec, prefix: str, infos: list[TensorInfo]) -> None:
+    """Evaluate a site at x = 0 once. A layout file may pair any stored tensors with any parts, so a stored
+    shape that does not fit the part it is read as (a gain of the wrong width, a bias part that is not n or
+    n*n entries) surfaces as torch's RuntimeError in a reshape or matmul: an InputError naming the tensors."""
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, module.n, module.C, dtype=torch.float64))
+    except RuntimeError as exc:
+        shapes = ", ".join(f"{t.key} {list(t.shape)}" for t in infos) or "no tensors"
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(
+            f"{path}: site {prefix!r} ({shapes}) does not fit layout file {spec.path} at n={module.n}, "
+            f"C={module.C}: {first}; check the shapes against the file's split / names",
+            path=path,
+        ) from None
 
 
 def _describes(spec: LayoutSpec, part: str) -> bool:

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from hcdiag.errors import HcdiagError, InputError, UsageError
+from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, get_layout, layouts
+from hcdiag.io.limits import MAX_SITES, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
 from hcdiag.io.source import looks_hc, open_source, torch_dtype_of
 from hcdiag.model import LoadedModel, Site, TensorInfo
 
@@ -61,16 +62,7 @@ def detect_layout(source: TensorSource) -> tuple[Layout, str] | None:
     for lay in layouts():
         if lay.name == LAYOUT_FILE:
             continue
-        try:
-            reason = lay.detect(source)
-        except HcdiagError:
-            raise
-        except Exception as exc:  # a layout's detect must never turn a hostile file into a traceback
-            raise InputError(
-                f"{source.path}: layout {lay.name!r} failed while inspecting the keys "
-                f"({type(exc).__name__}: {exc}); force another with --layout or {_HINT}",
-                path=source.path,
-            ) from None
+        reason = lay.detect(source)  # anything but an InputError from a detect() is a bug: exit 4
         if reason:
             return lay, reason
     return None
@@ -112,19 +104,10 @@ def _check_finite(source: TensorSource, site: Site) -> None:
 def _check_shapes(source: TensorSource, model: LoadedModel, site: Site) -> None:
     n, C = model.n, model.C
     keys = ", ".join(t.key for t in site.tensors) or site.name
-    try:
-        with torch.no_grad():
-            dtype = next((b.dtype for b in site.module.buffers() if b.is_floating_point()), torch.float64)
-            out = site.module(torch.zeros(1, n, C, dtype=dtype))
-    except HcdiagError:
-        raise
-    except Exception as exc:  # shape mismatches between stored tensors surface here
-        raise InputError(
-            f"{source.path}: site {site.name} ({keys}) cannot be evaluated at n={n}, C={C}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            path=source.path,
-        ) from None
-    pre, post, res = out
+    # the layouts check every stored shape they read, so a site that fails to evaluate here is a bug (exit 4)
+    with torch.no_grad():
+        dtype = next((b.dtype for b in site.module.buffers() if b.is_floating_point()), torch.float64)
+        pre, post, res = site.module(torch.zeros(1, n, C, dtype=dtype))
     if tuple(res.shape[-2:]) != (n, n) or tuple(pre.shape[-1:]) != (n,) or tuple(post.shape[-1:]) != (n,):
         raise InputError(
             f"{source.path}: site {site.name} ({keys}) gives H_res {list(res.shape[1:])}, H_pre "
@@ -192,18 +175,15 @@ def load(
             raise _no_layout(source)
         lay, reason = found
 
-    try:
-        model = lay.load(source, options)
-    except HcdiagError:
-        raise
-    except Exception as exc:  # bad shapes or dtypes deep in a layout: one line, never a traceback
-        raise InputError(
-            f"{source.path}: layout {lay.name!r} could not build the HC sites ({type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0]}); force another layout with --layout or {_HINT}",
-            path=source.path,
-        ) from None
+    # a layout recognises a bad file where it reads it and raises InputError there; any other exception is
+    # hcdiag's own bug and reaches the CLI as an internal error (exit 4), never disguised as a bad file
+    model = lay.load(source, options)
     if not model.sites:
         raise _no_layout(source)
+    # every command's work grows with these; readers bound what a file states, this bounds what shapes imply
+    bounded(model.n, MAX_STREAMS, "streams n", source.path)
+    bounded(model.n * model.C, MAX_STREAM_WIDTH, "n * C (stream entries per token)", source.path)
+    bounded(len(model.sites), MAX_SITES, "the number of HC sites", source.path)
 
     model.layout = lay.name
     if not model.layout_reason:

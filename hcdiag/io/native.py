@@ -34,6 +34,7 @@ import torch
 from hcdiag.enums import Convention, Form
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
+from hcdiag.io.limits import MAX_ITERS, MAX_SITES, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.site import SinkhornSpec, SiteModule
 
@@ -260,7 +261,7 @@ def _meta_shapes(
         try:
             m = registry.get(variant).build(n, C, form=form, kron_factors=factors, device="meta")
             cache[key] = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-        except Exception:  # noqa: BLE001 - any variant that cannot take these sizes simply does not match
+        except ValueError:  # UsageError: a variant that cannot take these sizes simply does not match
             cache[key] = None
     return cache[key]
 
@@ -283,7 +284,7 @@ def _candidate_sizes(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[int, i
 def _practical(spec: Any, n: int) -> bool:
     try:
         return bool(spec.practical(n))
-    except Exception:  # noqa: BLE001 - a size the variant rejects is simply not a candidate
+    except ValueError:  # UsageError: a size the variant rejects is simply not a candidate
         return False
 
 
@@ -341,7 +342,8 @@ def _hc_keys(source: TensorSource) -> tuple[str, dict[int, dict[str, str]]]:
         if m is None:
             continue
         prefixes.add(m["prefix"])
-        sites.setdefault(int(m["index"]), {})[m["param"]] = key
+        index = bounded(int(m["index"]), MAX_SITES - 1, f"the site index of key {key}", source.path)
+        sites.setdefault(index, {})[m["param"]] = key
     if len(prefixes) > 1:
         shown = ", ".join(sorted(p + "hc.sites." for p in prefixes))
         raise InputError(
@@ -433,6 +435,7 @@ def _sinkhorn_settings(
         iters, src["iters"] = int(options.iters), "cli"
     elif native and "sinkhorn_iters" in meta:
         iters = _meta_int(meta, "sinkhorn_iters", path) or DEFAULT_ITERS  # present, so never None
+        bounded(iters, MAX_ITERS, "metadata sinkhorn_iters", path, override="--iters")
         src["iters"] = "metadata"
     else:
         iters, src["iters"] = DEFAULT_ITERS, "default"
@@ -545,6 +548,8 @@ def _identify_all(
 def _site_names(meta: Mapping[str, str], native: bool, stored: Sequence[int], path: str) -> tuple[list[str], str]:
     """Site names in depth order and where they came from (metadata ``sites``, ``blocks``, or assumed)."""
     blocks = _meta_int(meta, "blocks", path) if native else None
+    if blocks is not None:
+        bounded(blocks, MAX_SITES // 2, "metadata blocks", path)
     if native and "sites" in meta:
         try:
             names = json.loads(str(meta["sites"]))
@@ -556,6 +561,7 @@ def _site_names(meta: Mapping[str, str], native: bool, stored: Sequence[int], pa
                 "the metadata",
                 path=path,
             )
+        bounded(len(names), MAX_SITES, "the number of metadata sites", path)
         if blocks is not None and len(names) != 2 * blocks:
             raise InputError(
                 f"metadata of {path} lists {len(names)} sites but blocks={blocks} (2 sites per block); fix "
@@ -609,6 +615,10 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             ) from None
     n = _meta_int(meta, "n", path) if native else None
     C = _meta_int(meta, "C", path) if native else None
+    if n is not None:
+        bounded(n, MAX_STREAMS, "metadata n (streams)", path)
+    if C is not None:
+        bounded(n * C if n is not None else C, MAX_STREAM_WIDTH, "metadata n * C (stream entries per token)", path)
     form: Form | None = None
     if native and "form" in meta:
         try:
@@ -699,9 +709,15 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     # ---- build and load
     sites: list[Site] = []
     loaded: list[TensorInfo] = []
+    shapes_cache: dict = {}
     for i in range(L):
         mt = matches[i]
         spec = registry.get(mt.variant)
+        # the stored keys and shapes are checked against a meta-device build first: metadata that states a
+        # huge n or C is refused here, before a real module of that size is allocated
+        expected = _meta_shapes(mt.variant, mt.n, mt.C, mt.form, mt.kron_factors, shapes_cache)
+        if expected is not None:
+            _check_site_keys(i, infos[i], expected, prefix, mt.variant, mt.n, mt.C, path)
         try:
             module = spec.build(
                 mt.n, mt.C, layer_index=i, form=mt.form, kron_factors=mt.kron_factors, dtype=torch.float64

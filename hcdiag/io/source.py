@@ -708,6 +708,26 @@ def _training_config(obj: Any) -> dict[str, Any] | None:
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$", re.IGNORECASE)
+# transformers' shard names: model-00002-of-00004.safetensors, pytorch_model-00001-of-00002.bin
+_SHARD_FILE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<k>\d+)\.(?P<ext>safetensors|bin)$", re.IGNORECASE)
+
+
+def _shard_error(p: Path) -> InputError | None:
+    """The error for a file that is one shard of a sharded checkpoint (``model-00002-of-00004.safetensors``), or
+    None for any other file: analysing one shard as if it were the model would miss most of its sites."""
+    m = _SHARD_FILE.match(p.name)
+    if m is None or int(m["k"]) <= 1:
+        return None
+    what = f"{p}: shard {int(m['i'])} of {int(m['k'])} of a sharded checkpoint"
+    index = p.parent / f"{m['stem']}.{m['ext'].lower()}.index.json"
+    if index.is_file():
+        return InputError(
+            f"{what}, whose index is {index}; pass the directory {p.parent} to read the whole model", path=str(p)
+        )
+    return InputError(
+        f"{what}, with no {index.name} beside it; pass the directory that holds all {int(m['k'])} shards",
+        path=str(p),
+    )
 
 
 def _open_dir(d: Path, *, trust_pickle: bool, state_key: str | None) -> Any:
@@ -742,6 +762,14 @@ def _open_dir(d: Path, *, trust_pickle: bool, state_key: str | None) -> Any:
     st = [f for f in weights if f.suffix.lower() == ".safetensors"]
     chosen = st or weights
     if len(chosen) == 1:
+        if _shard_error(chosen[0]) is not None:
+            m = _SHARD_FILE.match(chosen[0].name)
+            assert m is not None
+            raise InputError(
+                f"{d}: holds only {chosen[0].name}, shard {int(m['i'])} of {int(m['k'])}, and no index; copy all "
+                f"{int(m['k'])} shards (and {m['stem']}.{m['ext'].lower()}.index.json) into it",
+                path=str(d),
+            )
         src = _open_file(chosen[0], trust_pickle=trust_pickle, state_key=state_key, config=config)
         src.metadata.update(meta)
         return src
@@ -774,4 +802,7 @@ def open_source(path: str | os.PathLike[str], *, trust_pickle: bool = False, sta
         if config is not None and not isinstance(config, dict):
             config = None
         return _open_index(p, trust_pickle=trust_pickle, state_key=state_key, config=config, metadata={})
+    shard = _shard_error(p)
+    if shard is not None:
+        raise shard
     return _open_file(p, trust_pickle=trust_pickle, state_key=state_key)
