@@ -123,9 +123,16 @@ def _record_reading(doc: dict, model) -> str:
             f"only ({model.layout} layout)")
 
 
-def _probe(probe: Probe, activations: Path | None, tokens: int, seed: int):
-    """The probe object for --probe/--activations/--tokens/--seed (UsageError naming the option)."""
+def _probe(ctx: typer.Context, probe: Probe, activations: Path | None, tokens: int, seed: int):
+    """The probe object for --probe/--activations/--tokens/--seed (UsageError naming the option, also for an
+    option the chosen probe does not use)."""
     from hcdiag.probes import make_probe
+
+    if probe != Probe.RANDOM:
+        _refuse_given(ctx, ("tokens", "seed"), f"to --probe {probe.value} (they set the random probe's tokens)")
+    if probe != Probe.ACTIVATIONS:
+        _refuse_given(ctx, ("activations",), f"to --probe {probe.value}",
+                      "drop --activations, or add --probe activations to use it")
 
     if probe == Probe.ACTIVATIONS and activations is None:
         raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)", "--activations")
@@ -195,6 +202,20 @@ def params_cmd(
         render.params(report)
 
 
+def _refuse_given(ctx: typer.Context, names: tuple[str, ...], why: str, fix: str | None = None) -> None:
+    """A usage error for the first of ``names`` (parameter names) that the user gave: it does not apply."""
+    for param in ctx.command.params:
+        src = ctx.get_parameter_source(param.name) if param.name in names else None
+        if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
+            opt = max(param.opts, key=len)
+            raise UsageError(f"{opt} does not apply {why}; {fix or 'drop ' + opt}", opt)
+
+
+#: gain-sweep options of the synthetic stack, and those of a checkpoint (--from)
+_SYNTHETIC_ONLY = ("layers", "variants", "n", "C", "init", "logit_scale", "seeds", "kron_factors")
+_FROM_ONLY = ("probe", "activations", "layout", "layout_file", "state_key", "trust_pickle")
+
+
 def _split_names(value: str | None, option: str) -> list[str] | None:
     if value is None:
         return None
@@ -221,6 +242,7 @@ def _parse_factors(value: str | None) -> tuple[int, ...] | None:
     "    hcdiag stochasticity ckpt.pt --fail-above 1e-3 --json > report.json\n\n" + EPILOG_EXIT,
 )
 def stochasticity_cmd(
+    ctx: typer.Context,
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth/.bin, or a model directory.")],
     probe: Annotated[Probe, typer.Option("--probe", help="Stream inputs: static (x = 0), random, activations.")]
     = Probe.STATIC,
@@ -232,7 +254,10 @@ def stochasticity_cmd(
     iters: IterOpt = None,
     convention: ConvOpt = None,
     dtype: Annotated[DType, typer.Option("--dtype", help="Precision of the computation.")] = DType.FLOAT64,
-    tol: Annotated[float, typer.Option("--tol", help="Tolerance for the verdict and iterations-needed.")] = 1e-6,
+    tol: Annotated[float, typer.Option(
+        "--tol", help="Tolerance for the verdict and iterations-needed, above the convention's eps floor: with eps "
+        "in the Sinkhorn denominators (transformers: hc_eps, 1e-6) converged sums sit eps below 1, so a site is ok "
+        "within tol + eps ('ok (at the eps floor)').")] = 1e-6,
     fail_above: Annotated[
         float | None, typer.Option("--fail-above", help="Exit 1 if any site's error exceeds this.")
     ] = None,
@@ -251,7 +276,7 @@ def stochasticity_cmd(
 
     if tol <= 0:
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
-    probe_obj = _probe(probe, activations, tokens, seed)
+    probe_obj = _probe(ctx, probe, activations, tokens, seed)
     model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
     report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
     doc = report.to_dict()
@@ -284,6 +309,7 @@ def stochasticity_cmd(
     "    hcdiag gain-sweep --from samples/hc-dynamic.safetensors --probe random --tokens 64\n\n" + EPILOG_EXIT,
 )
 def gain_sweep_cmd(
+    ctx: typer.Context,
     layers: Annotated[int, typer.Option("--layers", help="Blocks in the synthetic stack (2 HC sites each).")] = 64,
     variants: VariantsOpt = None,
     n: NOpt = 4,
@@ -327,7 +353,11 @@ def gain_sweep_cmd(
 
     read_line: str | None = None
     if from_ckpt is not None:
-        probe_obj = _probe(probe, activations, tokens, seed)
+        _refuse_given(ctx, _SYNTHETIC_ONLY, "with --from (the checkpoint fixes its sites, n, C and weights)")
+    else:
+        _refuse_given(ctx, _FROM_ONLY, "without --from CKPT (a synthetic stack has no checkpoint to read)")
+    if from_ckpt is not None:
+        probe_obj = _probe(ctx, probe, activations, tokens, seed)
         model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
         report = gain_from_model(
             model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, threads=threads

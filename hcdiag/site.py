@@ -37,6 +37,18 @@ class SinkhornSpec:
     source: str = "default"  # "default", "metadata", "config", "cli", ...
 
 
+def res_tensor_keys(module: SiteModule, keys: list[str]) -> list[str]:
+    """The stored keys among ``keys`` (one site's tensors) behind ``module.res_params``: a key matches a name
+    when its last dotted part is the name or ends in ``_<name>`` (``hc_attn_fn`` for ``fn``)."""
+    names = module.res_params
+    out = []
+    for k in keys:
+        last = k.rsplit(".", 1)[-1]
+        if any(last == p or last.endswith("_" + p) for p in names):
+            out.append(k)
+    return out
+
+
 class SiteModule(torch.nn.Module):
     """Base class of every variant / layout module.
 
@@ -52,6 +64,9 @@ class SiteModule(torch.nn.Module):
     #: (gain-sweep): small enough that the temporaries of elementwise passes (Sinkhorn) stay in cache and are
     #: recycled by the allocator; a projection that loops in Python over entries wants larger calls.
     projection_batch: int = 1 << 18
+    #: Names of this module's own parameters / buffers that the H_res logits are computed from, so that reports
+    #: can name the checkpoint's stored tensors behind a finding (see :func:`res_tensor_keys`).
+    res_params: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> HCOutput:  # x: [..., n, C]
         raise NotImplementedError

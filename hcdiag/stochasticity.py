@@ -46,7 +46,7 @@ from hcdiag.metrics import (
 from hcdiag.model import LoadedModel, Site
 from hcdiag.probes import ProbeBase, make_probe, torch_dtype
 from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, exact_axis, iters_to_tol, parse_convention, sinkhorn
-from hcdiag.site import SinkhornSpec
+from hcdiag.site import SinkhornSpec, res_tensor_keys
 
 __all__ = [
     "CURVE_ITERS",
@@ -72,6 +72,8 @@ _BATCH_ELEMENTS = 16384  # logits entries per batched iterations-needed run (see
 PAPER_DEFAULT = SinkhornSpec(Convention.PAPER, 20, 0.0, "default")  # mHC Eq. 9, t_max = 20
 
 VERDICT_OK = "ok"
+VERDICT_FLOOR = "ok (at the eps floor)"  # within tol of the sums' eps floor, though not within tol of 1
+VERDICTS_OK = (VERDICT_OK, VERDICT_FLOOR)
 VERDICT_OVER = "over tolerance"
 VERDICT_NA = "n/a: unconstrained"
 VERDICT_NONFINITE = "non-finite H_res"
@@ -108,6 +110,9 @@ class SiteStochasticity:
     spectral_norm_max / sigma2_max: largest / second singular value, max over tokens (Sinkhorn's error shrinks
     by about sigma_2^2 per iteration near its limit, Knight 2008, so sigma_2 near 1 means slow convergence).
     recorded_diff: with ``--probe activations``, max |H recomputed - H recorded by the model|.
+    eps_floor: where the convention adds eps to its denominators, converged sums settle eps below 1 on both
+    axes (measured: 1 - eps to 1e-10 relative); the verdict asks for ``worst <= tol + eps_floor``.
+    res_tensors: the checkpoint's stored tensors that this site's H_res logits are computed from.
     """
 
     index: int
@@ -148,22 +153,25 @@ class SiteStochasticity:
     row_sums_of_mean: tuple[float, ...] = ()
     col_sums_of_mean: tuple[float, ...] = ()
     recorded_diff: float | None = None
+    eps_floor: float | None = None
+    res_tensors: tuple[str, ...] = ()
 
     @property
     def applicable(self) -> bool:
-        """False for unconstrained (HC) sites, where a doubly-stochastic error means nothing."""
-        return self.row_err is not None
+        """False for unconstrained (HC) sites: their row and column errors are reported (how far H_res is from
+        doubly stochastic), but no constraint promises them small, so they get no verdict and no worst error."""
+        return self.exactness != Exactness.UNCONSTRAINED.value and self.row_err is not None
 
     @property
     def worst_error(self) -> float | None:
         """max over tokens and over both axes; None where not applicable."""
-        if self.row_err is None or self.col_err is None:
+        if not self.applicable or self.row_err is None or self.col_err is None:
             return None
         return max(self.row_err.max, self.col_err.max)
 
     @property
     def worst_axis(self) -> str | None:
-        if self.row_err is None or self.col_err is None:
+        if not self.applicable or self.row_err is None or self.col_err is None:
             return None
         return "rows" if self.row_err.max >= self.col_err.max else "columns"
 
@@ -426,11 +434,22 @@ def _ds_stats(H: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def _verdict(exactness: Exactness, worst: float, tol: float, bound: float) -> str:
+def eps_floor(spec: SinkhornSpec | None) -> float:
+    """The error floor of a Sinkhorn convention: sums settle eps below 1 on both axes when every denominator
+    gets + eps (transformers' hc_eps); 0 for conventions without eps."""
+    return float(spec.eps) if spec is not None and spec.eps > 0 else 0.0
+
+
+def _verdict(exactness: Exactness, worst: float, tol: float, bound: float, floor: float = 0.0) -> str:
+    """ok / ok (at the eps floor) / over tolerance / non-finite. Sinkhorn sites are judged against tol above
+    their eps floor (a converged site cannot get nearer to 1 than that); exact and identity sites against
+    tol or the rounding bound of the compute dtype, whichever is larger."""
     if not math.isfinite(worst):
         return VERDICT_NONFINITE
     if exactness is Exactness.SINKHORN:
-        return VERDICT_OK if worst <= tol else VERDICT_OVER
+        if worst <= tol:
+            return VERDICT_OK
+        return VERDICT_FLOOR if worst <= tol + floor else VERDICT_OVER
     # exact / identity: rounding at the compute dtype is not a failure, whatever tol asks for
     return VERDICT_OK if worst <= max(tol, bound) else VERDICT_OVER
 
@@ -517,17 +536,19 @@ def _analyze_site(
                 _check_logits(H, site, path, probe_name)
     ms = _matrix_stats(H)
     mean = ms.pop("mean")
+    extra.update(_ds_stats(H))
     if exactness is not Exactness.UNCONSTRAINED:
-        extra.update(_ds_stats(H))
         worst = max(extra["row_err"].max, extra["col_err"].max)
-        verdict = _verdict(exactness, worst, tol, rounding_bound(H.dtype, n))
+        extra["eps_floor"] = eps_floor(spec) if spec is not None else None
+        verdict = _verdict(exactness, worst, tol, rounding_bound(H.dtype, n), extra["eps_floor"] or 0.0)
     else:
         verdict = VERDICT_NA
     if recorded is not None:
         rec = recorded.to(torch.float64)
         if rec.shape == H.shape:
             extra["recorded_diff"] = _f((H.to(torch.float64) - rec).abs().max())
-    row = SiteStochasticity(**base, verdict=verdict, **extra, **ms)
+    keys = res_tensor_keys(module, [t.key for t in site.tensors])
+    row = SiteStochasticity(**base, verdict=verdict, **extra, **ms, res_tensors=tuple(keys))
     return _SiteWork(row=row, mean=mean, logits=logits_keep, spec=spec)
 
 
@@ -558,7 +579,9 @@ def _fill_iters_to_tol(works: list[_SiteWork], tol: float) -> None:
         for start in range(0, len(idx), per):
             chunk = idx[start : start + per]
             stacked = torch.stack([works[i].logits for i in chunk])  # type: ignore[misc]  # [L_g, T, n, n]
-            its = iters_to_tol(stacked, conv, tol, eps=eps, max_iters=ITERS_TO_TOL_LIMIT)
+            # the target sits tol above the eps floor, as the verdict does: with eps in the denominators the
+            # sums never get nearer to 1 than eps, so "reach tol" alone is unreachable for tol <= eps
+            its = iters_to_tol(stacked, conv, tol + eps, eps=eps, max_iters=ITERS_TO_TOL_LIMIT)
             for j, i in enumerate(chunk):
                 works[i].row = replace(works[i].row, **_iters_fields(its[j]))
 
@@ -616,6 +639,69 @@ def _key(v: float | None) -> float:
     return v if math.isfinite(v) else math.inf
 
 
+def _axis_state(err: float, floor: float, bound: float, tol: float) -> str:
+    """How an axis's worst error reads: exact to rounding, at the eps floor (within tol of it), or off."""
+    if err <= bound:
+        return "exact to rounding"
+    if floor > 0 and err <= floor + tol:
+        return f"at the eps floor ({_fmt(floor)}; up to {_fmt(err)})"
+    return f"off by up to {_fmt(err)}"
+
+
+def _rate_clause(rs: Sequence[SiteStochasticity], target: float, err: float, done: int) -> str:
+    """The sigma_2 explanation of slow convergence, only where it predicts more than the iteration cap: the
+    error shrinks by about sigma_2^2 per iteration near the limit (Knight 2008)."""
+    s2 = max(r.sigma2_max for r in rs)
+    if not math.isfinite(s2) or err <= target:
+        return ""
+    rate = s2 * s2
+    if rate < 1:
+        need = done + math.log(target / err) / math.log(rate)
+        if need <= ITERS_TO_TOL_LIMIT:
+            return ""
+    shape = " (near-permutation or nearly block-diagonal H_res)" if s2 >= 0.9 else ""
+    if rate >= 1:
+        return f"; sigma_2 of H_res reaches {s2:.4f}, so Sinkhorn converges very slowly here{shape}"
+    return (f"; sigma_2 of H_res reaches {s2:.4f}, so the error shrinks only by about sigma_2^2 = {rate:.4f} "
+            f"per iteration{shape}")
+
+
+def _advice_group(rs: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -> list[str]:
+    """Sinkhorn sites over tolerance that share (convention, iters, eps): what is off, and why."""
+    r0 = rs[0]
+    conv, it, floor = r0.convention or "", r0.iters or 0, r0.eps_floor or 0.0
+    exact = exact_axis(conv)
+    other = "columns" if exact == "rows" else "rows"
+    worst = max(rs, key=lambda r: _key(r.worst_error))
+
+    def axis_max(axis: str) -> float:
+        return max(_key((r.row_err if axis == "rows" else r.col_err).max) for r in rs)  # type: ignore[union-attr]
+
+    bound = rounding_bound(dtype, r0.n)
+    err_other, err_exact = axis_max(other), axis_max(exact)
+    line = (f"{other} {_axis_state(err_other, floor, bound, tol)} after {it} iterations ({conv} convention, "
+            f"site {worst.name}); {exact} {_axis_state(err_exact, floor, bound, tol)}")
+    if err_exact > max(bound, floor + tol):
+        line += f" although the last pass normalises {exact}"
+    unreached = sum(r.iters_to_tol_unreached or 0 for r in rs)
+    target = tol + floor
+    if unreached:
+        total = sum(r.tokens for r in rs)
+        line += (f"; {unreached} of {total} matrices (at {sum(1 for r in rs if r.iters_to_tol_unreached)} "
+                 f"site(s)) do not reach {_fmt(target)} within {ITERS_TO_TOL_LIMIT} iterations")
+        line += _rate_clause(rs, target, err_other, it)
+    elif all(r.iters_to_tol_max is not None for r in rs):
+        need = max(r.iters_to_tol_max or 0 for r in rs)
+        line += f"; {need} iterations reach {_fmt(target)} on these inputs"
+    return [line]
+
+
+def _fix_logits(rows: Sequence[SiteStochasticity], site: SiteStochasticity) -> str:
+    keys = site.res_tensors
+    named = f"the H_res logits' tensors ({', '.join(keys)})" if keys else "the scale of the H_res logits"
+    return f"shrink {named} or use the log-domain convention (--convention log)"
+
+
 def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -> list[str]:
     out: list[str] = []
     sk = [r for r in rows if r.exactness == Exactness.SINKHORN.value]
@@ -625,55 +711,23 @@ def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -
     for r in sk:
         if r.verdict == VERDICT_OVER:  # non-finite sites get their own line below
             groups.setdefault((r.convention or "", r.iters or 0, r.eps or 0.0), []).append(r)
-    for (conv, it, e), rs in groups.items():
-        exact = exact_axis(conv)
-        other = "columns" if exact == "rows" else "rows"
-        worst = max(rs, key=lambda r: _key(r.worst_error))
-        err_other = max(_key((r.col_err if other == "columns" else r.row_err).max) for r in rs)  # type: ignore[union-attr]
-        err_exact = max(_key((r.row_err if exact == "rows" else r.col_err).max) for r in rs)  # type: ignore[union-attr]
-        if err_other > tol and err_other >= err_exact:
-            line = (
-                f"{other} off by up to {_fmt(err_other)} after {it} iterations ({conv} convention, site "
-                f"{worst.name}; {exact} are exact to rounding)"
-            )
-        else:
-            line = (
-                f"{exact} off by up to {_fmt(err_exact)} after {it} iterations ({conv} convention, site "
-                f"{worst.name}) although its last pass normalises {exact}: rounding at this dtype or eps"
-            )
-        unreached = sum(r.iters_to_tol_unreached or 0 for r in rs)
-        if unreached:
-            total = sum(r.tokens for r in rs)
-            meds = [r.iters_to_tol_p50 for r in rs]
-            line += (
-                f"; {unreached} of {total} matrices (at {sum(1 for r in rs if r.iters_to_tol_unreached)} "
-                f"site(s)) need more than {ITERS_TO_TOL_LIMIT} iterations to reach {tol:.0e}"
-            )
-            if all(m is not None for m in meds):
-                line += f" (per-site medians {min(meds)} to {max(meds)})"  # type: ignore[type-var]
-            s2 = max(r.sigma2_max for r in rs)
-            if math.isfinite(s2):
-                # Sinkhorn's error shrinks asymptotically by sigma_2(limit)^2 per iteration (Knight 2008)
-                line += (
-                    f"; sigma_2 of H_res reaches {s2:.4f}, so the error shrinks only by about sigma_2^2 = "
-                    f"{s2 * s2:.4f} per iteration (near-permutation or nearly block-diagonal H_res)"
-                )
-        else:
-            need = max(r.iters_to_tol_max or 0 for r in rs)
-            line += f"; {need} iterations reach {tol:.0e} on these inputs"
-        out.append(line)
-        if e > 0 and tol <= 10 * e:
-            out.append(
-                f"the {conv} convention adds eps = {e:g} to every denominator, so sums settle about "
-                f"{e:g} below 1 on both axes: a tolerance of {tol:.0e} is at or below that floor"
-            )
+    for rs in groups.values():
+        out += _advice_group(rs, tol, dtype)
+    floors = sorted({r.eps_floor for r in sk if r.eps_floor})
+    if floors and tol <= 10 * floors[-1]:
+        at = sum(1 for r in sk if r.verdict == VERDICT_FLOOR)
+        out.append(
+            f"eps = {', '.join(f'{e:g}' for e in floors)} in every Sinkhorn denominator: converged sums settle "
+            f"eps below 1 on both axes (the eps floor), so verdicts and iterations-to-tolerance ask for errors "
+            f"within tol = {tol:g} of that floor" + (f"; {at} site(s) are ok at the floor" if at else "")
+        )
 
     # 2. logit range / overflow (Sinkhorn sites)
     ranged = [r for r in sk if r.logit_range_max is not None]
     if ranged:
         r = max(ranged, key=lambda r: r.logit_range_max or 0.0)
         R = r.logit_range_max or 0.0
-        fix = "reduce the a_res / b_res scale or use the log-domain convention (--convention log)"
+        fix = _fix_logits(rows, r)
         if R > UNDERFLOW_RANGE_F32:
             out.append(
                 f"logit range up to {R:.3g} at site {r.name}: exp() underflows in float32 (range > "
@@ -763,7 +817,7 @@ def _summary(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) 
     return StochasticitySummary(
         sites=len(rows),
         applicable=len(app),
-        over_tol=sum(1 for r in app if r.verdict != VERDICT_OK),
+        over_tol=sum(1 for r in app if r.verdict not in VERDICTS_OK),
         tol=tol,
         worst_site=worst.name if worst else None,
         worst_index=worst.index if worst else None,

@@ -358,6 +358,7 @@ class LucidrainsSite(SiteModule):
     static_alpha: nn.Parameter
     dynamic_alpha_fn: nn.Parameter
     norm: ParamHolder
+    res_params = ("static_alpha", "dynamic_alpha_fn", "residual_scale", "dynamic_alpha_scale")
     maybe_mix_streams: ParamHolder | None
 
     def __init__(

@@ -187,6 +187,7 @@ class RefSite(SiteModule):
     dynamic_alpha_fn: nn.Parameter
     norm: ParamHolder
     delta_logit: nn.Parameter | None
+    res_params = ("static_alpha", "dynamic_alpha_fn", "residual_scale")
 
     def __init__(
         self,

@@ -123,6 +123,8 @@ class TransformersMHCSite(_TransformersSiteBase):
     Reproduces ``DeepseekV4HyperConnection.forward`` and returns paper convention: H_res = comb^T.
     """
 
+    res_params = ("fn", "base", "scale")  # packed: comb is the last n^2 rows of fn / base, with scale[2]
+
     exactness = Exactness.SINKHORN
     registry_variant = "mhc"
     param_form = Form.PAPER

@@ -268,6 +268,10 @@ class MHCResSite(MHCPrePost):
 
     res_projection: ClassVar[str] = "W_res"
 
+    @property
+    def res_params(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.res_projection, "a_res", "b_res")
+
     def _init_res(self, b_res: torch.Tensor) -> None:
         """W = 0 [nC, b_res.numel()] under the name ``res_projection``, b_res = ``b_res``, a_res = 0.01."""
         setattr(self, self.res_projection, self._zeros(self.n * self.C, b_res.numel()))

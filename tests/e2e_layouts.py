@@ -1,0 +1,361 @@
+"""One checkpoint per layout hcdiag reads, written by the real library, with an oracle for its H_res.
+
+Each builder writes a checkpoint (and an activations file for ``--probe activations``) into a directory and
+returns a :class:`Case`. ``Case.oracle(index, x)`` gives the H_res [T, n, n] (paper convention, float64) that
+the *library's own module* computes for site ``index`` on streams x [T, n, C], or None where the library adds the
+residual unmixed (H_res = I). The oracles never call hcdiag: transformers' HyperConnection modules, lucidrains'
+modules (the Sinkhorn output they hand to their mixing step), the reference ports of the nanoGPT repos
+(tests/test_io_nanogpt.py), the numpy reference of docs/layout-file.md, and for native files the variant
+modules that wrote them.
+
+Adding a layout = adding a builder to :data:`BUILDERS`; the matrix test gains its cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+Oracle = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class Case:
+    path: Path
+    oracle: Oracle
+    activations: Path
+    args: tuple[str, ...] = ()  # extra CLI arguments the layout needs (--layout-file ...)
+    sites: list[dict] | None = None  # filled by the matrix test from the first inspect --json
+
+
+def _perturb(m: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return m
+
+
+def _streams(seed: int, T: int, n: int, C: int) -> torch.Tensor:
+    return torch.randn(T, n, C, generator=torch.Generator().manual_seed(seed)) * 2.0
+
+
+def _write_activations(path: Path, xs: list[torch.Tensor], hs: list[torch.Tensor]) -> Path:
+    """The hcdiag.capture file format (hcdiag/capture.py docstring), written from the library's own numbers."""
+    tensors, sites = {}, []
+    for i, (x, h) in enumerate(zip(xs, hs, strict=True)):
+        tensors[f"sites.{i}.x"] = x.float().contiguous()
+        tensors[f"sites.{i}.h_res"] = h.float().contiguous()
+        sites.append({"index": i, "name": f"site{i}", "module_class": "reference", "h_res_from": "output",
+                      "tokens": x.shape[0], "n": x.shape[1], "C": x.shape[2]})
+    save_file(tensors, str(path), metadata={"format": "hcdiag-activations", "version": "1",
+                                            "sites": json.dumps(sites)})
+    return path
+
+
+def _acts_from_oracle(path: Path, oracle: Oracle, count: int, n: int, C: int) -> Path:
+    xs = [_streams(100 + i, 5, n, C) for i in range(count)]
+    hs = []
+    for i, x in enumerate(xs):
+        h = oracle(i, x.double())
+        hs.append(torch.eye(n).expand(x.shape[0], n, n) if h is None else h)
+    return _write_activations(path, xs, hs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# native: hcdiag's own file format, one per registry variant
+
+
+def native(variant: str) -> Callable[[Path], Case]:
+    def build(d: Path) -> Case:
+        from hcdiag import registry
+        from hcdiag.capture import capture
+        from hcdiag.io.native import save_native
+
+        n, C, blocks = 4, 8, 2
+        mods = [_perturb(registry.get(variant).build(n, C, layer_index=k, dtype=torch.float64), 7 + k, 0.3)
+                for k in range(2 * blocks)]
+        path = save_native(d / f"{variant}.safetensors", mods, variant=variant, n=n, C=C, blocks=blocks,
+                           sinkhorn=None, form="code")
+
+        def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+            with torch.no_grad():
+                return mods[i](x).res.double().detach()
+
+        acts = d / "acts.safetensors"
+        with capture(nn.ModuleList(mods), acts), torch.no_grad():
+            for i, m in enumerate(mods):
+                m(_streams(100 + i, 5, n, C).double())
+        return Case(Path(path), oracle, acts)
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers: DeepSeek-V4, GLM-5-Next, HY-V4, HY-V4-VL (tiny configs, random HC weights, save_pretrained)
+
+
+def _randomize_hc(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_hc." in name or "hc_head" in name:
+                scale = {"fn": 0.3, "base": 1.0, "scale": 1.5}.get(name.rsplit(".", 1)[-1].removeprefix("hc_"), 1.0)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _hc_modules(layers: nn.ModuleList) -> list[nn.Module]:
+    return [m for layer in layers for m in (layer.attn_hc, layer.ffn_hc)]
+
+
+def _transformers_case(d: Path, model: nn.Module, layers: nn.ModuleList, *, comb: bool) -> Case:
+    from hcdiag.capture import capture
+
+    _randomize_hc(model, 1)
+    model.eval()
+    model.save_pretrained(d / "ckpt")
+    libs = [copy.deepcopy(m) for m in _hc_modules(layers)]
+
+    def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+        if not comb:
+            return None
+        with torch.no_grad():
+            _, c, _ = libs[i](x.float().unsqueeze(0))  # comb [1, T, input, output]; the layer applies comb^T
+        return c[0].transpose(-1, -2).double()
+
+    acts = d / "acts.safetensors"
+    ids = torch.arange(6).reshape(1, 6) % 60 + 1
+    with capture(model, acts), torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    return Case(d / "ckpt", oracle, acts)
+
+
+def deepseek_v4(d: Path) -> Case:
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    cfg = DeepseekV4Config(
+        vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, q_lora_rank=16, num_experts_per_tok=1, n_routed_experts=2,
+        n_shared_experts=1, hc_mult=4, o_groups=1, o_lora_rank=16, index_n_heads=2, index_head_dim=8, index_topk=4,
+        num_nextn_predict_layers=0, sliding_window=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(cfg)
+    return _transformers_case(d, model, model.model.layers, comb=True)
+
+
+def glm5_next(d: Path) -> Case:
+    from transformers import Glm5NextTextConfig, Glm5NextTextModel
+
+    cfg = Glm5NextTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1, kv_lora_rank=8,
+        q_lora_rank=8, qk_rope_head_dim=0, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2, index_head_dim=8,
+        index_topk=16, index_kpool=4, linear_head_dim=8, linear_num_heads=2, hc_mult=3, hc_sinkhorn_iters=5,
+        hc_eps=2e-6, rms_norm_eps=1e-5, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Glm5NextTextModel(cfg)
+    return _transformers_case(d, model, model.layers, comb=True)
+
+
+_HY_TEXT = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=16, n_routed_experts=2, num_experts_per_tok=1,
+    kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2,
+    index_head_dim=8, index_topk=4, hc_mult=4, hc_magnitude=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+def hy_v4(d: Path) -> Case:
+    from transformers import HYV4Config, HYV4Model
+
+    torch.manual_seed(0)
+    model = HYV4Model(HYV4Config(**_HY_TEXT))
+    return _transformers_case(d, model, model.layers, comb=False)
+
+
+def hy_v4_vl(d: Path) -> Case:
+    from transformers.models.hy_v4_vl.configuration_hy_v4_vl import HYV4VLTextConfig
+    from transformers.models.hy_v4_vl.modeling_hy_v4_vl import HYV4VLTextModel
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}  # sums to qk_rope_head_dim / 2
+    model = HYV4VLTextModel(HYV4VLTextConfig(**_HY_TEXT, rope_parameters=rope))
+    return _transformers_case(d, model, model.layers, comb=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lucidrains hyper-connections: HC, mHC, mHCv2; .safetensors, .pt, a training dict
+
+
+def _lucidrains_h(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The H_res (paper convention) the library module uses on streams x [T, n, C] (f = 1, one batch)."""
+    from hyper_connections import hyper_connections as hc_mod
+    from hyper_connections.hyper_connections import HyperConnections
+
+    v2 = type(m).__module__.endswith("mHCv2")
+    R = x.unsqueeze(0) if v2 else x.transpose(0, 1)  # v2: [b, T, s, d]; v1: [(b s), T, d]
+    got: list[torch.Tensor] = []
+    if isinstance(m, HyperConnections):
+        real = hc_mod.einsum
+
+        def spy(*args, **kwargs):
+            if len(args) == 3 and "f1 s f2 t" in args[2]:
+                a = args[0][..., 0, :, 0, m.num_input_views:]  # alpha [.., input s, output t]
+                got.append(a.reshape(-1, *a.shape[-2:]).mT)
+            return real(*args, **kwargs)
+
+        hc_mod.einsum = spy
+        try:
+            m.width_connection(R)
+        finally:
+            hc_mod.einsum = real
+    else:
+        real_fn = m.residual_mix_constraint_fn
+
+        def wrapped(a):
+            res = real_fn(a)  # [proposals, ..., input, output]; the library mixes with their mean
+            got.append(res.mean(0).reshape(-1, *res.shape[-2:]).mT)
+            return res
+
+        m.residual_mix_constraint_fn = wrapped
+        try:
+            m.width_connection(R)
+        finally:
+            m.residual_mix_constraint_fn = real_fn
+    assert len(got) == 1
+    return got[0].double()
+
+
+def lucidrains(kind: str, fmt: str = "safetensors") -> Callable[[Path], Case]:
+    """kind: hc | mhc | mhcv2 | mixed (mHC, mHCv2 and HC sites in one network); fmt: safetensors | pt | train."""
+
+    def build(d: Path) -> Case:
+        from hyper_connections.hyper_connections import HyperConnections
+        from hyper_connections.manifold_constrained_hyper_connections import (
+            ManifoldConstrainedHyperConnections as MHC,
+        )
+        from hyper_connections.mHCv2 import ManifoldConstrainedHyperConnections as MHCv2
+
+        from hcdiag.capture import capture
+
+        n, C = 4, 8
+        cls = {"hc": [HyperConnections], "mhc": [MHC], "mhcv2": [MHCv2], "mixed": [MHC, MHCv2, HyperConnections]}
+        order = cls[kind]
+        torch.manual_seed(0)
+        blocks = []
+        for i in range(2):
+            a, f = order[(2 * i) % len(order)], order[(2 * i + 1) % len(order)]
+            blocks.append(nn.ModuleDict({"attn_hc": a(n, dim=C, layer_index=2 * i),
+                                         "ff_hc": f(n, dim=C, layer_index=2 * i + 1)}))
+        # strong enough that 20 Sinkhorn iterations leave a visible error at the static probe
+        net = _perturb(nn.ModuleDict({"layers": nn.ModuleList(blocks)}), seed=11, scale=2.0).eval()
+        libs = [m for blk in net["layers"] for m in (blk["attn_hc"], blk["ff_hc"])]
+        sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+        if fmt == "safetensors":
+            path = d / "net.safetensors"
+            save_file(sd, str(path))
+        elif fmt == "pt":
+            path = d / "net.pt"
+            torch.save(sd, path)
+        else:  # a training checkpoint: model + optimizer state + step
+            path = d / "train.pt"
+            opt = torch.optim.AdamW(net.parameters())
+            torch.save({"model": sd, "optimizer": opt.state_dict(), "step": 12, "epoch": 1}, path)
+        libs64 = [copy.deepcopy(m).double() for m in libs]
+
+        def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+            with torch.no_grad():
+                return _lucidrains_h(libs64[i], x.double())
+
+        acts = d / "acts.safetensors"
+        with capture(net, acts), torch.no_grad():
+            for i, m in enumerate(libs):
+                x = _streams(100 + i, 5, n, C)
+                m(x.unsqueeze(0) if type(m).__module__.endswith("mHCv2") else x.transpose(0, 1))
+        return Case(path, oracle, acts)
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nanoGPT reference repos (mhc-lite / KromHC / tbp-mHC model.py): the reference port of tests/test_io_nanogpt.py
+
+
+def _ref_h(ref: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The reference port's alpha_res (its mixing step's input), transposed to paper convention, one token at a
+    time (the port's Kronecker step broadcasts over a single leading dim), in the port's float32."""
+    s = ref.n
+    out = []
+    for t in range(x.shape[0]):
+        normed = ref.norm(x[t : t + 1].float().reshape(1, s * x.shape[-1]))
+        alpha, _ = ref.alpha_beta(normed)  # mHC / TBP: [1, f, s, f, v + s]; mHC-lite / KromHC: [1, s, f, v + s]
+        a = alpha[0, 0, :, 0, ref.v :] if alpha.ndim == 5 else alpha[0, :, 0, ref.v :]
+        out.append(a.mT.double())
+    return torch.stack(out)
+
+
+def nanogpt(variant: str) -> Callable[[Path], Case]:
+    def build(d: Path) -> Case:
+        from test_io_nanogpt import gpt_state
+
+        n, C = 4, 8
+        sd, refs = gpt_state(variant, n, C, blocks=2, seed=3)
+        path = d / "ckpt.pt"
+        torch.save({"model": sd, "model_args": {"hyper_conn_type": variant, "hyper_conn_n": n}, "iter_num": 5},
+                   path)
+        def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+            with torch.no_grad():
+                return _ref_h(refs[i], x)
+
+        return Case(path, oracle, _acts_from_oracle(d / "acts.safetensors", oracle, len(refs), n, C))
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a layout file (docs/layout-file.md's "braid" example)
+
+
+def layout_file(d: Path) -> Case:
+    from test_layout_file import BLOCKS, _braid_reference, _braid_sd, _doc_toml
+
+    sd = _braid_sd()
+    path = d / "braid.safetensors"
+    save_file(sd, str(path))
+    lay = d / "braid.toml"
+    lay.write_text(_doc_toml())
+
+    def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+        kind = "attn" if i % 2 == 0 else "mlp"
+        _, _, res = _braid_reference(sd, f"trunk.blocks.{i // 2}.{kind}_braid.", x.numpy())
+        return torch.from_numpy(np.ascontiguousarray(res))
+
+    n = 4
+    C = sd["trunk.embed.weight"].shape[1]
+    acts = _acts_from_oracle(d / "acts.safetensors", oracle, 2 * BLOCKS, n, C)
+    return Case(path, oracle, acts, ("--layout-file", str(lay)))
+
+
+def _builders() -> dict[str, Callable[[Path], Case]]:
+    from hcdiag import registry
+
+    out: dict[str, Callable[[Path], Case]] = {f"native-{v}": native(v) for v in registry.names()}
+    out |= {"dsv4": deepseek_v4, "glm5-next": glm5_next, "hy-v4": hy_v4, "hy-v4-vl": hy_v4_vl}
+    out |= {"lr-hc": lucidrains("hc"), "lr-mhc": lucidrains("mhc"), "lr-mhcv2": lucidrains("mhcv2"),
+            "lr-mixed-pt": lucidrains("mixed", "pt"), "lr-train-dict": lucidrains("mhc", "train")}
+    out |= {f"nanogpt-{v}": nanogpt(v) for v in ("mhc", "mhc_lite", "kromhc", "tbp_mhc")}
+    out["layout-file"] = layout_file
+    return out
+
+
+BUILDERS = _builders()
