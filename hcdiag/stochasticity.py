@@ -46,7 +46,7 @@ from hcdiag.metrics import (
 from hcdiag.model import LoadedModel, Site
 from hcdiag.probes import ProbeBase, make_probe, torch_dtype
 from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, exact_axis, iters_to_tol, parse_convention, sinkhorn
-from hcdiag.site import SinkhornSpec, res_tensor_keys
+from hcdiag.site import SinkhornSpec, SiteModule, res_tensor_keys
 
 __all__ = [
     "CURVE_ITERS",
@@ -109,7 +109,10 @@ class SiteStochasticity:
     gain_*_of_mean: gain of the token-mean matrix. row_sums_of_mean / col_sums_of_mean: sums of that matrix.
     spectral_norm_max / sigma2_max: largest / second singular value, max over tokens (Sinkhorn's error shrinks
     by about sigma_2^2 per iteration near its limit, Knight 2008, so sigma_2 near 1 means slow convergence).
-    recorded_diff: with ``--probe activations``, max |H recomputed - H recorded by the model|.
+    recorded_diff: with ``--probe activations``, max |H recomputed - H recorded by the model|; recorded_tol:
+    the float32 rounding of the recomputed matrix (8 n eps_f32 max(1, max |H|), as :func:`rounding_bound`), above
+    which the advice says that the two disagree (the model records in float32).
+    h_pre_mean / h_post_mean: token mean of H_pre / H_post [n] (what the branch reads / writes per stream).
     eps_floor: where the convention adds eps to its denominators, converged sums settle eps below 1 on both
     axes (measured: 1 - eps to 1e-10 relative); the verdict asks for ``worst <= tol + eps_floor``.
     res_tensors: the checkpoint's stored tensors that this site's H_res logits are computed from.
@@ -153,6 +156,9 @@ class SiteStochasticity:
     row_sums_of_mean: tuple[float, ...] = ()
     col_sums_of_mean: tuple[float, ...] = ()
     recorded_diff: float | None = None
+    recorded_tol: float | None = None
+    h_pre_mean: tuple[float, ...] = ()
+    h_post_mean: tuple[float, ...] = ()
     eps_floor: float | None = None
     res_tensors: tuple[str, ...] = ()
 
@@ -546,10 +552,22 @@ def _analyze_site(
     if recorded is not None:
         rec = recorded.to(torch.float64)
         if rec.shape == H.shape:
-            extra["recorded_diff"] = _f((H.to(torch.float64) - rec).abs().max())
+            H64 = H.to(torch.float64)
+            extra["recorded_diff"] = _f((H64 - rec).abs().max())
+            scale = max(1.0, _f(H64.abs().max())) if bool(torch.isfinite(H64).all()) else 1.0
+            extra["recorded_tol"] = rounding_bound(torch.float32, n) * scale
+    extra.update(_pre_post(m, x, n))
     keys = res_tensor_keys(module, [t.key for t in site.tensors])
     row = SiteStochasticity(**base, verdict=verdict, **extra, **ms, res_tensors=tuple(keys))
     return _SiteWork(row=row, mean=mean, logits=logits_keep, spec=spec)
+
+
+def _pre_post(m: SiteModule, x: torch.Tensor, n: int) -> dict[str, tuple[float, ...]]:
+    """Token means of the site's H_pre and H_post [n] on the probe's tokens x [T, n, C]."""
+    with torch.no_grad():
+        out = m(x)
+    pre, post = (t.detach().to(torch.float64).reshape(-1, n).mean(0) for t in (out.pre, out.post))
+    return {"h_pre_mean": tuple(float(v) for v in pre), "h_post_mean": tuple(float(v) for v in post)}
 
 
 def _iters_fields(its: torch.Tensor) -> dict[str, Any]:
@@ -788,12 +806,18 @@ def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -
         )
 
     # 6. recorded activations disagree with the recomputation
-    rec = [r for r in rows if r.recorded_diff is not None and r.recorded_diff > 1e-2]
+    rec = [r for r in rows if r.recorded_diff is not None and r.recorded_diff > (r.recorded_tol or 0.0)]
     if rec:
         r = max(rec, key=lambda r: r.recorded_diff or 0.0)
+        cause = (
+            "check --convention and --iters (the checkpoint does not store them)"
+            if r.exactness == Exactness.SINKHORN.value
+            else "check the layout's options (e.g. --hc-tanh / --no-hc-tanh for hyper-connections HC sites)"
+        )
         out.append(
-            f"recomputed H_res differs from the model's recorded one by up to {r.recorded_diff:.2g} (site "
-            f"{r.name}): the model projects differently; check --convention and --iters"
+            f"recomputed H_res differs from the model's recorded one by up to {r.recorded_diff:.2g} at {len(rec)} "
+            f"site(s) (worst {r.name}), above float32 rounding of the recomputed matrix "
+            f"({_fmt(r.recorded_tol or 0.0)}): the model projects differently; {cause}"
         )
     return out
 
