@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -92,9 +93,6 @@ TrustOpt = Annotated[
 ]
 
 
-_STATE = {"reading_input": False}  # unexpected failures while reading a user's file exit 3, else 4
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -104,7 +102,6 @@ def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int |
     from hcdiag.io.base import LoadOptions
     from hcdiag.io.load import load
 
-    _STATE["reading_input"] = True
     options = LoadOptions(
         iters=iters,
         convention=str(convention) if convention else None,
@@ -412,7 +409,6 @@ def inspect_cmd(
     from hcdiag.inspect import inspect_checkpoint
     from hcdiag.io.base import LoadOptions
 
-    _STATE["reading_input"] = True
     report = inspect_checkpoint(
         str(ckpt), layout=layout,
         options=LoadOptions(layout_file=str(layout_file) if layout_file else None,
@@ -474,40 +470,59 @@ def main(argv: list[str] | None = None) -> None:
     click_exc = tuple(m.ClickException for m in mods)
     abort = tuple(m.Abort for m in mods if hasattr(m, "Abort"))
     try:
-        rc = command.main(args=argv, prog_name="hcdiag", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _foreign_warning  # restored on leaving the block
+            rc = command.main(args=argv, prog_name="hcdiag", standalone_mode=False)
     except HcdiagError as exc:
+        _debug_traceback(exc)
         _stderr(f"hcdiag: error: {exc}")
         sys.exit(exc.exit_code)
     except no_args:
         sys.exit(2)  # the help text has been printed already
     except usage as exc:
+        _debug_traceback(exc)
         hint = ""
         if exc.ctx is not None:
             hint = f"; see `{exc.ctx.command_path} --help`"
         _stderr(f"hcdiag: error: {_one_line(exc.format_message())}{hint}")
         sys.exit(2)
     except click_exc as exc:
+        _debug_traceback(exc)
         _stderr(f"hcdiag: error: {_one_line(exc.format_message())}")
         sys.exit(exc.exit_code)
-    except abort:
-        _stderr("hcdiag: interrupted")
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (*abort, KeyboardInterrupt) as exc:
+        _debug_traceback(exc)
         _stderr("hcdiag: interrupted")
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
-    except Exception as exc:  # noqa: BLE001 - last line of defence: never a traceback for a user
-        if os.environ.get("HCDIAG_DEBUG"):
-            raise
-        code = 3 if _STATE["reading_input"] else 4
-        what = "could not process the input" if code == 3 else "internal error"
-        _stderr(f"hcdiag: error: {what}: {type(exc).__name__}: {_one_line(str(exc))[:300]} "
-                "(rerun with HCDIAG_DEBUG=1 for a traceback and report it if the file is valid)")
-        sys.exit(code)
+    except Exception as exc:  # noqa: BLE001 - not an input hcdiag recognised as bad: hcdiag's own bug
+        # readers raise InputError (exit 3) for every bad file they recognise; anything else is exit 4
+        _debug_traceback(exc)
+        msg = _one_line(str(exc))[:300]
+        what = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+        _stderr(f"hcdiag: internal error: {what}; rerun with HCDIAG_DEBUG=1 for the traceback")
+        sys.exit(4)
     if rc == 130:  # typer turns KeyboardInterrupt into Exit(130), which click returns without a word
         _stderr("hcdiag: interrupted")
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _foreign_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Another library's warning (torch, safetensors, matplotlib) as one hcdiag line, not a source excerpt."""
+    text = _one_line(str(message)).split(" (Triggered internally")[0]
+    _stderr(f"hcdiag: warning: {category.__name__}: {text[:300]}")
+
+
+def _debug_traceback(exc: BaseException) -> None:
+    """With HCDIAG_DEBUG set, print ``exc``'s traceback on stderr, including the exception a reader caught and
+    turned into an InputError (``raise ... from None`` hides it otherwise)."""
+    if not os.environ.get("HCDIAG_DEBUG"):
+        return
+    import traceback
+
+    exc.__suppress_context__ = False
+    traceback.print_exception(exc, file=sys.stderr)
 
 
 def _one_line(text: str) -> str:

@@ -20,7 +20,7 @@ import torch
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, get_layout, layouts
 from hcdiag.io.limits import MAX_SITES, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
-from hcdiag.io.source import looks_hc, open_source, torch_dtype_of
+from hcdiag.io.source import check_float_dtype, looks_hc, open_source, torch_dtype_of
 from hcdiag.model import LoadedModel, Site, TensorInfo
 
 __all__ = ["LAYOUT_FILE", "LAYOUT_MODULES", "detect_layout", "import_layouts", "load", "unmatched_hc_keys"]
@@ -130,6 +130,8 @@ class _HeaderOnlySource:
 
     def get(self, key: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
         info = self._inner.info(key)
+        if dtype is not None and dtype.is_floating_point:
+            check_float_dtype(self._inner.path, key, info.dtype)  # what a full read would refuse
         dt = dtype or torch_dtype_of(info.dtype) or torch.float32
         return torch.zeros(info.shape, dtype=dt)
 

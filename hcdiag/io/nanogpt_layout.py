@@ -69,6 +69,7 @@ from torch import nn
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.limits import MAX_STREAMS
 from hcdiag.io.lucidrains_layout import (
     IGNORED_SUBTREES,
     SCALAR_SHAPES,
@@ -342,6 +343,8 @@ def _fail(prefix: str, why: str, path: str | None) -> InputError:
 def _lite_krom_candidates(L: int, n_hint: int | None) -> list[tuple[str, int, int]]:
     """(variant, n, v) whose 1-D static_alpha length v n + R equals L; v = 1 candidates first."""
     out = []
+    if n_hint is not None and n_hint > MAX_STREAMS:
+        return []  # a zero-sized tensor can state any n: never take n! of it
     ns = [n_hint] if n_hint else range(2, 13)
     for n in ns:
         for variant, R in (

@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -122,6 +123,22 @@ _ST_DTYPES: dict[str, tuple[str, float | None]] = {
 _MAX_HEADER = 100_000_000  # the safetensors format's own limit
 
 
+#: stored dtypes whose values are the numbers themselves; float8 / float4 / float6, integer and quantized tensors
+#: need a scale stored elsewhere (DeepSeek-V4's ``scale_inv``), bool and complex are no HC parameter
+READABLE_AS_FLOAT = ("float64", "float32", "float16", "bfloat16")
+
+
+def check_float_dtype(path: str, key: str, stored: str) -> None:
+    """InputError unless a tensor stored as ``stored`` (a :class:`TensorInfo` dtype name) can be read as real
+    floating-point numbers without a scale hcdiag does not know."""
+    if stored not in READABLE_AS_FLOAT:
+        raise InputError(
+            f"{path}: tensor {key!r} is stored as {stored}; hcdiag reads HC tensors stored as "
+            f"{' / '.join(READABLE_AS_FLOAT)}: dequantise the checkpoint first",
+            path=path,
+        )
+
+
 def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     t = t.detach()
     if dtype is None:
@@ -169,7 +186,13 @@ class _StHeader:
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict):
             raise InputError(_bad(path, "safetensors __metadata__ is not an object"), path=str(path))
-        self.metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        odd = next((k for k, v in meta.items() if not isinstance(v, str)), None)
+        if odd is not None:  # safetensors itself refuses such a file when a tensor is read
+            raise InputError(
+                _bad(path, f"safetensors __metadata__ value of {odd!r} is not a string; the format stores strings"),
+                path=str(path),
+            )
+        self.metadata = {str(k): v for k, v in meta.items()}
         self.infos: dict[str, TensorInfo] = {}
         self.nbytes: dict[str, int] = {}
         for key, entry in header.items():
@@ -275,7 +298,9 @@ class SafetensorsSource(_IndexedSource):
         self.metadata.update(metadata or {})
 
     def get(self, key: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
-        self.info(key)
+        info = self.info(key)
+        if dtype is not None and dtype.is_floating_point:
+            check_float_dtype(self.path, key, info.dtype)
         f, stored, nbytes = self._where[key]
         try:
             handle = self._handles.get(f)
@@ -385,10 +410,14 @@ class TorchSource(_IndexedSource):
     def _load(self, p: Path, trust_pickle: bool) -> Any:
         self._legacy = not zipfile.is_zipfile(p)
         try:
-            if trust_pickle:
-                # Dangerous by design: the user vouched for the file (--trust-pickle).
-                return torch.load(p, map_location="cpu", weights_only=False, mmap=not self._legacy)
-            return torch.load(p, map_location="cpu", weights_only=True, mmap=not self._legacy)
+            with warnings.catch_warnings():
+                # torch's own deprecation notices while rebuilding storages (TypedStorage for quantized
+                # tensors) are not the user's concern; what hcdiag cannot read it says itself
+                warnings.simplefilter("ignore", UserWarning)
+                if trust_pickle:
+                    # Dangerous by design: the user vouched for the file (--trust-pickle).
+                    return torch.load(p, map_location="cpu", weights_only=False, mmap=not self._legacy)
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=not self._legacy)
         except pickle.UnpicklingError as exc:
             msg = str(exc)
             if not trust_pickle and ("Unsupported global" in msg or "GLOBAL" in msg):
@@ -497,7 +526,9 @@ class TorchSource(_IndexedSource):
         return total
 
     def get(self, key: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
-        self.info(key)
+        info = self.info(key)
+        if dtype is not None and dtype.is_floating_point:
+            check_float_dtype(self.path, key, info.dtype)
         t = self._tensors[key]
         try:
             out = _convert(t, dtype)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from hcdiag.enums import Convention, Exactness, Form
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
@@ -318,6 +319,11 @@ def _settings(source: TensorSource, options: LoadOptions) -> _Settings:
         elif default is not None:
             vals[key] = default
             src[key] = f"default ({key}={default})"
+    if "hc_sinkhorn_iters" in cfg or "hc_sinkhorn_iters" in top:
+        bounded(vals["hc_sinkhorn_iters"], MAX_ITERS, f"{src['hc_sinkhorn_iters'].split(' (')[0]} hc_sinkhorn_iters",
+                source.path, override="--iters")
+    if "hc_mult" in vals:
+        bounded(vals["hc_mult"], MAX_STREAMS, "config.json hc_mult (streams n)", source.path)
     if options.iters is not None:
         if isinstance(options.iters, bool) or not isinstance(options.iters, int) or options.iters < 1:
             raise UsageError(f"--iters {options.iters!r} must be an integer >= 1", option="--iters")
@@ -350,6 +356,20 @@ def _infer_n(rows: int, scale_len: int) -> int | None:
     if scale_len == 2 and rows % 2 == 0 and rows >= 2:
         return rows // 2
     return None
+
+
+def _gaps(blocks: list[int], shown: int = 8) -> str:
+    """The missing block numbers between the first and the last of ``blocks`` (sorted), as text: at most
+    ``shown`` of them and a count, never the whole range (a key may name block 10^8)."""
+    missing: list[int] = []
+    total = 0
+    for a, b in zip(blocks, blocks[1:]):
+        total += b - a - 1
+        missing.extend(range(a + 1, min(b, a + 1 + shown - len(missing))))
+    if not total:
+        return ""
+    more = f" and {total - len(missing):,} more" if total > len(missing) else ""
+    return "[" + ", ".join(map(str, missing)) + "]" + more
 
 
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
@@ -511,8 +531,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     settings_source["hc_eps"] = st.source["hc_eps"]
     settings_source["rms_norm_eps"] = st.source["rms_norm_eps"]
 
-    blocks = sorted({s.block for s in sites})
-    gaps = sorted(set(range(blocks[0], blocks[-1] + 1)) - set(blocks))
+    gaps = _gaps(sorted({s.block for s in sites}))
     if gaps:
         notes.append(f"no HC sites for blocks {gaps}: the depth composite skips them")
     if has_comb:
