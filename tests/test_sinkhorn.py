@@ -315,3 +315,177 @@ def test_check_finite() -> None:
     bad[0, 0, 0] = float("inf")
     with pytest.raises(InputError, match=r"1 NaN and 1 Inf .*\(0, 0, 0\)"):
         check_finite(bad, "site 3 logits")
+
+
+# ------------------------------------------------------------------------------ the engine vs the plain loop
+# A frozen copy of the batch-first, out-of-place algorithm hcdiag ran before the batch-last engine, written
+# plainly here: the engine must give the same bits (torch.equal) for every convention, dtype, n, iteration
+# count and eps, across block boundaries (the block size is made small), for matrices, error histories and
+# iters_to_tol counts.
+
+
+def frozen_loop(logits: torch.Tensor, convention: str, iters: int, eps: float = 0.0):
+    """Yield (k, paper-orientation H after iteration k) for k = 1..iters."""
+    x = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    if convention == "paper":
+        m = x.exp()
+    elif convention == "log":
+        m = x.transpose(-1, -2).contiguous()
+    elif convention == "transformers":
+        m = torch.softmax(x.transpose(-1, -2).contiguous(), dim=-1) + eps
+    else:
+        a = x.transpose(-1, -2).contiguous()
+        m = (a - a.amax(dim=-2, keepdim=True)).exp()
+    for k in range(1, iters + 1):
+        if convention == "paper":
+            m = m / m.sum(dim=-2, keepdim=True)
+            m = m / m.sum(dim=-1, keepdim=True)
+            yield k, m
+            continue
+        if convention == "log":
+            m = m - torch.logsumexp(m, dim=-2, keepdim=True)
+            m = m - torch.logsumexp(m, dim=-1, keepdim=True)
+            yield k, m.exp().transpose(-1, -2)
+            continue
+        if convention == "transformers":
+            if k > 1:
+                m = m / (m.sum(dim=-1, keepdim=True) + eps)
+            m = m / (m.sum(dim=-2, keepdim=True) + eps)
+        else:
+            m = F.normalize(m, p=1, dim=-2, eps=1e-12)
+            m = F.normalize(m, p=1, dim=-1, eps=1e-12)
+        yield k, m.transpose(-1, -2)
+
+
+def frozen_errors(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (m.sum(dim=-1) - 1).abs().amax(dim=-1), (m.sum(dim=-2) - 1).abs().amax(dim=-1)
+
+
+def frozen_iters_to_tol(logits: torch.Tensor, convention: str, tol: float, eps: float, cap: int) -> torch.Tensor:
+    out = torch.full(logits.shape[:-2], -1, dtype=torch.int64)
+    for k, m in frozen_loop(logits, convention, cap, eps):
+        r, c = frozen_errors(m)
+        out[(r <= tol) & (c <= tol) & (out < 0)] = k
+        if bool((out >= 0).all()):
+            break
+    return out
+
+
+ENGINE_CASES = [
+    (conv, eps) for conv in ("paper", "log", "lucidrains") for eps in (0.0,)
+] + [("transformers", eps) for eps in (0.0, 1e-6, 1e-3)]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four blocks per batch, the last one partial, so that every test crosses block boundaries."""
+    import hcdiag.sinkhorn as sk
+
+    monkeypatch.setattr(sk, "_block_width", lambda n, total: max(1, total // 4 + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize(("convention", "eps"), ENGINE_CASES)
+def test_engine_bit_identical_to_frozen_loop(small_blocks, convention: str, eps: float, n: int, dtype) -> None:
+    logits = _logits(1000 + n, (3, 37, n, n), scale=3.0, dtype=dtype)
+    K = 20
+    res = sinkhorn(logits, convention, K, eps=eps, record=True)
+    assert res.row_err_history is not None and res.col_err_history is not None
+    for k, m in frozen_loop(logits, convention, K, eps):
+        r, c = frozen_errors(m)
+        assert torch.equal(res.row_err_history[k - 1], r) and torch.equal(res.col_err_history[k - 1], c)
+        if k in (1, 2, 7, K):
+            got = sinkhorn(logits, convention, k, eps=eps).matrix
+            assert got.dtype == dtype and got.is_contiguous()
+            assert torch.equal(got, m), (k, (got - m).abs().max().item())
+    assert torch.equal(res.matrix, m)
+
+
+@pytest.mark.parametrize("n", [3, 4, 16])
+@pytest.mark.parametrize(("convention", "eps"), ENGINE_CASES)
+def test_engine_bit_identical_odd_inputs(small_blocks, convention: str, eps: float, n: int) -> None:
+    """bfloat16 input (computed in float32), a transposed (non-contiguous) view, one matrix, large logits."""
+    base = _logits(2000 + n, (29, n, n), scale=3.0)
+    for logits in (base.to(torch.bfloat16), base.transpose(-1, -2), base[0], base * 12):
+        want = None
+        for _, want in frozen_loop(logits, convention, 9, eps):
+            pass
+        assert torch.equal(sinkhorn(logits, convention, 9, eps=eps).matrix, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+@pytest.mark.parametrize(("convention", "eps"), ENGINE_CASES)
+def test_engine_iters_to_tol_equals_frozen_search(small_blocks, convention: str, eps: float, n: int, dtype) -> None:
+    """Matrices that arrive get exactly the full search's count; -1 stays -1 (mixed easy and hard logits)."""
+    logits = _logits(3000 + n, (60, n, n), dtype=dtype) * torch.linspace(0.2, 6.0, 60, dtype=dtype)[:, None, None]
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    cap = 300
+    want = frozen_iters_to_tol(logits, convention, tol, eps, cap)
+    got = iters_to_tol(logits, convention, tol, eps=eps, max_iters=cap)
+    assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ iters_to_tol: early stops and estimates
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_eps_floor_bounds_every_iteration(n: int) -> None:
+    """No iteration of the frozen transformers loop gets max(row, col) error below eps_floor."""
+    from hcdiag.sinkhorn import eps_floor
+
+    eps = 1e-3
+    logits = _logits(4000 + n, (200, n, n), scale=2.0) * torch.linspace(0, 3, 200, dtype=torch.float64)[:, None, None]
+    floor = eps_floor("transformers", n, eps)
+    assert floor == pytest.approx(eps / (1 + (n + 1) * eps), rel=1e-15)
+    worst = min(torch.maximum(*frozen_errors(m)).min().item() for _, m in frozen_loop(logits, "transformers", 300, eps))
+    # the bound holds up to rounding (uniform logits, the first matrix, attain it at iteration 1) and is not
+    # loose by more than about (n + 1) eps
+    assert floor - 4 * n * torch.finfo(torch.float64).eps <= worst < 1.01 * eps
+    assert eps_floor("paper", n, 0.0) == 0.0
+
+
+def test_tol_below_eps_floor_stops_at_once() -> None:
+    from hcdiag.sinkhorn import iters_to_tol_detail
+
+    logits = _logits(4100, (5, 4, 4))
+    d = iters_to_tol_detail(logits, "transformers", 1e-4, eps=1e-3)
+    assert d.matrix_iters == 0 and d.reason is not None and "eps floor" in d.reason
+    assert (d.iters == -1).all() and torch.isinf(d.estimate).all()
+    assert torch.equal(d.iters, frozen_iters_to_tol(logits, "transformers", 1e-4, 1e-3, 300))
+
+
+def test_settled_matrices_stop_early_and_never_arrive() -> None:
+    """tol = eps = 1e-6 (the DeepSeek-V4 default): most matrices settle just above tol. They are stopped once
+    their state repeats (fixed point or 2-cycle); the counts equal the full 1000-iteration search."""
+    from hcdiag.sinkhorn import iters_to_tol_detail
+
+    logits = _logits(4200, (400, 4, 4), scale=1.5)
+    want = frozen_iters_to_tol(logits, "transformers", 1e-6, 1e-6, 1000)
+    d = iters_to_tol_detail(logits, "transformers", 1e-6, eps=1e-6)
+    assert torch.equal(d.iters, want)
+    never = want < 0
+    assert never.sum() > 200  # the case this is about
+    assert torch.isinf(d.estimate[never]).float().mean() > 0.9
+    assert d.matrix_iters < 0.2 * 400 * 1000  # instead of 1000 iterations each
+
+
+def test_slow_matrices_get_an_estimate_close_to_their_true_count() -> None:
+    """Matrices given up for their contraction rate: the reported estimate against the count a search with a
+    5x larger cap finds (brute force), and the counts of all others unchanged."""
+    from hcdiag.sinkhorn import iters_to_tol_detail
+
+    logits = _logits(4300, (300, 4, 4), scale=4.0)
+    cap, tol = 200, 1e-9
+    truth = frozen_iters_to_tol(logits, "paper", tol, 0.0, 5 * cap)  # -1: more than 1000 (not compared)
+    d = iters_to_tol_detail(logits, "paper", tol, max_iters=cap)
+    assert torch.equal(d.iters, torch.where(truth <= cap, truth, -1))
+    est = torch.isfinite(d.estimate)
+    slow = est & (truth > 0)
+    assert slow.sum() >= 10
+    ratio = d.estimate[slow] / truth[slow].double()  # "about N iterations": mostly within 20%, all within 2x
+    assert 0.9 < ratio.median() < 1.1 and ((ratio - 1).abs() < 0.2).float().mean() > 0.75
+    assert ratio.min() > 0.5 and ratio.max() < 2
+    assert ((d.rate[est] > 0) & (d.rate[est] < 1)).all()
+    assert d.matrix_iters < 300 * cap

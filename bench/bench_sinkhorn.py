@@ -1,0 +1,141 @@
+"""Benchmark: the Sinkhorn engine (hcdiag.sinkhorn) against two baselines measured in the same process.
+
+For every convention, at 2^20 matrices of 4 x 4 and 2^16 of 16 x 16 (float32, 20 iterations, one thread):
+  * copy floor: ``torch.clone`` of the logits batch, the least any pass over it costs;
+  * naive loop: the convention's iteration written plainly, batch-first and out of place (what hcdiag ran
+    before the engine); its matrices must equal the engine's bit for bit (printed).
+Printed as engine / copy floor (issue 14's target: within 3x at 4 x 4, 5x at 16 x 16) and naive / engine.
+
+Then iters_to_tol on a batch where most matrices never reach the tolerance (transformers, eps = tol = 1e-6,
+the DeepSeek-V4 default, float64, 4 x 4): the full search (batch-first loop, up to 1000 iterations, until
+every matrix has arrived) against the engine's (per-matrix stops), same counts required.
+
+Times are medians of --repeats runs; the 1-minute load average is printed (the machine may be shared).
+
+    python bench/bench_sinkhorn.py            # the sizes above (a few minutes)
+    python bench/bench_sinkhorn.py --quick    # 16x smaller batches (seconds)
+
+Not a pytest test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hcdiag.sinkhorn import iters_to_tol_detail, sinkhorn
+
+CONVENTIONS = {"paper": 0.0, "log": 0.0, "transformers": 1e-6, "lucidrains": 0.0}
+TARGET = {4: 3.0, 16: 5.0}
+
+
+def naive(logits: torch.Tensor, convention: str, iters: int, eps: float) -> torch.Tensor:
+    """The plain batch-first loop of SPEC sec. 3 (paper orientation in and out)."""
+    if convention == "paper":
+        m = logits.exp()
+        for _ in range(iters):
+            m = m / m.sum(dim=-2, keepdim=True)
+            m = m / m.sum(dim=-1, keepdim=True)
+        return m
+    a = logits.transpose(-1, -2).contiguous()
+    if convention == "log":
+        for _ in range(iters):
+            a = a - torch.logsumexp(a, dim=-2, keepdim=True)
+            a = a - torch.logsumexp(a, dim=-1, keepdim=True)
+        return a.exp().transpose(-1, -2)
+    if convention == "transformers":
+        c = torch.softmax(a, dim=-1) + eps
+        c = c / (c.sum(dim=-2, keepdim=True) + eps)
+        for _ in range(iters - 1):
+            c = c / (c.sum(dim=-1, keepdim=True) + eps)
+            c = c / (c.sum(dim=-2, keepdim=True) + eps)
+        return c.transpose(-1, -2)
+    a = (a - a.amax(dim=-2, keepdim=True)).exp()
+    for _ in range(iters):
+        a = F.normalize(a, p=1, dim=-2)
+        a = F.normalize(a, p=1, dim=-1)
+    return a.transpose(-1, -2)
+
+
+def naive_iters_to_tol(logits: torch.Tensor, tol: float, eps: float, cap: int) -> torch.Tensor:
+    """transformers convention: the whole batch iterated until every matrix has arrived or ``cap``."""
+    out = torch.full(logits.shape[:-2], -1, dtype=torch.int64)
+    c = torch.softmax(logits.transpose(-1, -2).contiguous(), dim=-1) + eps
+    for k in range(1, cap + 1):
+        if k > 1:
+            c = c / (c.sum(dim=-1, keepdim=True) + eps)
+        c = c / (c.sum(dim=-2, keepdim=True) + eps)
+        r = (c.sum(dim=-2) - 1).abs().amax(dim=-1)  # paper rows = comb dim -2
+        col = (c.sum(dim=-1) - 1).abs().amax(dim=-1)
+        out[(r <= tol) & (col <= tol) & (out < 0)] = k
+        if bool((out >= 0).all()):
+            break
+    return out
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def bench_engine(n: int, count: int, iters: int, repeats: int, naive_repeats: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(count, n, n, generator=g)
+    copy_s, _ = timed(lambda: torch.clone(logits), repeats)
+    print(f"\n{count} matrices of {n} x {n}, float32, {iters} iterations; copy floor {copy_s * 1e3:.1f} ms "
+          f"(load {os.getloadavg()[0]:.1f})")
+    print(f"  {'convention':<13}{'engine ms':>10}{'naive ms':>10}{'engine/copy':>13}{'naive/engine':>14}"
+          f"{'bit-equal':>11}  target")
+    for conv, eps in CONVENTIONS.items():
+        eng_s, eng = timed(lambda conv=conv, eps=eps: sinkhorn(logits, conv, iters, eps=eps).matrix, repeats)
+        nai_s, ref = timed(lambda conv=conv, eps=eps: naive(logits, conv, iters, eps), naive_repeats)
+        equal = torch.equal(eng, ref)  # type: ignore[arg-type]
+        ratio = eng_s / copy_s
+        verdict = "ok" if ratio <= TARGET.get(n, 5.0) else "MISSED"
+        print(f"  {conv:<13}{eng_s * 1e3:>10.1f}{nai_s * 1e3:>10.1f}{ratio:>12.2f}x{nai_s / eng_s:>13.1f}x"
+              f"{str(equal):>11}  <= {TARGET.get(n, 5.0):g}x {verdict}")
+
+
+def bench_iters_to_tol(count: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(count, 4, 4, generator=g, dtype=torch.float64) * 1.5
+    tol = eps = 1e-6
+    old_s, old = timed(lambda: naive_iters_to_tol(logits, tol, eps, 1000), repeats)
+    new_s, new = timed(lambda: iters_to_tol_detail(logits, "transformers", tol, eps=eps), repeats)
+    assert isinstance(old, torch.Tensor)
+    never = int((old < 0).sum())
+    print(f"\niters_to_tol, transformers, eps = tol = 1e-6, {count} float64 matrices of 4 x 4 "
+          f"({never} never reach tol within 1000; load {os.getloadavg()[0]:.1f})")
+    print(f"  full search {old_s * 1e3:.0f} ms, engine {new_s * 1e3:.0f} ms: {old_s / new_s:.1f}x faster; "
+          f"matrix-iterations {new.matrix_iters} of {count * 1000}; same counts: {torch.equal(new.iters, old)}")
+    est = new.estimate[new.iters < 0]
+    print(f"  not reached: {int(torch.isinf(est).sum())} settle above tol (never), "
+          f"{int(torch.isfinite(est).sum())} with an estimate, {int(torch.isnan(est).sum())} without")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="16x smaller batches")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--naive-repeats", type=int, default=3, help="repeats of the (slow) naive loop")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    scale = 16 if args.quick else 1
+    for n, count in ((4, 1 << 20), (16, 1 << 16)):
+        bench_engine(n, count // scale, args.iters, args.repeats, args.naive_repeats)
+    bench_iters_to_tol((1 << 14) // scale, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
