@@ -26,6 +26,7 @@ _EXPORTS = {
     "compute_params": "hcdiag.params",
     "inspect_checkpoint": "hcdiag.inspect",
     "read_activations": "hcdiag.capture",
+    "verify": "hcdiag.verification",
     "save_native": "hcdiag.io.native",
     "HcdiagError": "hcdiag.errors",
     "InputError": "hcdiag.errors",

@@ -83,6 +83,8 @@ FINGERPRINT_TOKENS = 64  # tokens (evenly spread over the recording) the fingerp
 
 _F64 = torch.float64
 _PARTS = ("pre", "post", "comb")
+TRANSPOSED = "transposed mix (comb applied instead of comb^T)"
+UNMIXED = "unmixed residual (H_res = I)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,12 +140,19 @@ class Fingerprint:
     other_class: Candidate | None
     tokens: int
     matches: bool  # best.residual <= tolerance
+    matching: int = 0  # candidates (family, iterations) within the tolerance: > 1 means ties
+    iters_matching: tuple[int, int] | None = None  # first and last iteration count of best's family within tol
+    layout: Candidate | None = None  # the layout's own convention and iteration count
+    by_family: dict[str, tuple[int, float]] = field(default_factory=dict)  # family -> (best iters, residual)
 
     def to_dict(self) -> dict[str, Any]:
         return {"best": self.best.to_dict(), "equivalent": list(self.equivalent),
                 "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
                 "other_class": None if self.other_class is None else self.other_class.to_dict(),
-                "tokens": self.tokens, "matches": self.matches}
+                "layout": None if self.layout is None else self.layout.to_dict(),
+                "tokens": self.tokens, "matches": self.matches, "matching": self.matching,
+                "iters_matching": None if self.iters_matching is None else list(self.iters_matching),
+                "by_family": {k: {"iters": i, "residual": r} for k, (i, r) in self.by_family.items()}}
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,7 @@ class SiteVerification:
     failing: tuple[str, ...]
     diagnoses: tuple[Diagnosis, ...] = ()
     diagnosis: str | None = None  # name of the first diagnosis that explains the site
+    also_explained_by: tuple[str, ...] = ()  # later diagnoses that explain it as well (the data cannot choose)
     fingerprint: Fingerprint | None = None
     fingerprint_skipped: str | None = None
 
@@ -173,7 +183,8 @@ class SiteVerification:
                 "variant": self.variant, "module_class": self.module_class, "library": self.library,
                 "tokens": self.tokens, "n": self.n, "C": self.C, "conforms": self.conforms,
                 "checks": dict(self.checks), "failing": list(self.failing), "skipped": dict(self.skipped),
-                "diagnosis": self.diagnosis, "diagnoses": [d.to_dict() for d in self.diagnoses],
+                "diagnosis": self.diagnosis, "also_explained_by": list(self.also_explained_by),
+                "diagnoses": [d.to_dict() for d in self.diagnoses],
                 "fingerprint": None if self.fingerprint is None else self.fingerprint.to_dict(),
                 "fingerprint_skipped": self.fingerprint_skipped}
 
@@ -289,28 +300,17 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
-def _rel_per_matrix(h: torch.Tensor, ref: torch.Tensor) -> float:
-    return _rel(h, ref)
-
-
-def _fingerprint(logits: torch.Tensor, H_model: torch.Tensor, eps: float, tol: float,
-                 K: int) -> tuple[Fingerprint, dict[tuple[str, int], float]]:
-    fams = _families(eps)
-    res = torch.full((len(fams), K), float("inf"), dtype=_F64)
-    with torch.no_grad():
-        for i, fam in enumerate(fams):
-            for k, m in fam.iterates(logits, K):
-                r = _rel_per_matrix(m, H_model)
-                res[i, k - 1] = r if r == r else float("inf")  # NaN (underflow to 0 then log) never wins
+def _pick(res: torch.Tensor, fams: list[_Family], tol: float, tokens: int,
+          layout: tuple[str, int] | None) -> tuple[Fingerprint, dict[tuple[str, int], float]]:
+    """Best, equivalent, runner-up and other-class candidates from residuals [families, K] of one site."""
+    K = res.shape[1]
 
     def cand(i: int, k: int) -> Candidate:
         f = fams[i]
         return Candidate(f.name, f.convention, f.transposed, f.start, f.eps, f.order, f.domain, k + 1,
                          float(res[i, k]))
 
-    flat = int(torch.argmin(res))
-    bi, bk = divmod(flat, K)
-    best = cand(bi, bk)
+    bi, bk = divmod(int(torch.argmin(res)), K)
     same = torch.tensor([f.klass == fams[bi].klass for f in fams])
     masked = res.clone()
     masked[same, bk] = float("inf")
@@ -318,16 +318,51 @@ def _fingerprint(logits: torch.Tensor, H_model: torch.Tensor, eps: float, tol: f
     other = res.clone()
     other[same] = float("inf")
     oi, ok = divmod(int(torch.argmin(other)), K)
+    best = cand(bi, bk)
+    own = None
+    if layout is not None and layout[1] <= K:
+        own = next((cand(i, layout[1] - 1) for i, f in enumerate(fams) if f.name == layout[0]), None)
+    by_family = {}
+    for i, f in enumerate(fams):
+        k = int(torch.argmin(res[i]))
+        by_family[f.name] = (k + 1, float(res[i, k]))
     fp = Fingerprint(
         best=best,
         equivalent=tuple(f.name for j, f in enumerate(fams) if same[j] and j != bi),
         runner_up=cand(ri, rk) if torch.isfinite(masked[ri, rk]) else None,
         other_class=cand(oi, ok) if torch.isfinite(other[oi, ok]) else None,
-        tokens=int(H_model.shape[0]),
+        tokens=tokens,
         matches=best.residual <= tol,
+        matching=int((res <= tol).sum()),
+        iters_matching=_span(res[bi] <= tol),
+        layout=own,
+        by_family=by_family,
     )
     table = {(f.name, k + 1): float(res[i, k]) for i, f in enumerate(fams) for k in range(K)}
     return fp, table
+
+
+def _span(hits: torch.Tensor) -> tuple[int, int] | None:
+    ks = hits.nonzero().flatten()
+    return None if ks.numel() == 0 else (int(ks[0]) + 1, int(ks[-1]) + 1)
+
+
+def _fingerprints(logits: torch.Tensor, H_model: torch.Tensor, eps: float, tol: float, K: int,
+                  layouts: list[tuple[str, int] | None]) -> list[tuple[Fingerprint, dict[tuple[str, int], float]]]:
+    """Fingerprints of G sites at once: logits and the model's H_res [G, S, n, n] (paper orientation).
+
+    All sites of a group go through each candidate together (one Sinkhorn call per iterate, not per site):
+    the transformers families restart from the logits for every k, K (K + 1) / 2 iterations in all."""
+    fams = _families(eps)
+    G = logits.shape[0]
+    res = torch.full((len(fams), K, G), float("inf"), dtype=_F64)
+    den = H_model.flatten(1).norm(dim=1)
+    with torch.no_grad():
+        for i, fam in enumerate(fams):
+            for k, m in fam.iterates(logits, K):
+                r = (m - H_model).flatten(1).norm(dim=1) / den
+                res[i, k - 1] = torch.nan_to_num(r, nan=float("inf"))  # NaN (0 after underflow, then log) never wins
+    return [_pick(res[:, :, g], fams, tol, int(logits.shape[1]), layouts[g]) for g in range(G)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,6 +383,7 @@ class _Data:
     pre: torch.Tensor
     post: torch.Tensor
     res: torch.Tensor
+    H_exposed: bool  # H_model is what the module produced (not capture's recomputation)
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -359,21 +395,25 @@ class _Data:
         assert self.F is not None
         return H @ self.x + post.unsqueeze(-1) * self.F.unsqueeze(-2)
 
-    def residual(self, H: torch.Tensor, post: torch.Tensor, pre: torch.Tensor | None = None) -> float:
-        """How far an alternative (H_res, H_post[, H_pre]) is from what the model did: the update residual when
-        the update was recorded, else the larger of the matrix residuals against the model's matrices."""
-        if self.has_update:
-            assert self.y is not None
-            r = _rel(self.predict(H, post), self.y)
-            if pre is not None and self.branch_in is not None:
-                r = max(r, _rel((pre.unsqueeze(-1) * self.x).sum(-2), self.branch_in))
-            return r
-        r = _rel(H, self.H_model)
+    def layer_residual(self, H: torch.Tensor, post: torch.Tensor) -> float:
+        """How well (H_res, H_post) applied by the layer explain the recorded output streams."""
+        assert self.y is not None
+        return _rel(self.predict(H, post), self.y)
+
+    def module_residual(self, H: torch.Tensor, post: torch.Tensor, pre: torch.Tensor | None = None) -> float:
+        """How well matrices computed some other way reproduce what the module produced: the largest of the
+        residuals against the model's H_res (where the module exposes it), H_post, H_pre or branch input, and
+        the update residual (where the update was recorded)."""
+        r = [_rel(H, self.H_model)] if self.H_exposed else []
         if self.post_model is not None:
-            r = max(r, _rel(post, self.post_model))
+            r.append(_rel(post, self.post_model))
         if pre is not None and self.pre_model is not None:
-            r = max(r, _rel(pre, self.pre_model))
-        return r
+            r.append(_rel(pre, self.pre_model))
+        if pre is not None and self.branch_in is not None:
+            r.append(_rel((pre.unsqueeze(-1) * self.x).sum(-2), self.branch_in))
+        if self.has_update:
+            r.append(self.layer_residual(H, post))
+        return max(r) if r else float("nan")
 
 
 def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -394,9 +434,10 @@ def _data(site: Site, captured: Any, x: torch.Tensor) -> _Data:
         skipped["model H_res"] = ("the module does not expose its mixing matrix: the model-matrix check uses the "
                                   "H_res capture recomputed from the module's live parameters")
     H_model = (H_mod if H_mod is not None else captured.h_res).to(_F64)
+    exposed = H_mod is not None or captured.h_res_from != "recomputed"
     return _Data(x=x, H_model=H_model, post_model=_opt(captured.h_post), pre_model=_opt(captured.h_pre),
                  F=_opt(captured.f), y=_opt(captured.y), branch_in=_opt(captured.branch_in),
-                 pre=pre.to(_F64), post=post.to(_F64), res=res.to(_F64), skipped=skipped)
+                 pre=pre.to(_F64), post=post.to(_F64), res=res.to(_F64), H_exposed=exposed, skipped=skipped)
 
 
 def _checks(d: _Data) -> dict[str, float]:
@@ -404,19 +445,20 @@ def _checks(d: _Data) -> dict[str, float]:
     if d.has_update:
         assert d.y is not None
         if d.post_model is not None:
-            checks["update (model)"] = _rel(d.predict(d.H_model, d.post_model), d.y)
+            checks["update (model)"] = d.layer_residual(d.H_model, d.post_model)
         else:
             d.skipped.setdefault("update (model)", "H_post was not recorded")
-        checks["update (recomputed)"] = _rel(d.predict(d.res, d.post), d.y)
+        checks["update (recomputed)"] = d.layer_residual(d.res, d.post)
     else:
         why = d.skipped.get("y") or d.skipped.get("f") or "F / x_{l+1} were not recorded"
         d.skipped.setdefault("update (model)", why)
         d.skipped.setdefault("update (recomputed)", why)
+    if d.H_exposed:
         checks["H_res"] = _rel(d.res, d.H_model)
-        if d.post_model is not None:
-            checks["H_post"] = _rel(d.post, d.post_model)
-        if d.pre_model is not None:
-            checks["H_pre"] = _rel(d.pre, d.pre_model)
+    if d.post_model is not None:
+        checks["H_post"] = _rel(d.post, d.post_model)
+    if d.pre_model is not None:
+        checks["H_pre"] = _rel(d.pre, d.pre_model)
     if d.branch_in is not None:
         checks["branch input"] = _rel((d.pre.unsqueeze(-1) * d.x).sum(-2), d.branch_in)
     elif d.pre_model is None:
@@ -471,43 +513,55 @@ def _layout_family(spec: SinkhornSpec) -> str:
     return str(Convention(spec.convention).value)
 
 
-def _diagnoses(site: Site, d: _Data, spec: SinkhornSpec | None, logits: torch.Tensor | None,
-               fp: Fingerprint | None, table: dict[tuple[str, int], float], tol: float,
-               K: int) -> list[Diagnosis]:
-    out: list[Diagnosis] = []
+def _layout_candidate(spec: SinkhornSpec | None) -> tuple[str, int] | None:
+    return None if spec is None else (_layout_family(spec), int(spec.iters))
 
-    def add(name: str, r: float | None, note: str = "") -> None:
-        out.append(Diagnosis(name, r, r is not None and r <= tol, note))
 
-    with torch.no_grad():
-        add("transposed mix (comb applied instead of comb^T)", d.residual(d.res.transpose(-1, -2), d.post))
-        eye = torch.eye(d.res.shape[-1], dtype=_F64).expand_as(d.res)
-        add("unmixed residual (H_res = I)", d.residual(eye, d.post))
-        module = site.module
-        if _is_packed(module) and spec is not None:
-            for name, alt in _split_sites(module):
-                o = alt.in_dtype(_F64)(d.x)
-                add(name, d.residual(o.res, o.post, o.pre))
-        else:
-            add("split order of the packed projection", None,
-                "not applicable: the layout has no packed [pre, post, comb] projection")
-        add("H_post without the factor 2", d.residual(d.res, d.post / 2))
-        hc_eps = float(getattr(module, "hc_eps", TRANSFORMERS_DEFAULT_EPS))
-        add(f"H_post with eps ({hc_eps:g}) added", d.residual(d.res, d.post + hc_eps))
-        if spec is None or logits is None:
-            add("different iteration count", None, "not applicable: no Sinkhorn at this site")
-        else:
-            fam = _layout_family(spec)
-            scores = {k: r for (f, k), r in table.items() if f == fam and k != spec.iters}
-            if scores:
-                k = min(scores, key=lambda j: scores[j])
-                H = module.in_dtype(_F64).res_from_logits(logits, SinkhornSpec(spec.convention, k, spec.eps))
-                add(f"iterations {k} (layout: {spec.iters})", d.residual(H, d.post))
-            if fp is not None and (fp.best.family != fam or fp.best.iters != spec.iters):
-                H = _candidate_matrix(fp.best, logits)
-                add(f"Sinkhorn {fp.best.label}", d.residual(H, d.post),
-                    "the fingerprint's best candidate, on every token")
+def _layer_diagnoses(d: _Data, eps: float, tol: float) -> list[Diagnosis]:
+    """The layer does not apply its module's matrices as the update says: alternatives on the model's own."""
+    assert d.post_model is not None
+    H, post = d.H_model, d.post_model
+    eye = torch.eye(H.shape[-1], dtype=_F64).expand_as(H)
+    tries = [(TRANSPOSED, H.transpose(-1, -2), post), (UNMIXED, eye, post),
+             ("H_post without the factor 2", H, post / 2), (f"H_post with eps ({eps:g}) added", H, post + eps)]
+    return [_diag(name, d.layer_residual(h, p), tol) for name, h, p in tries]
+
+
+def _module_diagnoses(site: Site, d: _Data, spec: SinkhornSpec | None, logits: torch.Tensor | None,
+                      fp: Fingerprint | None, table: dict[tuple[str, int], float], eps: float,
+                      tol: float) -> list[Diagnosis]:
+    """The module's matrices are not the checkpoint's under the layout's convention: alternatives recomputed."""
+    eye = torch.eye(d.res.shape[-1], dtype=_F64).expand_as(d.res)
+    out = [_diag(TRANSPOSED, d.module_residual(d.res.transpose(-1, -2), d.post, d.pre), tol),
+           _diag(UNMIXED, d.module_residual(eye, d.post, d.pre), tol)]
+    module = site.module
+    if _is_packed(module) and spec is not None:
+        for name, alt in _split_sites(module):
+            o = alt.in_dtype(_F64)(d.x)
+            out.append(_diag(name, d.module_residual(o.res, o.post, o.pre), tol))
+    else:
+        out.append(Diagnosis("split order of the packed projection", None, False,
+                             "not applicable: the layout has no packed [pre, post, comb] projection"))
+    out.append(_diag("H_post without the factor 2", d.module_residual(d.res, d.post / 2, d.pre), tol))
+    out.append(_diag(f"H_post with eps ({eps:g}) added", d.module_residual(d.res, d.post + eps, d.pre), tol))
+    if spec is None or logits is None:
+        out.append(Diagnosis("different iteration count", None, False, "not applicable: no Sinkhorn at this site"))
+        return out
+    fam = _layout_family(spec)
+    scores = {k: r for (f, k), r in table.items() if f == fam and k != spec.iters}
+    if scores:
+        k = min(scores, key=lambda j: scores[j])
+        H = module.in_dtype(_F64).res_from_logits(logits, SinkhornSpec(spec.convention, k, spec.eps))
+        out.append(_diag(f"iterations {k} (layout: {spec.iters})", d.module_residual(H, d.post, d.pre), tol))
+    if fp is not None and (fp.best.family != fam or fp.best.iters != spec.iters):
+        out.append(_diag(f"Sinkhorn {fp.best.label}",
+                         d.module_residual(_candidate_matrix(fp.best, logits), d.post, d.pre), tol,
+                         "the fingerprint's best candidate, on every token"))
     return out
+
+
+def _diag(name: str, r: float, tol: float, note: str = "") -> Diagnosis:
+    return Diagnosis(name, r, r <= tol, note)
 
 
 def _candidate_matrix(c: Candidate, logits: torch.Tensor) -> torch.Tensor:
@@ -519,41 +573,82 @@ def _candidate_matrix(c: Candidate, logits: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _verify_site(site: Site, captured: Any, x: torch.Tensor, *, tol: float, fingerprint: bool,
-                 fingerprint_tokens: int, K: int) -> SiteVerification:
+@dataclass
+class _Pending:
+    """Phase 1 of a site: its checks and the fingerprint sample, before the batched fingerprint."""
+
+    site: Site
+    captured: Any
+    checks: dict[str, float]
+    skipped: dict[str, str]
+    failing: tuple[str, ...]
+    spec: SinkhornSpec | None
+    sample: tuple[torch.Tensor, torch.Tensor] | None  # (logits, model H_res) [S, n, n]
+    fp_skipped: str | None
+    fingerprint: Fingerprint | None = None
+    table: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+def _check_site(site: Site, captured: Any, x: torch.Tensor, *, tol: float, fingerprint: bool,
+                fingerprint_tokens: int) -> _Pending:
     d = _data(site, captured, x)
     checks = _checks(d)
     failing = tuple(k for k, v in checks.items() if not v <= tol)
-    conforms = not failing
     spec = _sinkhorn_spec(site)
-    fp = None
-    fp_skipped = None
-    table: dict[tuple[str, int], float] = {}
-    logits = None
+    sample, fp_skipped = None, None
     if spec is None:
-        fp_skipped = f"no Sinkhorn at this site ({site.variant}: " + (
-            "H_res = I)" if getattr(site.module, "exactness", None) == Exactness.IDENTITY else "not a Sinkhorn H_res)")
-    else:
+        what = "H_res = I" if getattr(site.module, "exactness", None) == Exactness.IDENTITY else "not a Sinkhorn H_res"
+        fp_skipped = f"no Sinkhorn at this site ({site.variant}: {what})"
+    elif fingerprint or failing:
+        idx = _sample(int(x.shape[0]), fingerprint_tokens)
         with torch.no_grad():
-            logits = site.module.in_dtype(_F64).res_logits(x)
-        if fingerprint or not conforms:
-            idx = _sample(int(x.shape[0]), fingerprint_tokens)
-            eps = spec.eps if spec.eps > 0 else TRANSFORMERS_DEFAULT_EPS
-            fp, table = _fingerprint(logits[idx], d.H_model[idx], eps, tol, K)
-        else:
-            fp_skipped = "not asked for (fingerprint=False)"
+            sample = (site.module.in_dtype(_F64).res_logits(x[idx]), d.H_model[idx])
+    else:
+        fp_skipped = "not asked for (fingerprint=False)"
+    return _Pending(site, captured, checks, d.skipped, failing, spec, sample, fp_skipped)
+
+
+def _fingerprint_all(pending: list[_Pending], tol: float, K: int) -> None:
+    groups: dict[tuple[Any, ...], list[_Pending]] = {}
+    for p in pending:
+        if p.sample is not None and p.spec is not None:
+            eps = p.spec.eps if p.spec.eps > 0 else TRANSFORMERS_DEFAULT_EPS
+            groups.setdefault((tuple(p.sample[0].shape), eps), []).append(p)
+    for (_, eps), ps in groups.items():
+        results = _fingerprints(torch.stack([p.sample[0] for p in ps]),  # type: ignore[index]
+                                torch.stack([p.sample[1] for p in ps]), eps, tol, K,  # type: ignore[index]
+                                [_layout_candidate(p.spec) for p in ps])
+        for p, (fp, table) in zip(ps, results, strict=True):
+            p.fingerprint, p.table = fp, table
+
+
+def _finish_site(p: _Pending, x: torch.Tensor, tol: float) -> SiteVerification:
+    """Phase 3: the diagnoses of a site that does not conform (its tensors are read again: nothing of the size
+    of the recording is kept across sites)."""
+    site, captured = p.site, p.captured
     diags: list[Diagnosis] = []
     diagnosis = None
-    if not conforms:
-        diags = _diagnoses(site, d, spec, logits, fp, table, tol, K)
-        hit = next((g for g in diags if g.explains), None)
-        diagnosis = hit.name if hit is not None else None
+    also: tuple[str, ...] = ()
+    if p.failing:
+        d = _data(site, captured, x)
+        eps = float(getattr(site.module, "hc_eps", TRANSFORMERS_DEFAULT_EPS))
+        if "update (model)" in p.failing:
+            diags = _layer_diagnoses(d, eps, tol)
+        else:
+            logits = None
+            if p.spec is not None:
+                with torch.no_grad():
+                    logits = site.module.in_dtype(_F64).res_logits(x)
+            diags = _module_diagnoses(site, d, p.spec, logits, p.fingerprint, p.table, eps, tol)
+        hits = [g.name for g in diags if g.explains]
+        diagnosis = hits[0] if hits else None
+        also = tuple(hits[1:])
     return SiteVerification(
         index=site.index, name=site.name, captured_name=captured.name, variant=site.variant,
         module_class=captured.module_class, library=f"{captured.library} {captured.library_version}".strip(),
-        tokens=int(x.shape[0]), n=int(x.shape[1]), C=int(x.shape[2]), conforms=conforms, checks=checks,
-        skipped=d.skipped, failing=failing, diagnoses=tuple(diags), diagnosis=diagnosis, fingerprint=fp,
-        fingerprint_skipped=fp_skipped,
+        tokens=int(x.shape[0]), n=int(x.shape[1]), C=int(x.shape[2]), conforms=not p.failing, checks=p.checks,
+        skipped=p.skipped, failing=p.failing, diagnoses=tuple(diags), diagnosis=diagnosis, also_explained_by=also,
+        fingerprint=p.fingerprint, fingerprint_skipped=p.fp_skipped,
     )
 
 
@@ -633,13 +728,14 @@ def verify(
         model = load(str(model), layout=layout, options=options or LoadOptions())
     probe = make_probe(Probe.ACTIVATIONS, activations=activations)
     probe.prepare(model.sites)
-    sites = []
-    for site in model.sites:
-        sites.append(_verify_site(site, probe.captured(site), probe.inputs(site, _F64), tol=float(tol),
-                                  fingerprint=fingerprint, fingerprint_tokens=fingerprint_tokens, K=max_iters))
+    tol = float(tol)
+    pending = [_check_site(site, probe.captured(site), probe.inputs(site, _F64), tol=tol, fingerprint=fingerprint,
+                           fingerprint_tokens=fingerprint_tokens) for site in model.sites]
+    _fingerprint_all(pending, tol, max_iters)
+    sites = [_finish_site(p, probe.inputs(p.site, _F64), tol) for p in pending]
     notes = []
     libs = sorted({s.library for s in sites if s.library})
     if libs:
         notes.append("recorded with " + ", ".join(libs))
-    return VerifyReport(path=model.path, activations=str(activations), layout=model.layout, tolerance=float(tol),
-                        sites=tuple(sites), verdict=_verdict(sites, float(tol)), notes=tuple(notes))
+    return VerifyReport(path=model.path, activations=str(activations), layout=model.layout, tolerance=tol,
+                        sites=tuple(sites), verdict=_verdict(sites, tol), notes=tuple(notes))

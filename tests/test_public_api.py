@@ -23,3 +23,11 @@ def test_import_loads_no_cli_machinery():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_verify_is_the_function_even_after_its_module_is_imported():
+    """hcdiag.verify lives in hcdiag.verification: a submodule named verify would replace the function."""
+    import hcdiag.verification
+
+    assert "verify" in hcdiag.__all__
+    assert hcdiag.verify is hcdiag.verification.verify and callable(hcdiag.verify)
