@@ -421,6 +421,103 @@ def inspect_cmd(
         render.inspect(report)
 
 
+# ------------------------------------------------------------------------------------------------------ verify
+
+
+def _verify_table(report) -> None:
+    """The verify table, the skipped checks and the verdict (rich, on stdout)."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    from hcdiag import render
+
+    def sci(v) -> str:
+        return "n/a" if v is None else f"{v:.1e}"
+
+    t = render.Grid(f"Update equation per site: {escape(report.path)} ({escape(report.layout)} layout), "
+                    f"activations {escape(report.activations)}, tolerance {report.tolerance:.1e}",
+                    [("site", "left"), ("update (model)", "right"), ("update (recomputed)", "right"),
+                     ("branch input", "right"), ("fingerprint", "left"), ("residual", "right"),
+                     ("runner-up", "left"), ("conforms", "left"), ("diagnosis", "left")], wrap=["diagnosis"])
+    for s in report.sites:
+        fp = s.fingerprint
+        c = s.checks
+        update_model = c.get("update (model)", c.get("H_res"))
+        t.add_row(escape(s.name), sci(update_model), sci(c.get("update (recomputed)", c.get("H_post"))),
+                  sci(c.get("branch input", c.get("H_pre"))), escape(fp.best.label) if fp else "-",
+                  sci(fp.best.residual) if fp else "",
+                  escape(f"{fp.runner_up.label} ({fp.runner_up.residual:.1e})") if fp and fp.runner_up else "",
+                  Text("yes" if s.conforms else "NO", style="green" if s.conforms else "red"),
+                  escape(s.diagnosis or ("" if s.conforms else "unexplained")))
+    t.show()
+    render.dim("residuals: ||x_(l+1) - (H_res x_l + H_post^T F_l)|| / ||x_(l+1)|| with the model's matrices "
+               "and with those recomputed from the checkpoint; branch input: ||H_pre x - branch input|| / ||.||. "
+               "Sites without a recorded update show H_res / H_post / H_pre differences in those columns.")
+    skipped = {}
+    for s in report.sites:
+        for check, why in s.skipped.items():
+            skipped.setdefault((check, why), []).append(s.name)
+    for (check, why), names in skipped.items():
+        render.dim(f"skipped {check} at {len(names)} site(s) ({', '.join(names[:4])}"
+                   f"{' ...' if len(names) > 4 else ''}): {why}")
+    for note in report.notes:
+        render.dim(note)
+    render.out.print(Text(report.verdict, style="green" if report.conforms else "red"))
+
+
+@app.command(
+    "verify",
+    epilog="Examples:\n\n    hcdiag verify model_dir/ --activations acts.safetensors\n\n"
+    "    hcdiag verify ckpt.safetensors --activations acts.safetensors --json > verify.json\n\n"
+    "Record the activations with hcdiag.capture.capture(model, 'acts.safetensors') around a forward pass.\n\n"
+    "Exit status: 0 every site conforms, 1 a site does not conform, 2 usage error, 3 unreadable or unsupported "
+    "input, 4 internal error, 130 interrupted.",
+)
+def verify_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth/.bin, or a model directory.")],
+    activations: Annotated[
+        Path, typer.Option("--activations", help="Activations of a forward pass (hcdiag.capture).")
+    ],
+    tol: Annotated[
+        float | None, typer.Option("--tol", help="Conformance threshold (default 64 x float32 eps = 7.6e-6).")
+    ] = None,
+    fingerprint: Annotated[
+        bool, typer.Option("--fingerprint/--no-fingerprint", help="Sinkhorn fingerprint at every site (always "
+                           "computed where a site does not conform).")
+    ] = True,
+    as_json: JsonOpt = False,
+    csv_path: CsvOpt = None,
+    output_dir: OutDirOpt = None,
+    layout: LayoutOpt = None,
+    layout_file: LayoutFileOpt = None,
+    state_key: StateKeyOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Does the model compute the hyper-connection it claims? Update equation per site, diagnoses, fingerprint."""
+    from hcdiag.verification import verify
+
+    if tol is not None and tol <= 0:
+        raise UsageError(f"--tol {tol} must be positive, e.g. 1e-5", "--tol")
+    if not activations.is_file():
+        raise UsageError(f"activations file {activations} does not exist; record one with hcdiag.capture",
+                         "--activations")
+    model = _load(ckpt, layout, layout_file, None, None, trust_pickle, state_key)
+    report = verify(model, activations, tol=tol, fingerprint=fingerprint)
+    doc = report.to_dict()
+    read_line = _record_reading(doc, model)
+    if not _outputs(doc, report.rows(), name="verify", as_json=as_json, csv_path=csv_path,
+                    output_dir=output_dir) and not as_json:
+        from hcdiag import render
+
+        _verify_table(report)
+        render.dim(read_line)
+    bad = report.failing()
+    if bad:
+        _stderr(f"hcdiag: check failed: {len(bad)} site(s) do not conform: " + ", ".join(bad[:8])
+                + (" ..." if len(bad) > 8 else ""))
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------------- variants
 
 
