@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
 DOC = ROOT / "docs" / "layout-file.md"
 PER_FAMILY = int(os.environ.get("HCDIAG_FUZZ_CASES", "50"))
-LIMIT_S = 20.0  # per mutant (three commands); a sane run takes well under a second
+LIMIT_S = 10.0  # per mutant (three commands); a sane run takes well under a second
 LIMIT_MB = 1024  # resident growth per mutant; the tiny models here need a few MB
 AS_HEADROOM = 6 << 30  # address space a child may add (a hard stop for huge allocations)
 COMMANDS = (("inspect", "--json"), ("stochasticity", "--json"), ("gain-sweep", "--json", "--from"))
@@ -77,7 +77,7 @@ def _child(runs: list[list[str]], wfd: int) -> None:
     out = []
     for args in runs:
         r = run_cli(*args)
-        out.append({"args": args, "rc": r.returncode, "stdout": r.stdout[:20_000], "stderr": r.stderr[:4_000]})
+        out.append({"args": args, "rc": r.returncode, "stdout": r.stdout[:500_000], "stderr": r.stderr[:4_000]})
     peak = max(0, _proc_status("VmHWM") - rss0)
     os.write(wfd, json.dumps({"runs": out, "peak": peak}).encode())
     os.close(wfd)
@@ -200,7 +200,22 @@ _DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "F8_E4M3": 1, "F8_E5M2": 1, "U32": 4, "C64": 8}  # fmt: skip
 
 
+_CAST_TO = [torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2, torch.int8,
+            torch.uint8, torch.int32, torch.bool, torch.complex64]  # fmt: skip
+
+
 def mutate_header(data: bytes, rng: random.Random) -> bytes:
+    if rng.random() < 0.15:  # a well-formed file whose HC tensors were cast (quantised, integer, complex)
+        from safetensors.torch import load, save
+
+        meta = st_split(data)[0].get("__metadata__")
+        sd = load(data)
+        site = rng.choice(sorted({k.split(".")[2] for k in sd if k.startswith("hc.sites.")}))
+        dtype = rng.choice(_CAST_TO)
+        for k in sd:
+            if k.startswith(f"hc.sites.{site}.") and (rng.random() < 0.5 or dtype.is_floating_point):
+                sd[k] = sd[k].to(dtype)
+        return save(sd, metadata=meta)
     header, body = st_split(data)
     keys = [k for k in header if k != "__metadata__"]
     hc = [k for k in keys if "hc" in k] or keys
@@ -445,9 +460,96 @@ def test_runner_catches_a_hang_and_a_huge_allocation(tmp_path, monkeypatch):
     assert "timeout" in run_forked(runs_for(SAMPLES / "mhc.safetensors")[:1], limit_s=2.0)
 
     def huge(*args, **kwargs):
-        return torch.ones(AS_HEADROOM // 4, dtype=torch.float32)
+        return torch.ones(AS_HEADROOM // 2, dtype=torch.float32)  # twice the headroom
 
     monkeypatch.setattr(load_mod, "detect_layout", huge)
     result = run_forked(runs_for(SAMPLES / "mhc.safetensors")[:1])
+    assert "runs" in result, result
     assert result["runs"][0]["rc"] == 4 and check_result(result, "huge")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the hostile numbers issue 10 names, one by one: refused with the limit (and the option that overrides it)
+
+
+def _native_with(tmp: Path, base: str, meta: dict | None = None, rename: tuple[str, str] | None = None) -> Path:
+    header, body = st_split((SAMPLES / f"{base}.safetensors").read_bytes())
+    header["__metadata__"].update(meta or {})
+    if rename is not None:
+        header = {k.replace(*rename) if k.startswith(rename[0]) else k: v for k, v in header.items()}
+    f = tmp / f"{base}-{len(list(tmp.iterdir()))}.safetensors"
+    f.write_bytes(st_join(header, body))
+    return f
+
+
+def _layout_with(tmp: Path, **edits) -> list[str]:
+    ckpt, spec = write_braid(tmp)
+    for path, value in edits.items():
+        table, _, key = path.rpartition("__")
+        (spec.setdefault(table, {}) if table else spec)[key] = value
+    lay = tmp / f"lay-{len(list(tmp.iterdir()))}.json"
+    lay.write_text(json.dumps(spec))
+    return [str(ckpt), "--layout-file", str(lay)]
+
+
+def _config_with(tmp: Path, **edits) -> Path:
+    d = tmp / f"tf-{len(list(tmp.iterdir()))}"
+    write_transformers_dir(d)
+    (d / "config.json").write_text(json.dumps({**TF_CONFIG, **edits}))
+    return d
+
+
+HOSTILE = {
+    "config hc_sinkhorn_iters 10^9": (lambda t: [str(_config_with(t, hc_sinkhorn_iters=10**9))],
+                                      "config.json hc_sinkhorn_iters = 1,000,000,000 exceeds hcdiag's limit of 1,000; "
+                                      "pass --iters"),
+    "metadata sinkhorn_iters 2^63": (lambda t: [str(_native_with(t, "mhc", {"sinkhorn_iters": str(2**63)}))],
+                                     "metadata sinkhorn_iters = about 10^18 exceeds hcdiag's limit of 1,000; pass --iters"),
+    "layout file iters 10^9": (lambda t: _layout_with(t, sinkhorn__iters=10**9),
+                               "layout file [sinkhorn] iters = 1,000,000,000 exceeds hcdiag's limit of 1,000; pass --iters"),
+    "metadata blocks 10^9": (lambda t: [str(_native_with(t, "identity", {"blocks": str(10**9)}))],
+                             "metadata blocks = 1,000,000,000 exceeds hcdiag's limit of 8,192"),
+    "site index 10^8": (lambda t: [str(_native_with(t, "mhc", {"blocks": "8"}, ("hc.sites.3.", "hc.sites.100000000.")))],
+                        "the site index of key hc.sites.100000000."),
+    "metadata n 30000": (lambda t: [str(_native_with(t, "identity", {"n": "30000"}))],
+                         "metadata n (streams) = 30,000 exceeds hcdiag's limit of 256"),
+    "layout file n 30000": (lambda t: _layout_with(t, n=30_000), "layout file n (streams) = 30,000 exceeds hcdiag's "
+                            "limit of 256"),
+    "layout file split 9**9**9": (lambda t: _layout_with(t, projection__split=["9**9**9", "n", "n"]),
+                                  "split size '9**9**9' is not between 0 and"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_number_is_refused_by_every_command(case, tmp_path, _warm):
+    make, expected = HOSTILE[case]
+    args = make(tmp_path)
+    result = run_forked([[*cmd, *args] for cmd in COMMANDS], limit_s=LIMIT_S)
+    assert not check_result(result, case)
+    for r in result["runs"]:
+        assert r["rc"] == 3 and len(r["stderr"].splitlines()) == 1 and expected in r["stderr"], (r["args"], r["stderr"])
+
+
+@pytest.mark.parametrize("case", [c for c, (_, msg) in HOSTILE.items() if "--iters" in msg])
+def test_iters_overrides_a_hostile_iteration_count(case, tmp_path, _warm):
+    args = HOSTILE[case][0](tmp_path)
+    result = run_forked([["stochasticity", "--json", *args, "--iters", "5"]], limit_s=LIMIT_S)
+    assert not check_result(result, case)
+    r = result["runs"][0]
+    assert r["rc"] == 0 and json.loads(r["stdout"])["sites"][0]["iters"] == 5
+
+
+def test_a_far_block_number_costs_nothing(tmp_path, _warm):
+    """A transformers key naming block 10^8: read as it is (the sites exist), the gap listed, never enumerated."""
+    d = tmp_path / "tf"
+    write_transformers_dir(d)
+    header, body = st_split((d / "model.safetensors").read_bytes())
+    header = {k.replace("layers.1.", "layers.100000000."): v for k, v in header.items()}
+    (d / "model.safetensors").write_bytes(st_join(header, body))
+    cfg = {k: v for k, v in TF_CONFIG.items() if k != "num_hidden_layers"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    result = run_forked(runs_for(d), limit_s=LIMIT_S)
+    assert not check_result(result, "far block")
+    notes = json.loads(result["runs"][0]["stdout"])["notes"]
+    assert any("[1, 2, 3, 4, 5, 6, 7, 8] and 99,999,991 more" in note for note in notes), notes

@@ -343,8 +343,6 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
                 "orders are not supported)",
             ) from None
     iters = _num(sk["iters"], "[sinkhorn] iters", ps, integer=True, minimum=1) if "iters" in sk else None
-    if iters is not None:
-        bounded(iters, MAX_ITERS, "layout file [sinkhorn] iters", ps, override="--iters")
     sk_eps = _num(sk["eps"], "[sinkhorn] eps", ps) if "eps" in sk else None
 
     return LayoutSpec(
@@ -593,6 +591,8 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         iters, it_src = (spec.iters, "layout file") if spec.iters is not None else (20, "default")
         if options.iters is not None:
             iters, it_src = options.iters, "cli"
+        elif spec.iters is not None:
+            bounded(spec.iters, MAX_ITERS, "layout file [sinkhorn] iters", spec.path, override="--iters")
         if spec.sinkhorn_eps is not None:
             eps, eps_src = spec.sinkhorn_eps, "layout file"
         elif conv == Convention.TRANSFORMERS:

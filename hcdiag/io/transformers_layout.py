@@ -319,7 +319,7 @@ def _settings(source: TensorSource, options: LoadOptions) -> _Settings:
         elif default is not None:
             vals[key] = default
             src[key] = f"default ({key}={default})"
-    if "hc_sinkhorn_iters" in cfg or "hc_sinkhorn_iters" in top:
+    if options.iters is None and ("hc_sinkhorn_iters" in cfg or "hc_sinkhorn_iters" in top):
         bounded(vals["hc_sinkhorn_iters"], MAX_ITERS, f"{src['hc_sinkhorn_iters'].split(' (')[0]} hc_sinkhorn_iters",
                 source.path, override="--iters")
     if "hc_mult" in vals:
