@@ -518,6 +518,115 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+# ------------------------------------------------------------------------------------------------------- track
+
+
+def _track_table(report) -> None:
+    """One row per checkpoint (rich, on stdout), then what the columns mean and where steps came from."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from hcdiag import render
+
+    def sci(v) -> str:
+        return "-" if v is None else f"{v:.2e}"
+
+    def g(v) -> str:
+        return "-" if v is None else f"{v:.6g}"
+
+    t = Table(title=f"HC diagnostics across {len(report.entries)} checkpoint(s), "
+                    f"probe {escape(report.entries[0]['probe_description']) if report.entries else '-'}",
+              title_justify="left")
+    for col in ("step", "step from", "row err (site)", "col err (site)", "G_f stack", "G_b stack", "sigma_2",
+                "||F-J/n||", "logit range", "mean ||H-I||", "checkpoint"):
+        t.add_column(col, justify="left" if col in ("step from", "checkpoint") else "right")
+    for e in report.entries:
+        m, w = e["metrics"], e["where"]
+        t.add_row(str(e["step"]), escape(e["step_source"]),
+                  f"{sci(m['row_err'])} {escape(w.get('row_err') or '')}",
+                  f"{sci(m['col_err'])} {escape(w.get('col_err') or '')}",
+                  g(m["gain_fwd"]), g(m["gain_bwd"]), g(m["sigma2"]), g(m["dist_uniform"]), g(m["logit_range"]),
+                  g(m["dist_identity"]), escape(Path(e["path"]).name))
+    render.out.print(t)
+    render.dim("row / col err: worst max |sum - 1| over constrained sites and probe tokens; G_f / G_b stack: gains "
+               "of the whole stack H_L...H_1 (gain-sweep --from's last / first site); sigma_2 and ||F-J/n||: of "
+               "that composite (both -> 0: stream collapse); mean ||H-I||: over sites and tokens")
+    if report.entries:
+        s = report.entries[0]["settings"]
+        for key in ("convention", "iters", "eps"):
+            if key in s:
+                render.dim(f"{key}: {s[key]['value']} (from {s[key]['source']})")
+    for note in report.notes:
+        render.dim(note)
+    render.dim(f"{report.analysed} analysed, {report.cached} from the cache"
+               + (f" ({report.cache_path})" if report.cache_path else "") + f"; {report.elapsed_s:.2f} s")
+
+
+@app.command(
+    "track",
+    epilog="Examples:\n\n"
+    "    hcdiag track runs/my_run/ -o track-out\n\n"
+    "    hcdiag track 'ckpts/ckpt_*.pt' --jobs 4 --plot\n\n"
+    "    hcdiag track runs/lightning/checkpoints/ --probe random --tokens 64 --json > track.json\n\n" + EPILOG_EXIT,
+)
+def track_cmd(
+    runs: Annotated[list[str], typer.Argument(
+        metavar="RUN...", help="Run directories (checkpoint-<step>/ subdirectories, *.ckpt / *.pt / *.safetensors "
+        "files), checkpoints, or quoted globs.")],
+    probe: Annotated[Probe, typer.Option("--probe", help="Stream inputs: static (x = 0) or random.")]
+    = Probe.STATIC,
+    tokens: Annotated[int, typer.Option("--tokens", help="Synthetic tokens for --probe random.", min=1)] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --probe random.")] = 0,
+    iters: IterOpt = None,
+    convention: ConvOpt = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Precision of the computation.")] = DType.FLOAT64,
+    tol: Annotated[float, typer.Option("--tol", help="Tolerance for the per-site verdicts (as in stochasticity).")]
+    = 1e-6,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Checkpoints analysed in parallel processes.")]
+    = 1,
+    cache: Annotated[Path | None, typer.Option(
+        "--cache", help="Cache file of analysed checkpoints (default: track-cache.json in --output-dir, or in the "
+        "--plot directory; none without either).")] = None,
+    cache_in_checkpoint: Annotated[bool, typer.Option(
+        "--cache-in-checkpoint", help="Allow --cache inside a checkpoint directory.")] = False,
+    as_json: JsonOpt = False,
+    csv_path: CsvOpt = None,
+    output_dir: OutDirOpt = None,
+    plot: PlotOpt = False,
+    layout: LayoutOpt = None,
+    layout_file: LayoutFileOpt = None,
+    state_key: StateKeyOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """HC diagnostics of every checkpoint of a training run, one row per checkpoint, in step order."""
+    from hcdiag import render
+    from hcdiag.track import CACHE_NAME, plot_track, track
+
+    if probe == Probe.ACTIVATIONS:
+        raise UsageError("--probe activations belongs to one checkpoint; track a run with --probe static or random",
+                         "--probe")
+    if cache is None and (output_dir is not None or plot):
+        cache = (output_dir or Path("hcdiag-out")) / CACHE_NAME
+
+    def progress(label: str, done: int, total: int) -> None:
+        _stderr(f"hcdiag: track [{done}/{total}] {label}")
+
+    report = track(runs, probe=probe, tokens=tokens, seed=seed, iters=iters, convention=convention, dtype=dtype,
+                   tol=tol, layout=layout, layout_file=str(layout_file) if layout_file else None,
+                   state_key=state_key, trust_pickle=trust_pickle, cache=cache,
+                   cache_in_checkpoint=cache_in_checkpoint, jobs=jobs, progress=progress)
+    doc = report.to_dict()
+    if plot:
+        from hcdiag.fileio import ensure_dir
+
+        files = plot_track(report, ensure_dir(output_dir or Path("hcdiag-out")))
+        doc["plots"] = [str(f) for f in files]
+        _stderr("plots: " + ", ".join(str(f) for f in files))
+    if not _outputs(doc, report.csv_rows(), name="track", as_json=as_json, csv_path=csv_path,
+                    output_dir=output_dir):
+        _track_table(report)
+
+
 # ---------------------------------------------------------------------------------------------------- variants
 
 
