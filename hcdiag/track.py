@@ -249,11 +249,16 @@ def _ref(p: Path) -> CheckpointRef:
     return CheckpointRef(str(p.resolve()), _identity(p))
 
 
+def _natural(p: Path) -> list[Any]:
+    """Sort key: ``checkpoint-8`` before ``checkpoint-16``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
 def _run_members(d: Path) -> list[Path]:
     """Checkpoints inside a run directory: subdirectories that hold one, and checkpoint files (sidecar JSONs
     and other files left out)."""
     out = []
-    for child in sorted(d.iterdir()):
+    for child in sorted(d.iterdir(), key=_natural):
         if child.is_dir() and _is_checkpoint_dir(child):
             out.append(child)
         elif child.is_file() and child.suffix in _CKPT_FILE_SUFFIXES and not child.name.startswith("."):
@@ -639,37 +644,46 @@ def track(
 # Figure
 
 
-def plot_track(report: TrackReport, out_dir: Path, opts: Any = None) -> list[Path]:
-    """One figure: each metric of :data:`CHECKPOINT_METRICS` against step (log y where the metric is an
-    error, range or distance and positive), loss and grad norm beside them when the run recorded them."""
-    from hcdiag.plot_common import FigOptions, log_curve, log_limits, new_figure, save
+def plot_track(report: TrackReport, out_dir: Path, fmt: str = "png") -> list[Path]:
+    """``track.<fmt>``: each metric of :data:`CHECKPOINT_METRICS` against step (log y where the metric is an
+    error, range or distance whose positive values span a decade), loss and grad norm beside them when the run
+    recorded them. Written atomically; matplotlib is imported here."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    opts = opts or FigOptions()
+    from hcdiag.fileio import atomic_write
+
     entries = report.entries
     steps = [e["step"] for e in entries]
     panels = list(CHECKPOINT_METRICS) + [k for k in ("loss", "grad_norm") if report.training.get(k)]
     cols = 3
     rows = math.ceil(len(panels) / cols)
-    fig = new_figure((4.0 * cols, 2.8 * rows), opts)
+    fig = Figure(figsize=(4.0 * cols, 2.6 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, name in zip(axes, panels, strict=False):
         if name in CHECKPOINT_METRICS:
-            ys = [math.nan if e["metrics"].get(name) is None else e["metrics"][name] for e in entries]
-            if name in _LOG_METRICS and log_limits(ax, [ys]):
-                log_curve(ax, steps, ys, marker="o", color="C0")
-            else:
-                ax.plot(steps, ys, marker="o", color="C0")
-            ax.set_title(name, fontsize=9)
+            xs = [s for s, e in zip(steps, entries, strict=True) if e["metrics"].get(name) is not None]
+            ys = [e["metrics"][name] for e in entries if e["metrics"].get(name) is not None]
+            ax.plot(xs, ys, marker="o", color="C0")
+            title = name
         else:
             pairs = report.training[name]
-            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], color="C1")
-            if all(p[1] > 0 for p in pairs):
-                ax.set_yscale("log")
-            ax.set_title(f"{name} (training log)", fontsize=9)
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+            ax.plot(xs, ys, color="C1")
+            title = f"{name} (training log)"
+        if ys and min(ys) > 0 and max(ys) / min(ys) >= 10 and (name in _LOG_METRICS or name in ("loss", "grad_norm")):
+            ax.set_yscale("log")  # only across a decade or more: a narrower log axis repeats its tick labels
+        if xs and min(xs) > 0 and max(xs) / min(xs) >= 100:  # steps spanning decades
+            ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"HC diagnostics over {len(entries)} checkpoints ({entries[0]['probe_description'] if entries else ''})",
-                 fontsize=10)
-    return [save(fig, out_dir, "track", opts)]
+    probe = entries[0]["probe_description"] if entries else ""
+    fig.suptitle(f"HC diagnostics over {len(entries)} checkpoints (probe {probe})", fontsize=10)
+    meta = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else {}
+    out = atomic_write(out_dir / f"track.{fmt}", lambda tmp: fig.savefig(tmp, format=fmt, metadata=meta),
+                       option="--output-dir")
+    return [out]
