@@ -67,6 +67,9 @@ class SiteModule(torch.nn.Module):
     #: Names of this module's own parameters / buffers that the H_res logits are computed from, so that reports
     #: can name the checkpoint's stored tensors behind a finding (see :func:`res_tensor_keys`).
     res_params: tuple[str, ...] = ()
+    #: Sinkhorn temperature tau that :meth:`res_logits` already divides by (tokenbender's mHC: logits / tau), so
+    #: reports can say where a logit range comes from; None where the codebase has no temperature.
+    temperature: float | None = None
 
     def forward(self, x: torch.Tensor) -> HCOutput:  # x: [..., n, C]
         raise NotImplementedError

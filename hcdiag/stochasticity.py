@@ -66,6 +66,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 CURVE_ITERS = 100  # convergence curves run to max(100, the site's iterations)
+NEAR_PERMUTATION = 1e-3  # perm_distance below which the advice calls H_res a near-permutation
 CURVE_SITES = 3  # curves are kept for this many worst Sinkhorn sites
 ITERS_TO_TOL_LIMIT = 1000  # iterations-needed search stops here (reported as "not reached")
 _BATCH_ELEMENTS = 16384  # logits entries per batched iterations-needed run (see _fill_iters_to_tol)
@@ -112,6 +113,9 @@ class SiteStochasticity:
     recorded_diff: with ``--probe activations``, max |H recomputed - H recorded by the model|; recorded_tol:
     the float32 rounding of the recomputed matrix (8 n eps_f32 max(1, max |H|), as :func:`rounding_bound`), above
     which the advice says that the two disagree (the model records in float32).
+    temperature: the Sinkhorn temperature tau the logits were divided by (None: the codebase has none).
+    perm_distance: max over tokens of max |H - P|, P the permutation matrix of each row's largest entry (None
+    where those entries do not form a permutation): near 0 means Sinkhorn returned a near-permutation.
     h_pre_mean / h_post_mean: token mean of H_pre / H_post [n] (what the branch reads / writes per stream).
     eps_floor: where the convention adds eps to its denominators, converged sums settle eps below 1 on both
     axes (measured: 1 - eps to 1e-10 relative); the verdict asks for ``worst <= tol + eps_floor``.
@@ -157,6 +161,8 @@ class SiteStochasticity:
     col_sums_of_mean: tuple[float, ...] = ()
     recorded_diff: float | None = None
     recorded_tol: float | None = None
+    temperature: float | None = None
+    perm_distance: float | None = None
     h_pre_mean: tuple[float, ...] = ()
     h_post_mean: tuple[float, ...] = ()
     eps_floor: float | None = None
@@ -557,9 +563,26 @@ def _analyze_site(
             scale = max(1.0, _f(H64.abs().max())) if bool(torch.isfinite(H64).all()) else 1.0
             extra["recorded_tol"] = rounding_bound(torch.float32, n) * scale
     extra.update(_pre_post(m, x, n))
+    if exactness is not Exactness.UNCONSTRAINED:
+        extra["perm_distance"] = _perm_distance(H)
+    extra["temperature"] = getattr(module, "temperature", None)
     keys = res_tensor_keys(module, [t.key for t in site.tensors])
     row = SiteStochasticity(**base, verdict=verdict, **extra, **ms, res_tensors=tuple(keys))
     return _SiteWork(row=row, mean=mean, logits=logits_keep, spec=spec)
+
+
+def _perm_distance(H: torch.Tensor) -> float | None:
+    """max over tokens of max |H - P| for H [T, n, n], P the 0/1 matrix of each row's largest entry; None where
+    for some token those entries are not a permutation (two rows peak in the same column)."""
+    H64 = H.to(torch.float64)
+    if not bool(torch.isfinite(H64).all()):
+        return None
+    idx = H64.argmax(dim=-1)  # [T, n]
+    n = H64.shape[-1]
+    if not bool((torch.sort(idx, dim=-1).values == torch.arange(n)).all()):
+        return None
+    P = torch.nn.functional.one_hot(idx, n).to(H64.dtype)
+    return _f((H64 - P).abs().max())
 
 
 def _pre_post(m: SiteModule, x: torch.Tensor, n: int) -> dict[str, tuple[float, ...]]:
@@ -717,6 +740,10 @@ def _advice_group(rs: Sequence[SiteStochasticity], tol: float, dtype: torch.dtyp
 def _fix_logits(rows: Sequence[SiteStochasticity], site: SiteStochasticity) -> str:
     keys = site.res_tensors
     named = f"the H_res logits' tensors ({', '.join(keys)})" if keys else "the scale of the H_res logits"
+    if site.temperature is not None:
+        R = site.logit_range_max or 0.0
+        return (f"the logits are the stored ones divided by the temperature tau = {site.temperature:g} (stored "
+                f"range {R * site.temperature:.3g}): raise tau or shrink {named}")
     return f"shrink {named} or use the log-domain convention (--convention log)"
 
 
@@ -768,6 +795,18 @@ def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -
                     f"the paper convention, which does not subtract the max (limit {f32_max:.1f}); "
                     "a model running it in float32 gets inf/NaN there"
                 )
+
+    # 2b. Sinkhorn returned near-permutations (a large logit range collapses it onto a vertex of the polytope)
+    perm = [r for r in sk if r.perm_distance is not None and r.perm_distance < NEAR_PERMUTATION]
+    if perm:
+        r = max(perm, key=lambda r: r.perm_distance or 0.0)
+        out.append(
+            f"H_res is a near-permutation at {len(perm)} of {len(sk)} Sinkhorn site(s) (within "
+            f"{_fmt(r.perm_distance or 0.0)} of a permutation matrix, e.g. site {r.name}"
+            + (f", logit range {r.logit_range_max:.3g}" if r.logit_range_max is not None else "")
+            + "): the streams are routed, not mixed, and the gradient to the logits off the permutation is "
+            "about that distance, so training leaves such an H_res where it is"
+        )
 
     # 3. exact variants above rounding
     for r in rows:

@@ -31,6 +31,10 @@ LAYOUT_MODULES = (
     "hcdiag.io.transformers_layout",
     "hcdiag.io.lucidrains_layout",
     "hcdiag.io.nanogpt_layout",
+    "hcdiag.io.tokenbender_layout",
+    "hcdiag.io.mhc_pytorch_layout",
+    "hcdiag.io.qwen4_exp_layout",
+    "hcdiag.io.deepseek_v41_layout",
     "hcdiag.io.layout_file",
 )
 #: name of the layout that reads ``--layout-file``

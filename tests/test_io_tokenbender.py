@@ -1,0 +1,221 @@
+"""tokenbender's mHC (github.com/tokenbender/mHC-manifold-constrained-hyper-connections) against a port.
+
+The repository is not on PyPI, so the oracle is a minimal port of its two mHC modules, written from the source
+(``hyper_connections/hyper_connections.py`` at 6e05eb3: ``HyperConnections(mhc=True)``; and
+``hyper_connections/hyper_connections_mhc.py`` at f4d7acb: with ``mhc_residual_identity_mix``). The port keeps
+the library's parameter names (so its state dict is a checkpoint of the library), its ``sinkhorn_log`` (u / v
+log-domain iterations of logits / tau, with -log n marginals times n in the first file and 0 marginals in the
+second), and its width connection: residuals_out[t] = sum_s h_res[s, t] x[s].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from cli_runner import run_cli
+from safetensors.torch import save_file
+from torch import nn
+
+TOL = 1e-6
+
+
+def sinkhorn_log(logits: torch.Tensor, num_iters: int = 10, tau: float = 0.05, *, log_n: bool = True):
+    """Port of the repository's sinkhorn_log (log_n: hyper_connections.py's -log n marginals, times n)."""
+    n = logits.shape[-1]
+    Z = logits / tau
+    m = -math.log(n) if log_n else 0.0
+    log_marginal = torch.full((n,), m, dtype=logits.dtype)
+    u = torch.zeros(n, dtype=Z.dtype)
+    v = torch.zeros(n, dtype=Z.dtype)
+    for _ in range(num_iters):
+        u = log_marginal - torch.logsumexp(Z + v.unsqueeze(0), dim=1)
+        v = log_marginal - torch.logsumexp(Z + u.unsqueeze(1), dim=0)
+    return torch.exp(Z + u.unsqueeze(1) + v.unsqueeze(0)) * (n if log_n else 1)
+
+
+class TokenbenderMHC(nn.Module):
+    """Port of the mHC path of the repository's HyperConnections (parameter names and maths as there)."""
+
+    def __init__(self, n: int, dim: int, layer_index: int, *, version: str = "mhc", iters: int = 10,
+                 tau: float = 0.05, identity_mix: bool = False, alpha: float = 0.01) -> None:
+        super().__init__()
+        self.n, self.iters, self.tau, self.version = n, iters, tau, version
+        init = torch.full((n, n), -8.0)
+        init.fill_diagonal_(0.0)
+        self.H_res_logits = nn.Parameter(init)
+        views = (n,) if version == "mhc" else (1, n)
+        pre = torch.full(views, -8.0)
+        pre[..., layer_index % n] = 0.0
+        self.H_pre_logits = nn.Parameter(pre)
+        self.H_post_logits = nn.Parameter(torch.zeros(views))
+        if identity_mix:
+            a = max(1e-4, min(1 - 1e-4, alpha))
+            self.H_res_alpha_logit = nn.Parameter(torch.tensor(math.log(a / (1 - a))))
+        else:
+            self.H_res_alpha_logit = None
+        if version == "mhc":  # HyperConnections(mhc=True) still creates the lucidrains HC tensors, unused
+            self.static_alpha = nn.Parameter(torch.zeros(n, n + 1))
+            self.dynamic_alpha_fn = nn.Parameter(torch.zeros(dim, n + 1))
+            self.dynamic_alpha_scale = nn.Parameter(torch.ones(()) * 1e-2)
+            self.static_beta = nn.Parameter(torch.ones(n))
+            self.dynamic_beta_fn = nn.Parameter(torch.zeros(dim))
+            self.dynamic_beta_scale = nn.Parameter(torch.ones(()) * 1e-2)
+            self.norm = nn.Module()
+            self.norm.gamma = nn.Parameter(torch.zeros(dim))
+
+    def h_res(self) -> torch.Tensor:
+        """The h_res [input s, output t] the width connection mixes with."""
+        S = sinkhorn_log(self.H_res_logits, self.iters, self.tau, log_n=self.version == "mhc")
+        if self.H_res_alpha_logit is None:
+            return S
+        a = torch.sigmoid(self.H_res_alpha_logit)
+        return (1 - a) * torch.eye(self.n, dtype=S.dtype) + a * S
+
+    def width_connection(self, x: torch.Tensor):
+        """x [..., s, d] -> branch input [..., d], residuals mixed [..., t, d], beta [t] (the library's)."""
+        h_res = self.h_res()
+        mixed = torch.einsum("st,...sd->...td", h_res, x)
+        h_pre = self.H_pre_logits.softmax(dim=-1).reshape(self.n)
+        branch = torch.einsum("s,...sd->...d", h_pre, x)
+        return branch, mixed, self.H_post_logits.softmax(dim=-1).reshape(self.n)
+
+    def paper(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H_pre, H_post, H_res) in paper convention, read off the width connection on streams x [T, n, d]:
+        H_res from mixing the standard basis (residuals_out[t] = sum_s h_res[s, t] e_s), H_pre likewise."""
+        basis = torch.eye(self.n, dtype=x.dtype).unsqueeze(-1)  # batch b of streams e_b [b, s, d = 1]
+        branch, mixed, beta = self.width_connection(basis)
+        pre, H = branch[:, 0], mixed[..., 0].T  # mixed[b, t] = h_res[b, t]: column b of H is the image of e_b
+        T = x.shape[0]
+        return pre.expand(T, -1), beta.expand(T, -1), H.expand(T, -1, -1)
+
+
+def build(n: int = 4, C: int = 8, blocks: int = 2, *, version: str = "mhc", identity_mix: bool = False,
+          perturb: float = 0.0, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[TokenbenderMHC]]:
+    """A nanoGPT-shaped state dict: transformer.h.N.hc_attn / hc_mlp, in float64 modules."""
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    sd = {}
+    for b in range(blocks):
+        for kind in ("attn", "mlp"):
+            m = TokenbenderMHC(n, C, len(mods), version=version, identity_mix=identity_mix).double()
+            with torch.no_grad():
+                for p in (m.H_res_logits, m.H_pre_logits, m.H_post_logits):
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * perturb)
+            mods.append(m)
+            for k, v in m.state_dict().items():
+                sd[f"transformer.h.{b}.hc_{kind}.{k}"] = v.float().contiguous()
+    for m in mods:  # the oracle runs on what the file stores
+        m.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(p.float().double())
+    return sd, mods
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    sd, mods = build(perturb=1.5, seed=3)
+    path = tmp_path / "tb.safetensors"
+    save_file(sd, str(path))
+    return path, mods
+
+
+def _errs(H: np.ndarray) -> tuple[float, float]:
+    return float(np.abs(H.sum(-1) - 1).max()), float(np.abs(H.sum(-2) - 1).max())
+
+
+@pytest.mark.parametrize("version, mix", [("mhc", False), ("mhc_v1", True), ("mhc_v1", False)])
+def test_every_site_matches_the_port(tmp_path, version: str, mix: bool) -> None:
+    from hcdiag.io.load import load
+
+    sd, mods = build(version=version, identity_mix=mix, perturb=1.0, seed=5)
+    path = tmp_path / "tb.safetensors"
+    save_file(sd, str(path))
+    model = load(path)
+    assert model.layout == "tokenbender" and len(model.sites) == 4 and model.n == 4
+    x = torch.randn(3, 4, model.C, dtype=torch.float64)
+    for site, ref in zip(model.sites, mods, strict=True):
+        with torch.no_grad():
+            pre, post, res = site.module.in_dtype(torch.float64)(x)
+            rpre, rpost, rres = ref.paper(x)
+        assert torch.allclose(res, rres, atol=1e-12, rtol=0), (site.name, (res - rres).abs().max())
+        assert torch.allclose(pre, rpre, atol=1e-12) and torch.allclose(post, rpost, atol=1e-12)
+
+
+def test_stochasticity_json_matches_the_port(ckpt) -> None:
+    path, mods = ckpt
+    p = run_cli("stochasticity", path, "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["layout"] == "tokenbender"
+    x = torch.zeros(1, 4, 8, dtype=torch.float64)
+    heat = {h["index"]: np.array(h["matrix"]) for h in doc["heatmaps"]}
+    for row, ref in zip(doc["sites"], mods, strict=True):
+        pre, post, H = (t.detach().numpy() for t in ref.paper(x))
+        r, c = _errs(H[0])
+        assert abs(row["row_err_max"] - r) <= TOL and abs(row["col_err_max"] - c) <= TOL
+        np.testing.assert_allclose(row["h_pre_mean"], pre[0], atol=TOL)
+        np.testing.assert_allclose(row["h_post_mean"], post[0], atol=TOL)
+        np.testing.assert_allclose(row["row_sums_of_mean"], H[0].sum(-1), atol=TOL)
+        if row["index"] in heat:
+            np.testing.assert_allclose(heat[row["index"]], H[0], atol=TOL)
+        assert row["iters"] == 10 and row["convention"] == "paper"
+        # the tempered logits: range of H_res_logits / 0.05
+        L = ref.H_res_logits.detach().numpy() / 0.05
+        assert abs(row["logit_range_max"] - (L.max() - L.min())) <= 1e-6 * max(1.0, L.max() - L.min())
+
+
+def test_gain_sweep_from_equals_the_brute_force_product(ckpt) -> None:
+    path, mods = ckpt
+    p = run_cli("gain-sweep", "--from", path, "--json")
+    assert p.returncode == 0, p.stderr
+    curves = json.loads(p.stdout)["variants"][0]["curves"]
+    x = torch.zeros(1, 4, 8, dtype=torch.float64)
+    F = np.eye(4)
+    fwd = []
+    for ref in mods:
+        F = ref.paper(x)[2][0].detach().numpy() @ F
+        fwd.append(np.abs(F.sum(-1)).max())
+    B = np.eye(4)
+    bwd = [0.0] * len(mods)
+    for i in range(len(mods) - 1, -1, -1):
+        B = B @ mods[i].paper(x)[2][0].detach().numpy()
+        bwd[i] = np.abs(B.sum(-2)).max()
+    np.testing.assert_allclose(curves["gain_fwd"]["median"], fwd, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(curves["gain_bwd"]["median"], bwd, rtol=1e-9, atol=1e-9)
+
+
+def test_default_tau_reports_the_logit_range_and_the_collapse(tmp_path) -> None:
+    """At init (0 on the diagonal, -8 off it) and tau = 0.05 the logits span 160: the advice says so, and that
+    Sinkhorn returns near-permutations (here: the identity, as tokenbender's users report)."""
+    sd, mods = build(perturb=0.0)
+    path = tmp_path / "tb_init.safetensors"
+    save_file(sd, str(path))
+    p = run_cli("stochasticity", path, "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    H = mods[0].paper(torch.zeros(1, 4, 8, dtype=torch.float64))[2][0].detach().numpy()
+    assert np.abs(H - np.eye(4)).max() < 1e-60  # the port's own H_res: the identity to far below rounding
+    assert all(abs(r["logit_range_max"] - 160.0) < 1e-9 for r in doc["sites"])
+    advice = " ".join(doc["summary"]["advice"])
+    assert "logit range up to 160" in advice and "near-permutation" in advice, advice
+    assert "H_res_logits" in advice  # names the checkpoint's own tensor
+    # a larger temperature is a usage of --temperature: the logit range shrinks by the same factor
+    p = run_cli("stochasticity", path, "--json", "--temperature", "1.0")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert all(abs(r["logit_range_max"] - 8.0) < 1e-9 for r in doc["sites"])
+
+
+def test_bad_shapes_are_refused_with_the_tensor_named(tmp_path) -> None:
+    sd, _ = build()
+    sd["transformer.h.0.hc_attn.H_pre_logits"] = torch.zeros(5)
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    p = run_cli("stochasticity", path, "--layout", "tokenbender")
+    assert p.returncode == 3, p.stderr
+    assert "H_pre_logits" in p.stderr and "Traceback" not in p.stderr
