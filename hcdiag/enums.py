@@ -42,3 +42,11 @@ class DType(StrEnum):
     FLOAT64 = "float64"
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
+
+
+class FigFormat(StrEnum):
+    """File format of the figures written by ``--plot`` (``--fig-format``)."""
+
+    PNG = "png"
+    SVG = "svg"
+    PDF = "pdf"

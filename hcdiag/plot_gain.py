@@ -1,27 +1,48 @@
-"""PNG plots of a :class:`hcdiag.gain.GainReport`, in the style of mHC Figs. 3, 7 and 8.
+"""Figures of a :class:`hcdiag.gain.GainReport`, in the style of mHC Figs. 3, 7 and 8.
 
-Dimension letters: L sites (x axis, 1..L), n streams (heatmaps are n x n).
+Dimension letters: L sites (x axis, labelled with the table's site names attn_0, ffn_0, ...), n streams
+(heatmaps are n x n), S seeds, T tokens.
 
-matplotlib is imported inside the plotting function (Agg canvas, no pyplot, no global backend switch), so
-``import hcdiag`` stays light and a missing matplotlib only fails the ``--plot`` call. Files are written to a
-temporary name and renamed into place.
+What a figure says is what the data hold: a band only when there is a spread (over S > 1 seeds, else over
+T > 1 tokens) and the legend says over what; variants whose curves coincide share one legend entry
+("a = b (coincide)"); the others carry their own colour, line style and staggered markers, so curves close
+together stay distinguishable. Log axes mark exact zeros on their bottom edge. One legend per figure, placed
+by constrained layout outside the axes. matplotlib is imported inside the functions (Agg canvas, no pyplot),
+so ``import hcdiag`` stays light; files are written atomically in ``--fig-format``.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hcdiag.plot_common import (
+    FigOptions,
+    MatrixPanel,
+    draw_matrices,
+    group_label,
+    groups,
+    legend_columns,
+    log_curve,
+    log_limits,
+    new_figure,
+    panel_size,
+    save,
+    settle,
+    site_axis,
+    wrap,
+    zero_handle,
+)
+
 if TYPE_CHECKING:
     from hcdiag.gain import GainReport, VariantGain
 
-__all__ = ["plot_gain"]
+__all__ = ["gain_figures", "plot_gain"]
 
-DPI = 200
-# one fixed colour / line style per variant (registry display order), so figures of different runs agree
+# one fixed colour / marker per variant (registry display order), so figures of different runs agree
 _COLORS = {
     "identity": "#7f7f7f",
     "hc-static": "#d62728",
@@ -33,58 +54,82 @@ _COLORS = {
     "ihc": "#17becf",
 }
 _STYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _FALLBACK = ["#e377c2", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39"]
+_RC = {"font.size": 8, "axes.titlesize": 8.5, "legend.fontsize": 7}
 
 
-def plot_gain(report: GainReport, out_dir: str | Path) -> list[Path]:
-    """Write the gain figures for ``report`` into ``out_dir``; return their paths.
+def gain_figures(report: GainReport, opts: FigOptions | None = None) -> dict[str, Any]:
+    """The figures of ``report`` by file stem (matplotlib Figures, not yet written):
 
-    gain-sites.png       single-site G_f(H_l), G_b(H_l) vs site (mHC Figs. 3a / 7a)
-    gain-composite.png   G_f(H_l...H_1), G_b(H_L...H_l) vs site, median over seeds with a min-max band
-                         (mHC Figs. 3b / 7b); log y-axis when a value exceeds 10
-    gain-collapse.png    sigma_2, ||F - J/n||_F, ||F - I||_F and the doubly-stochastic error of F_l = H_l...H_1
-    gain-heatmap-<variant>.png   H_1 and the composites of the first half, second half and all sites, with
-                         row sums (right) and column sums (bottom) (mHC Fig. 8)
+    gain-sites              single-site G_f(H_l), G_b(H_l) per site (mHC Figs. 3a / 7a)
+    gain-composite          G_f(H_l...H_1), G_b(H_L...H_l) per site (mHC Figs. 3b / 7b); log y when a value
+                            exceeds 10, then a second row with the bounded variants on a linear axis
+    gain-collapse           sigma_2, ||F - J/n||_F, ||F - I||_F and the doubly-stochastic error of F_l
+    gain-heatmap-<variant>  H_1 and the composites of the first half, second half and all sites, one colour
+                            scale, row and column sums as deviations from 1 (mHC Fig. 8)
     """
-    from matplotlib.figure import Figure  # noqa: F401  (fails here, politely, without matplotlib)
+    import matplotlib
+
+    opts = opts or FigOptions()
+    ok = [v for v in report.variants if v.ok]
+    figs: dict[str, Any] = {}
+    if not ok:
+        return figs
+    with matplotlib.rc_context(_RC):
+        figs["gain-sites"] = _fig_sites(report, ok, opts)
+        figs["gain-composite"] = _fig_composite(report, ok, opts)
+        figs["gain-collapse"] = _fig_collapse(report, ok, opts)
+        for v in ok:
+            figs[f"gain-heatmap-{_slug(v.name)}"] = _fig_heatmaps(report, v, opts)
+    return figs
+
+
+def plot_gain(report: GainReport, out_dir: str | os.PathLike[str], opts: FigOptions | None = None) -> list[Path]:
+    """Write :func:`gain_figures` into ``out_dir`` (created if missing); return the paths, in order."""
+    import matplotlib
 
     from hcdiag.fileio import ensure_dir
 
     out = ensure_dir(out_dir)
-    ok = [v for v in report.variants if v.ok]
-    files: list[Path] = []
-    if not ok:
-        return files
-    files.append(_save(_fig_sites(report, ok), out / "gain-sites.png"))
-    files.append(_save(_fig_composite(report, ok), out / "gain-composite.png"))
-    files.append(_save(_fig_collapse(report, ok), out / "gain-collapse.png"))
-    for v in ok:
-        files.append(_save(_fig_heatmaps(report, v), out / f"gain-heatmap-{_slug(v.name)}.png"))
-    return files
+    opts = opts or FigOptions()
+    with matplotlib.rc_context(_RC):
+        return [save(fig, out, stem, opts) for stem, fig in gain_figures(report, opts).items()]
 
 
 # ------------------------------------------------------------------------------------------------------------
-# helpers
+# what the curves are
 
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def _save(fig: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from hcdiag.fileio import atomic_write
-
-    FigureCanvasAgg(fig)
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), option="--output-dir")
+def _spread(report: GainReport) -> tuple[tuple[str, str] | None, str, str]:
+    """(band statistics or None, what the line is, what the band is)."""
+    S = int(report.inputs.get("seeds") or 1)
+    T = int(report.inputs.get("tokens") or 1)
+    if S > 1:
+        return ("min", "max"), f"median over {S} seeds", f"band: min to max over {S} seeds"
+    if T > 1:
+        return ("token_min", "token_max"), f"mean over {T} tokens", f"band: min to max over {T} tokens"
+    return None, "", ""
 
 
 def _style(report: GainReport, name: str) -> dict[str, Any]:
     names = [v.name for v in report.variants]
     i = names.index(name) if name in names else 0
-    color = _COLORS.get(name, _FALLBACK[i % len(_FALLBACK)])
-    return {"color": color, "linestyle": _STYLES[i % len(_STYLES)], "linewidth": 1.6}
+    L = report.sites
+    step = max(1, L // 8)
+    return {
+        "color": _COLORS.get(name, _FALLBACK[i % len(_FALLBACK)]),
+        "linestyle": _STYLES[i % len(_STYLES)],
+        "linewidth": 1.5,
+        "marker": _MARKERS[i % len(_MARKERS)],
+        "markersize": 4,
+        # staggered markers: curves on top of each other still show every variant's marker
+        "markevery": ((i * step) // max(1, len(names)), step),
+    }
 
 
 def _subtitle(report: GainReport, only: VariantGain | None = None) -> str:
@@ -93,17 +138,19 @@ def _subtitle(report: GainReport, only: VariantGain | None = None) -> str:
     inp = report.inputs
     L = report.sites
     parts = [f"n = {inp.get('n')}"]
+    tokens = int(inp.get("tokens") or 1)
     if inp.get("source") == "checkpoint":
         parts.append(f"L = {L} sites ({Path(str(inp.get('path'))).name}, layout {inp.get('layout')})")
         probe = inp.get("probe") or {}
-        parts.append(f"probe {probe.get('kind', '?')}, {inp.get('tokens')} tokens")
+        parts.append(f"probe {probe.get('kind', '?')}, {tokens} token{'s' if tokens != 1 else ''}")
     else:
         parts.append(f"L = {L} sites ({inp.get('layers')} blocks)")
         init = inp.get("init")
         parts.append(f"init {init}" + (f", s = {inp.get('logit_scale'):g}" if init == "perturb" else ""))
-        parts.append(f"{inp.get('seeds')} seeds")
-        if (inp.get("tokens") or 1) > 1:
-            parts.append(f"{inp.get('tokens')} tokens")
+        seeds = int(inp.get("seeds") or 1)
+        parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}")
+        if tokens > 1:
+            parts.append(f"{tokens} tokens")
     pool = [only] if only is not None else list(report.variants)
     sk = sorted({f"{d['convention']}, {d['iters']} iters" for v in pool if (d := v.sinkhorn)})
     if sk:
@@ -114,271 +161,262 @@ def _subtitle(report: GainReport, only: VariantGain | None = None) -> str:
     return ", ".join(parts)
 
 
-def _footer(fig: Any, report: GainReport) -> None:
+def _title(fig: Any, text: str) -> None:
+    fig.suptitle(wrap(text, fig, 10), fontsize=10)
+
+
+def _skipped(report: GainReport) -> str:
     skipped = [f"{v.name} ({v.reason.split(';')[0].split('(')[0].strip()})" for v in report.variants if not v.ok]
-    if skipped:
-        fig.text(0.01, 0.005, "skipped: " + "; ".join(skipped), fontsize=7, color="#555555", ha="left", va="bottom")
+    return ("skipped: " + "; ".join(skipped)) if skipped else ""
 
 
-def _band(ax: Any, x: np.ndarray, st: dict[str, np.ndarray], style: dict[str, Any], label: str) -> None:
-    ax.plot(x, st["median"], label=label, **style)
-    if not np.array_equal(st["min"], st["max"]):
-        ax.fill_between(x, st["min"], st["max"], color=style["color"], alpha=0.18, linewidth=0)
+def _metric_arrays(v: VariantGain, metrics: tuple[str, ...], band: tuple[str, str] | None) -> list[np.ndarray]:
+    stats = ("median", *(band or ()))
+    out = [v.curves[m][s] for m in metrics for s in stats]
+    if v.token_mean_curves is not None:
+        out += [v.token_mean_curves[m]["median"] for m in metrics if m in v.token_mean_curves]
+    return out
 
 
-def _finalise_y(ax: Any, arrays: list[np.ndarray]) -> None:
+class _Panels:
+    """The variants of one figure grouped by coincidence; draws and builds the one figure legend."""
+
+    def __init__(self, report: GainReport, ok: list[VariantGain], metrics: tuple[str, ...]) -> None:
+        self.report = report
+        self.band, self.line_what, self.band_what = _spread(report)
+        by_name = {v.name: v for v in ok}
+        self.groups = groups(list(by_name), lambda name: _metric_arrays(by_name[name], metrics, self.band))
+        self.shown = [by_name[g[0]] for g in self.groups]  # one representative per group
+        self.labels = {g[0]: group_label(g) for g in self.groups}
+        self.zeros = False
+        self.token_mean = False
+
+    def curve(self, ax: Any, x: np.ndarray, st: dict[str, np.ndarray], style: dict[str, Any], log: bool) -> None:
+        y = st["median"]
+        if log:
+            self.zeros |= log_curve(ax, x, y, **style)
+        else:
+            ax.plot(x, y, **style)
+        if self.band and not np.array_equal(st[self.band[0]], st[self.band[1]], equal_nan=True):
+            lo, hi = st[self.band[0]], st[self.band[1]]
+            if log:
+                lo, hi = np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan)
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.16, linewidth=0)
+
+    def legend(self, fig: Any) -> None:
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+
+        handles = []
+        for v in self.shown:
+            st = {k: val for k, val in _style(self.report, v.name).items() if k != "markevery"}
+            handles.append(Line2D([], [], label=wrap(self.labels[v.name], fig, 7, share=0.3), **st))
+        if self.line_what:
+            handles.append(Line2D([], [], color="0.3", label=f"line: {self.line_what}"))
+        if self.band and any(_has_spread(v, self.band) for v in self.shown):
+            handles.append(Patch(color="0.3", alpha=0.16, label=self.band_what))
+        if self.token_mean:
+            handles.append(Line2D([], [], color="0.3", linestyle=":", linewidth=1.1,
+                                  label="dotted: composite of the token-mean matrices"))
+        if self.zeros:
+            handles.append(zero_handle())
+        if skipped := _skipped(self.report):  # in the legend, so that constrained layout keeps it clear
+            handles.append(Line2D([], [], linestyle="none", label=wrap(skipped, fig, 7, share=0.3)))
+        ncol = legend_columns(fig, [h.get_label() for h in handles])
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol)
+        settle(fig)
+
+
+def _has_spread(v: VariantGain, band: tuple[str, str]) -> bool:
+    return any(not np.array_equal(st[band[0]], st[band[1]], equal_nan=True) for st in v.curves.values())
+
+
+def _wants_log(arrays: list[np.ndarray]) -> bool:
     vals = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
     vals = vals[np.isfinite(vals)]
-    if vals.size and (vals.max() > 10 or (vals.min() > 0 and vals.min() < 0.1)) and vals.min() > 0:
-        ax.set_yscale("log")
+    pos = vals[vals > 0]
+    if pos.size == 0 or (vals < 0).any():
+        return False
+    return bool(pos.max() > 10 or pos.max() / pos.min() > 100)
+
+
+def _linear_limits(ax: Any, arrays: list[np.ndarray], pad_min: float = 0.02) -> None:
+    vals = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    vals = vals[np.isfinite(vals)]
+    lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+    pad = max(pad_min, 0.08 * (hi - lo))
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _y_axis(ax: Any, arrays: list[np.ndarray], force_log: bool = False) -> None:
+    if (force_log or _wants_log(arrays)) and log_limits(ax, arrays):
+        pass
     else:
-        lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
-        pad = max(0.02, 0.08 * (hi - lo))
-        ax.set_ylim(lo - pad, hi + pad)
+        _linear_limits(ax, arrays)
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _label(v: VariantGain, metric: str, stat: str = "median") -> str:
-    last = float(v.curves[metric][stat][-1])
-    peak = float(np.max(v.curves[metric]["max"]))
-    return f"{v.name} (last {_fmt(last)}, max {_fmt(peak)})"
+def _panel_arrays(p: _Panels, group: list[VariantGain], metric: str) -> list[np.ndarray]:
+    stats = ("median", *(p.band or ()))
+    return [v.curves[metric][s] for v in group for s in stats]
 
 
-def _fmt(x: float) -> str:
-    if not math.isfinite(x):
-        return str(x)
-    a = abs(x)
-    if a != 0 and (a >= 1e4 or a < 1e-3):
-        return f"{x:.2e}"
-    return f"{x:.4g}"
+def _coincide_note(p: _Panels, metric: str) -> str:
+    """Groups that coincide in this panel only (beyond the figure's own groups), for the panel title."""
+    by_name = {v.name: v for v in p.shown}
+    stats = ("median", *(p.band or ()))
+    local = groups(list(by_name), lambda name: [by_name[name].curves[metric][s] for s in stats])
+    joined = [" = ".join(g) for g in local if len(g) > 1]
+    return ("\ncoincide here: " + "; ".join(joined)) if joined else ""
 
 
 # ------------------------------------------------------------------------------------------------------------
 # figures
 
 
-def _two_panel(report: GainReport, title: str) -> tuple[Any, Any, Any]:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 5.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharex=True)
-    fig.suptitle(f"{title}\n{_subtitle(report)}", fontsize=11)
-    return fig, axes[0], axes[1]
-
-
-def _fig_sites(report: GainReport, ok: list[VariantGain]) -> Any:
-    fig, ax_f, ax_b = _two_panel(report, "Single-site gain (Amax Gain Magnitude of H_l)")
+def _fig_sites(report: GainReport, ok: list[VariantGain], opts: FigOptions) -> Any:
+    metrics = ("site_gain_fwd", "site_gain_bwd")
+    p = _Panels(report, ok, metrics)
+    fig = new_figure((13, 5.0), opts)
+    axes = fig.subplots(1, 2)
+    _title(fig, f"Single-site gain (Amax Gain Magnitude of H_l)\n{_subtitle(report)}")
     x = np.arange(1, report.sites + 1)
-    for v in ok:
-        st = _style(report, v.name)
-        _band(ax_f, x, v.curves["site_gain_fwd"], st, _label(v, "site_gain_fwd"))
-        _band(ax_b, x, v.curves["site_gain_bwd"], st, _label(v, "site_gain_bwd"))
     for ax, metric, what in (
-        (ax_f, "site_gain_fwd", "forward gain  G_f(H_l) = max_i |row sum|"),
-        (ax_b, "site_gain_bwd", "backward gain  G_b(H_l) = max_j |column sum|"),
+        (axes[0], "site_gain_fwd", "forward gain  G_f(H_l) = max_i |row sum|"),
+        (axes[1], "site_gain_bwd", "backward gain  G_b(H_l) = max_j |column sum|"),
     ):
-        _finalise_y(ax, [v.curves[metric][s] for v in ok for s in ("min", "max")])
-        ax.set_title(what, fontsize=10)
-        ax.set_xlabel("site index l (2 sites per block)")
+        arrays = _panel_arrays(p, p.shown, metric)
+        log = _wants_log(arrays)
+        for v in p.shown:
+            p.curve(ax, x, v.curves[metric], _style(report, v.name), log)
+        _y_axis(ax, arrays)
+        ax.set_title(wrap(what + _coincide_note(p, metric), fig, 8.5, share=0.5))
         ax.set_ylabel("gain")
-        ax.legend(fontsize=7, loc="best", framealpha=0.85)
-    _footer(fig, report)
+        site_axis(ax, report.site_names, first=1)
+    p.legend(fig)
     return fig
 
 
-def _fig_composite(report: GainReport, ok: list[VariantGain]) -> Any:
+def _fig_composite(report: GainReport, ok: list[VariantGain], opts: FigOptions) -> Any:
     """Top row: every variant (log y when needed). When unbounded variants (gain > 10) share the figure with
     bounded ones, a second row repeats the bounded ones on a linear axis, as mHC shows HC (Fig. 3) and mHC
     (Fig. 7) apart: otherwise mHC's 1.6 is a flat line under HC's 3000."""
-    from matplotlib.figure import Figure
+    metrics = ("gain_fwd", "gain_bwd")
+    p = _Panels(report, ok, metrics)
 
     def peak(v: VariantGain) -> float:
         return float(max(np.nanmax(v.curves["gain_fwd"]["max"]), np.nanmax(v.curves["gain_bwd"]["max"])))
 
-    bounded = [v for v in ok if peak(v) <= 10]
-    split = 0 < len(bounded) < len(ok)
+    bounded = [v for v in p.shown if peak(v) <= 10]
+    split = 0 < len(bounded) < len(p.shown)
     nrows = 2 if split else 1
-    fig = Figure(figsize=(13, 5.2 * nrows), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(nrows, 2, sharex=True))
-    fig.suptitle("Composite gain across depth (median over seeds, band: min to max)\n" + _subtitle(report),
-                 fontsize=11)
+    fig = new_figure((13, 4.6 * nrows + 0.6), opts)
+    axes = np.atleast_2d(fig.subplots(nrows, 2))
+    how = f" ({p.line_what}{', ' + p.band_what if p.band else ''})" if p.line_what else ""
+    _title(fig, f"Composite gain across depth{how}\n{_subtitle(report)}")
     x = np.arange(1, report.sites + 1)
-    rows = [(ok, "")] + ([(bounded, "bounded variants only, linear axis: ")] if split else [])
+    rows = [(p.shown, "")] + ([(bounded, "bounded variants only, linear axis: ")] if split else [])
     for r, (group, prefix) in enumerate(rows):
-        ax_f, ax_b = axes[r]
-        for v in group:
-            st = _style(report, v.name)
-            _band(ax_f, x, v.curves["gain_fwd"], st, _label(v, "gain_fwd"))
-            _band(ax_b, x, v.curves["gain_bwd"], st, _label(v, "gain_bwd"))
-            if v.token_mean_curves is not None:
-                thin = {**st, "linestyle": ":", "linewidth": 1.2}
-                lab = f"{v.name}, token-mean matrices"
-                ax_f.plot(x, v.token_mean_curves["gain_fwd"]["median"], label=lab, **thin)
-                ax_b.plot(x, v.token_mean_curves["gain_bwd"]["median"], label=lab, **thin)
         for ax, metric, what in (
-            (ax_f, "gain_fwd", "forward  G_f(H_l ... H_1)"),
-            (ax_b, "gain_bwd", "backward  G_b(H_L ... H_l)"),
+            (axes[r][0], "gain_fwd", "forward  G_f(H_l ... H_1)"),
+            (axes[r][1], "gain_bwd", "backward  G_b(H_L ... H_l)"),
         ):
-            arrays = [v.curves[metric][s] for v in group for s in ("min", "max")]
-            if r == 0:
-                _finalise_y(ax, arrays)
+            arrays = _panel_arrays(p, group, metric)
+            log = r == 0 and _wants_log(arrays)
+            for v in group:
+                st = _style(report, v.name)
+                p.curve(ax, x, v.curves[metric], st, log)
+                if v.token_mean_curves is not None:
+                    p.token_mean = True
+                    thin = {**st, "linestyle": ":", "linewidth": 1.1, "marker": None}
+                    tm = v.token_mean_curves[metric]["median"]
+                    if log:
+                        p.zeros |= log_curve(ax, x, tm, **thin)
+                    else:
+                        ax.plot(x, tm, **thin)
+                    arrays.append(tm)
+            if log:
+                _y_axis(ax, arrays, force_log=True)
             else:
-                vals = np.concatenate(arrays)
-                lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
-                pad = max(0.002, 0.08 * (hi - lo))
-                ax.set_ylim(lo - pad, hi + pad)
+                _linear_limits(ax, arrays, pad_min=0.02 if r == 0 else 0.002)
                 ax.grid(True, alpha=0.3)
-            ax.set_title(prefix + what, fontsize=10)
-            ax.set_xlabel("site index l (2 sites per block)")
+            ax.set_title(wrap(prefix + what + (_coincide_note(p, metric) if r == 0 else ""), fig, 8.5, share=0.5))
             ax.set_ylabel("composite gain")
-            ax.legend(fontsize=7, loc="best", framealpha=0.85)
-    _footer(fig, report)
+            site_axis(ax, report.site_names, first=1)
+    p.legend(fig)
     return fig
 
 
-def _fig_collapse(report: GainReport, ok: list[VariantGain]) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 8.5), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True).ravel()
-    fig.suptitle(f"Forward composite F_l = H_l ... H_1: stream collapse and doubly-stochastic error\n"
-                 f"{_subtitle(report)}", fontsize=11)
-    x = np.arange(1, report.sites + 1)
+def _fig_collapse(report: GainReport, ok: list[VariantGain], opts: FigOptions) -> Any:
     panels = [
         ("sigma2", "second singular value  sigma_2(F_l)"),
         ("dist_uniform", "distance to uniform mixing  ||F_l - J/n||_F"),
         ("dist_identity", "distance to identity  ||F_l - I||_F"),
-        ("ds_err", "doubly-stochastic error: max |row sum - 1| (solid), max |col sum - 1| (dotted)"),
+        ("ds_err", "doubly-stochastic error of F_l: max |row sum - 1| (solid), max |col sum - 1| (dotted)"),
     ]
+    metrics = ("sigma2", "dist_uniform", "dist_identity", "row_err", "col_err")
+    p = _Panels(report, ok, metrics)
+    fig = new_figure((13, 8.5), opts)
+    axes = fig.subplots(2, 2).ravel()
+    _title(fig, f"Forward composite F_l = H_l ... H_1: stream collapse and doubly-stochastic error\n"
+                f"{_subtitle(report)}")
+    x = np.arange(1, report.sites + 1)
     for ax, (metric, title) in zip(axes, panels, strict=True):
-        arrays: list[np.ndarray] = []
-        for v in ok:
-            st = _style(report, v.name)
-            if metric == "ds_err":
-                r, c = v.curves["row_err"]["max"], v.curves["col_err"]["max"]
-                ax.plot(x, np.maximum(r, 1e-17), label=f"{v.name} rows", **st)
-                ax.plot(x, np.maximum(c, 1e-17), label=f"{v.name} cols",
-                        **{**st, "linestyle": ":", "linewidth": 2.0})
-                arrays += [np.maximum(r, 1e-17), np.maximum(c, 1e-17)]
+        if metric == "ds_err":
+            arrays = [v.curves[m]["max"] for v in p.shown for m in ("row_err", "col_err")]
+            log = log_limits(ax, arrays)  # errors span rounding (1e-16) to overflow: always log when possible
+            for v in p.shown:
+                st = _style(report, v.name)
+                for m, ls in (("row_err", "-"), ("col_err", ":")):
+                    y = v.curves[m]["max"]
+                    if log:
+                        p.zeros |= log_curve(ax, x, y, **{**st, "linestyle": ls})
+                    else:
+                        ax.plot(x, y, **{**st, "linestyle": ls})
+            if log:
+                log_limits(ax, arrays)
             else:
-                # floor at 1e-17 so exact zeros (identity: ||F - I|| = 0) stay on a log axis
-                floored = {k: np.maximum(a, 1e-17) for k, a in v.curves[metric].items()}
-                _band(ax, x, floored, st, v.name)
-                arrays += [floored["min"], floored["max"]]
-        vals = np.concatenate(arrays)
-        vals = vals[np.isfinite(vals)]
-        positive = vals[vals > 0]
-        if metric == "ds_err" or (positive.size and positive.max() / max(positive.min(), 1e-300) > 100):
-            ax.set_yscale("log")
+                _linear_limits(ax, arrays)
+                title += "\nall exactly 0"
             ax.grid(True, which="major", alpha=0.3)
+            note = ""
         else:
-            _finalise_y(ax, arrays)
-        ax.set_title(title, fontsize=9.5)
-        ax.set_xlabel("site index l (2 sites per block)")
-        ax.legend(fontsize=6.5, loc="best", ncol=2 if metric == "ds_err" else 1)
-    _footer(fig, report)
+            arrays = _panel_arrays(p, p.shown, metric)
+            vals = np.concatenate(arrays)
+            pos = vals[np.isfinite(vals) & (vals > 0)]
+            log = bool(pos.size and pos.max() / pos.min() > 100) or _wants_log(arrays)
+            for v in p.shown:
+                p.curve(ax, x, v.curves[metric], _style(report, v.name), log)
+            _y_axis(ax, arrays, force_log=log)
+            note = _coincide_note(p, metric)
+        ax.set_title(wrap(title + note, fig, 8.5, share=0.5))
+        site_axis(ax, report.site_names, first=1)
+    p.legend(fig)
     return fig
 
 
-def _fig_heatmaps(report: GainReport, v: VariantGain) -> Any:
-    from matplotlib.figure import Figure
-
+def _fig_heatmaps(report: GainReport, v: VariantGain, opts: FigOptions) -> Any:
     L = report.sites
     h = L // 2
+    names = report.site_names
     titles = {
-        "site_1": "H_1 (site 1)",
-        "first_half": f"H_{h} ... H_1 (sites 1-{h})",
-        "second_half": f"H_{L} ... H_{h + 1} (sites {h + 1}-{L})",
-        "all": f"H_{L} ... H_1 (all {L} sites)",
+        "site_1": f"H_1\n(site {names[0]})",
+        "first_half": f"H_{h} ... H_1\n(sites {names[0]} ... {names[h - 1]})",
+        "second_half": f"H_{L} ... H_{h + 1}\n(sites {names[h]} ... {names[L - 1]})",
+        "all": f"H_{L} ... H_1\n(all {L} sites)",
     }
     keys = [k for k in ("site_1", "first_half", "second_half", "all") if k in v.heatmaps]
-    n = int(np.asarray(v.heatmaps[keys[0]]).shape[0])
-    cell = 0.62 if n <= 4 else 0.45 if n <= 8 else 0.32
-    side = max(3.4, cell * (n + 1.3))
-    fig = Figure(figsize=(side * len(keys) + 0.8, side + 1.3), layout="constrained")
+    mats = [np.asarray(v.heatmaps[k], dtype=float) for k in keys]
+    fig = new_figure(panel_size(int(mats[0].shape[0]), len(keys)), opts)
     seed_note = ""
     if report.inputs.get("source") != "checkpoint" and (report.inputs.get("seeds") or 1) > 1:
         seed_note = f"; seed {v.heatmap_seed} (median by final max(G_f, G_b))"
     tok = "token-mean matrices; " if v.token_mean_curves is not None else ""
-    fig.suptitle(
-        f"{v.name}: H_res and depth composites, paper convention (row i = output stream i){seed_note}\n"
-        f"{tok}{_subtitle(report, v)}",
-        fontsize=10,
-    )
-    sub = fig.add_gridspec(1, len(keys))
-    for j, key in enumerate(keys):
-        _heatmap(fig, sub[0, j], np.asarray(v.heatmaps[key], dtype=float), titles[key])
+    _title(fig, f"{v.name}: H_res and depth composites, paper convention (row i = output stream i){seed_note}\n"
+                f"{tok}{_subtitle(report, v)}")
+    panels = []
+    for k, M in zip(keys, mats, strict=True):
+        t = titles[k] + ("\noverflowed: inf / NaN entries (grey)" if not np.isfinite(M).all() else "")
+        panels.append(MatrixPanel(M, t))
+    draw_matrices(fig, panels, label="entry")
     return fig
-
-
-def _num(x: float, decimals: int = 2) -> str:
-    return f"{x:.{decimals}f}"
-
-
-def _heatmap(fig: Any, spec: Any, M: np.ndarray, title: str) -> None:
-    """M with its row sums in a column on the right and column sums in a row below (mHC Fig. 8).
-
-    Sum cells are shaded by their deviation from 1 on a fixed scale (white at 1, full colour at +-0.5), so
-    rounding-level errors stay white and an mHC-like 0.41 / 1.50 stands out.
-    """
-    n = M.shape[0]
-    ok = np.isfinite(M)  # False where a composite overflowed
-    if not ok.all():
-        title = f"{title}\noverflowed: inf / NaN entries"
-        M = np.where(ok, M, np.nan)
-    big = float(np.abs(M[ok]).max()) if ok.any() else 0.0
-    k = int(math.floor(math.log10(big))) if big >= 1e3 and math.isfinite(big) else 0
-    if k:
-        M = M / 10.0**k  # show mantissas; the title carries the factor
-        title = f"{title}  [x 1e{k}]"
-    gs = spec.subgridspec(2, 2, width_ratios=[n, 1.3], height_ratios=[n, 1.0], wspace=0.03, hspace=0.03)
-    ax = fig.add_subplot(gs[0, 0])
-    ax_r = fig.add_subplot(gs[0, 1], sharey=ax)
-    ax_c = fig.add_subplot(gs[1, 0], sharex=ax)
-    rows, cols = M.sum(axis=1), M.sum(axis=0)
-    finite = M[ok]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if lo < -1e-6:
-        m = max(abs(lo), abs(hi)) or 1.0
-        cmap, vmin, vmax = "RdBu_r", -m, m
-    else:
-        cmap, vmin, vmax = "Blues", 0.0, max(hi, 1e-12)
-    ax.imshow(M, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    # entries are written into the cells up to n = 8; beyond, 4-point numbers in n^2 cells are unreadable in a
-    # figure and drawing them (1,024 texts a figure at n = 16) cost 1.4 s per variant; the sums stay written
-    fs = 8 if n <= 4 else 6.5 if n <= 8 else 0
-    if fs:
-        for i in range(n):
-            for j in range(n):
-                val = M[i, j]
-                frac = (val - vmin) / (vmax - vmin) if vmax > vmin else 0.0
-                dark = frac > 0.6 or (cmap == "RdBu_r" and frac < 0.2)
-                ax.text(j, i, _num(val), ha="center", va="center", fontsize=fs, color="white" if dark else "black")
-    if not fs and finite.size:  # no numbers in the cells: say what the colour scale spans
-        which = "entries" if finite.size == M.size else "finite entries"
-        title = f"{title}\n{which} {lo:.3g} to {hi:.3g}"
-    ax.set_title(title, fontsize=8.5)
-    tick_fs = 7 if n <= 8 else 5
-    ax.set_xticks(range(n), [str(i + 1) for i in range(n)], fontsize=tick_fs)
-    ax.set_yticks(range(n), [str(i + 1) for i in range(n)], fontsize=tick_fs)
-    ax.tick_params(length=0, labelbottom=False, labeltop=True)
-    ax.set_xlabel("input stream j", fontsize=7)
-    ax.xaxis.set_label_position("top")
-    ax.set_ylabel("output stream i", fontsize=7)
-    for axm, sums, shape in ((ax_r, rows, (n, 1)), (ax_c, cols, (1, n))):
-        dev = (sums - 1).reshape(shape)
-        axm.imshow(dev, cmap="PuOr_r", vmin=-0.5, vmax=0.5, aspect="auto")
-        axm.tick_params(length=0, labelleft=False, labelbottom=False, labeltop=False)
-        sfs = fs or (4.0 if n <= 16 else 0)
-        if sfs:
-            for k, s_ in enumerate(sums):
-                i, j = (k, 0) if shape == (n, 1) else (0, k)
-                strong = abs(float(s_) - 1) > 0.3
-                axm.text(j, i, _num(float(s_), 3), ha="center", va="center", fontsize=sfs,
-                         fontweight="bold", color="white" if strong else "black")
-    ax_r.set_title("row sums", fontsize=6.5)
-    ax_r.set_xticks([])
-    ax_c.set_yticks([])
-    ax_c.set_xlabel("column sums", fontsize=6.5)
-    corner = fig.add_subplot(gs[1, 1])
-    corner.axis("off")

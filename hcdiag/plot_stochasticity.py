@@ -1,18 +1,17 @@
-"""PNG figures for a :class:`~hcdiag.stochasticity.StochasticityReport` (``hcdiag stochasticity --plot``).
+"""Figures for a :class:`~hcdiag.stochasticity.StochasticityReport` (``hcdiag stochasticity --plot``).
 
 Dimension letters: L sites, n streams, k Sinkhorn iterations.
 
-Three figures, each written atomically (temporary name in the output directory, then ``os.replace``):
+Three figures (``--fig-format`` png, svg or pdf), each written atomically:
 
-* ``stochasticity_error_per_site.png``: row and column error (max over tokens) per site, log y, tol line.
-* ``stochasticity_convergence.png``: error after each Sinkhorn iteration 1..100 for the worst sites (max over
-  tokens, both axes, log y), the site's configured iteration count marked.
-* ``stochasticity_heatmaps.png``: token-mean H_res of the first, middle and last sites in the style of mHC
-  Fig. 8, entries annotated to 2 decimals, row sums in a right margin column, column sums in a bottom row.
+* ``stochasticity_error_per_site``: row and column error (max over tokens) per site, log y, tol line.
+* ``stochasticity_convergence``: error after each Sinkhorn iteration 1..100 for the worst sites (max over
+  tokens, both axes, log y), the sites' configured iteration count marked.
+* ``stochasticity_heatmaps``: token-mean H_res of the first, middle and last sites in the style of mHC
+  Fig. 8: one colour scale for all panels, row and column sums written as their deviation from 1.
 
-matplotlib is imported inside :func:`plot_stochasticity` only, so ``import hcdiag`` stays light. Figures are
-built with ``matplotlib.figure.Figure`` and rendered by the Agg canvas, without pyplot: no global backend or
-figure state is touched (safe inside a notebook).
+Exact zeros are marked on the bottom edge of log axes (:func:`hcdiag.plot_common.log_curve`). matplotlib is
+imported inside the functions (Agg canvas, no pyplot), so ``import hcdiag`` stays light.
 """
 
 from __future__ import annotations
@@ -23,14 +22,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hcdiag.errors import UsageError
+from hcdiag.plot_common import (
+    FigOptions,
+    MatrixPanel,
+    draw_matrices,
+    legend_columns,
+    log_curve,
+    log_limits,
+    new_figure,
+    panel_size,
+    save,
+    settle,
+    site_axis,
+    wrap,
+    zero_handle,
+)
 
 if TYPE_CHECKING:
     from hcdiag.stochasticity import StochasticityReport
 
-__all__ = ["plot_stochasticity"]
-
-DPI = 200
-_FLOOR = 1e-17  # exact zeros drawn here on log axes (below float64 rounding of 1, ~1.1e-16)
+__all__ = ["plot_stochasticity", "stochasticity_figures"]
 
 
 def _title_suffix(report: StochasticityReport) -> str:
@@ -47,218 +58,129 @@ def _title_suffix(report: StochasticityReport) -> str:
     return "; ".join(parts)
 
 
-def _save(fig: Any, path: Path) -> Path:
-    """Write ``fig`` as PNG under ``path`` atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise UsageError(
-            f"cannot write {path}: {exc.strerror}; choose a writable --output-dir", "--output-dir"
-        ) from None
-    return path
+def _value(v: float | None) -> float:
+    return math.nan if v is None or not math.isfinite(v) else v
 
 
-def _floor(v: float | None) -> float:
-    if v is None or not math.isfinite(v):
-        return math.nan
-    return max(v, _FLOOR)
+def _title(fig: Any, text: str) -> None:
+    fig.suptitle(wrap(text, fig, 9), fontsize=9)
 
 
-def _plot_per_site(report: StochasticityReport, plt: Any, out: Path) -> Path | None:
+def _legend(fig: Any, ax: Any, zeros: bool) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if zeros:
+        handles.append(zero_handle())
+        labels.append(handles[-1].get_label())
+    fig.legend(handles, labels, loc="outside lower center", ncol=legend_columns(fig, labels), fontsize=7)
+    settle(fig)
+
+
+def _fig_per_site(report: StochasticityReport, opts: FigOptions) -> Any | None:
     sites = [s for s in report.sites if s.applicable]
     if not sites:
         return None
-    x = [s.index for s in sites]
-    fig = plt.Figure(figsize=(max(6.0, min(16.0, 0.16 * len(sites) + 4)), 4.0))
+    L = len(report.sites)
+    fig = new_figure((max(6.0, min(16.0, 0.16 * L + 4)), 4.6), opts)
     ax = fig.subplots()
-    ax.semilogy(
-        x,
-        [_floor(s.row_err.max if s.row_err else None) for s in sites],
-        "o-",
-        ms=3.5,
-        lw=1.2,
-        label="rows: max_i |sum_j H_ij - 1|",
-        color="tab:blue",
-    )
-    ax.semilogy(
-        x,
-        [_floor(s.col_err.max if s.col_err else None) for s in sites],
-        "s-",
-        ms=3.5,
-        lw=1.2,
-        label="columns: max_j |sum_i H_ij - 1|",
-        color="tab:orange",
-    )
-    ax.axhline(report.tol, color="0.4", ls="--", lw=0.9, label=f"tol = {report.tol:.0e}")
+    x = [s.index for s in sites]
+    rows = [_value(s.row_err.max if s.row_err else None) for s in sites]
+    cols = [_value(s.col_err.max if s.col_err else None) for s in sites]
+    zeros = log_curve(ax, x, rows, marker="o", ms=3.5, lw=1.2, color="tab:blue",
+                      label="rows: max_i |sum_j H_ij - 1|")
+    zeros |= log_curve(ax, x, cols, marker="s", ms=3.5, lw=1.2, color="tab:orange", linestyle="--",
+                       label="columns: max_j |sum_i H_ij - 1|")
+    ax.axhline(report.tol, color="0.4", ls=":", lw=1.0, label=f"tol = {report.tol:.0e}")
     na = [s.index for s in report.sites if not s.applicable]
     for i in na:
-        ax.axvline(i, color="0.85", lw=0.8, zorder=0)
+        ax.axvline(i, color="0.85", lw=3, zorder=0)
     if na:
-        ax.plot([], [], color="0.85", lw=2, label="unconstrained site (n/a)")
-    if len(sites) <= 24:
-        ax.set_xticks(x)
-        ax.set_xticklabels([s.name for s in sites], rotation=60, ha="right", fontsize=7)
-        ax.set_xlabel("site")
+        ax.plot([], [], color="0.85", lw=3, label="unconstrained site (n/a)")
+    first = min(s.index for s in report.sites)
+    site_axis(ax, [s.name for s in sorted(report.sites, key=lambda s: s.index)], first)
+    if log_limits(ax, [rows, cols], [report.tol]):
+        ax.set_ylabel("error (max over tokens, log)")
     else:
-        ax.set_xlabel("site index (attn_0, ffn_0, attn_1, ...)")
-    ax.set_ylabel("doubly-stochastic error (max over tokens)")
-    ax.set_title(f"H_res error per site\n{_title_suffix(report)}", fontsize=9)
+        ax.set_ylabel("error (max over tokens): all exactly 0")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    path = _save(fig, out / "stochasticity_error_per_site.png")
-    return path
+    _title(fig, f"H_res doubly-stochastic error per site\n{_title_suffix(report)}")
+    _legend(fig, ax, zeros)
+    return fig
 
 
-def _plot_convergence(report: StochasticityReport, plt: Any, out: Path) -> Path | None:
+def _fig_convergence(report: StochasticityReport, opts: FigOptions) -> Any | None:
     curves = [c for c in report.curves if any(math.isfinite(v) for v in (*c.row_err_max, *c.col_err_max))]
     if not curves:
         return None
-    fig = plt.Figure(figsize=(7.0, 4.2))
+    import matplotlib
+
+    fig = new_figure((7.0, 5.0), opts)
     ax = fig.subplots()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    zeros = False
+    arrays = []
     for j, c in enumerate(curves):
         k = list(range(1, len(c.row_err_max) + 1))
         col = colors[j % len(colors)]
-        ax.semilogy(k, [_floor(v) for v in c.row_err_max], "-", color=col, lw=1.4, label=f"{c.name}: rows")
-        ax.semilogy(
-            k, [_floor(v) for v in c.col_err_max], "--", color=col, lw=1.4, label=f"{c.name}: columns"
-        )
-    iters = sorted({c.iters for c in curves})
-    for it in iters:
+        rows, cols = [_value(v) for v in c.row_err_max], [_value(v) for v in c.col_err_max]
+        zeros |= log_curve(ax, k, rows, linestyle="-", color=col, lw=1.4, label=f"{c.name}: rows")
+        zeros |= log_curve(ax, k, cols, linestyle="--", color=col, lw=1.4, label=f"{c.name}: columns")
+        arrays += [rows, cols]
+    for it in sorted({c.iters for c in curves}):
         ax.axvline(it, color="0.5", ls=":", lw=1.0)
-        ax.annotate(
-            f"{it} iters",
-            (it, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
-            textcoords="offset points",
-            fontsize=7,
-            color="0.35",
-        )
+    ax.plot([], [], color="0.5", ls=":", lw=1.0,
+            label="configured iterations (" + ", ".join(str(i) for i in sorted({c.iters for c in curves})) + ")")
     ax.axhline(report.tol, color="0.4", ls="-.", lw=0.9, label=f"tol = {report.tol:.0e}")
-    ax.set_xlabel("Sinkhorn iterations")
+    ax.set_xlabel("Sinkhorn iterations k")
+    log_limits(ax, arrays, [report.tol])
     ax.set_ylabel("error after k iterations (max over tokens)")
     ax.set_xlim(1, max(len(c.row_err_max) for c in curves))
-    ax.set_title(
-        f"Sinkhorn convergence, worst {len(curves)} site(s)\n{_title_suffix(report)}", fontsize=9
-    )
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="best", ncol=2 if len(curves) > 1 else 1)
-    path = _save(fig, out / "stochasticity_convergence.png")
-    return path
+    _title(fig, f"Sinkhorn convergence, worst {len(curves)} site(s)\n{_title_suffix(report)}")
+    _legend(fig, ax, zeros)
+    return fig
 
 
-def _plot_heatmaps(report: StochasticityReport, plt: Any, out: Path) -> Path | None:
-    import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
-
+def _fig_heatmaps(report: StochasticityReport, opts: FigOptions) -> Any | None:
     maps = report.heatmaps
     if not maps:
         return None
     n = max(len(h.matrix) for h in maps)
-    size = max(2.6, 0.55 * (n + 1) + 0.8)
-    fig = plt.Figure(figsize=(size * len(maps) + 0.9, size + 0.7), layout="constrained")
-    axes = fig.subplots(1, len(maps), squeeze=False)
-
-    def scale(M: Any) -> tuple[Any, str]:
-        # each panel its own colour scale: an HC matrix (entries ~5) would wash out an mHC one (entries <= 1);
-        # signed matrices get a diverging map centred on 0
-        finite = M[np.isfinite(M)]
-        if finite.size == 0:
-            return plt.Normalize(vmin=0.0, vmax=1.0), "Blues"
-        lo, hi = float(finite.min()), float(finite.max())
-        if lo < 0 < hi:
-            return TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi), "RdBu_r"
-        return plt.Normalize(vmin=min(lo, 0.0), vmax=max(hi, 1.0)), "Blues"
-
-    annotate = n <= 12
-    fs = 7 if n <= 6 else 5
-    for ax, h in zip(axes[0], maps, strict=True):
-        M = np.asarray(h.matrix, dtype=float)
-        k = M.shape[0]
-        norm, cmap = scale(M)
-        im = ax.imshow(M, cmap=cmap, norm=norm, extent=(-0.5, k - 0.5, k - 0.5, -0.5))
-        # margins: row sums right (column k), column sums below (row k), drawn as grey cells
-        for i in range(k):
-            ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, color="0.92", ec="white"))
-            ax.add_patch(plt.Rectangle((i - 0.5, k - 0.5), 1, 1, color="0.92", ec="white"))
-            if annotate:
-                ax.text(k, i, f"{h.row_sums[i]:.2f}", ha="center", va="center", fontsize=fs, weight="bold")
-                ax.text(i, k, f"{h.col_sums[i]:.2f}", ha="center", va="center", fontsize=fs, weight="bold")
-        if annotate:
-            for i in range(k):
-                for j in range(k):
-                    v = M[i, j]
-                    dark = abs(norm(v) - 0.5) > 0.3 if cmap == "RdBu_r" else norm(v) > 0.6
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=fs,
-                        color="white" if dark else "black",
-                    )
-        ax.set_xlim(-0.5, k + 0.5)
-        ax.set_ylim(k + 0.5, -0.5)
-        ax.axhline(k - 0.5, color="0.3", lw=0.8, zorder=3)
-        ax.axvline(k - 0.5, color="0.3", lw=0.8, zorder=3)
-        ticks = list(range(k + 1))
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([str(j) for j in range(k)] + ["row\nsum"], fontsize=7)
-        ax.set_yticks(ticks)
-        ax.set_yticklabels([str(i) for i in range(k)] + ["col\nsum"], fontsize=7)
-        ax.set_xlabel("input stream j", fontsize=8)
-        if ax is axes[0][0]:
-            ax.set_ylabel("output stream i", fontsize=8)
-        ax.set_title(f"{h.name} (site {h.index})", fontsize=9)
-        for sp in ax.spines.values():
-            sp.set_visible(False)
-        fig.colorbar(im, ax=ax, shrink=0.75, label="entry (token mean)" if ax is axes[0][-1] else None)
-    fig.suptitle(
-        f"Token-mean H_res, paper convention (row i builds output stream i)\n{_title_suffix(report)}",
-        fontsize=9,
-    )
-    path = _save(fig, out / "stochasticity_heatmaps.png")
-    return path
+    fig = new_figure(panel_size(n, len(maps)), opts)
+    tokens = sorted({h.tokens for h in maps})
+    what = "H_res" if tokens == [1] else f"token-mean H_res ({', '.join(str(t) for t in tokens)} tokens)"
+    _title(fig, f"{what}, paper convention (row i builds output stream i)\n{_title_suffix(report)}")
+    draw_matrices(fig, [MatrixPanel(h.matrix, h.name) for h in maps], label="entry")
+    return fig
 
 
-def plot_stochasticity(report: StochasticityReport, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write the report's figures into ``out_dir`` (must exist); return the paths written, in order:
-    error per site (if any site is constrained), convergence (if any Sinkhorn site), heatmaps (any site)."""
-    import types
-
+def stochasticity_figures(report: StochasticityReport, opts: FigOptions | None = None) -> dict[str, Any]:
+    """The report's figures by file stem (matplotlib Figures, not yet written): error per site (if any site is
+    constrained), convergence (if any Sinkhorn site), heatmaps (any site)."""
     import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
-    def figure(**kw: Any) -> Any:
-        fig = Figure(**kw)
-        FigureCanvasAgg(fig)
-        return fig
+    opts = opts or FigOptions()
+    figs: dict[str, Any] = {}
+    with matplotlib.rc_context({"font.size": 8, "axes.titlesize": 9}):
+        for stem, fn in (
+            ("stochasticity_error_per_site", _fig_per_site),
+            ("stochasticity_convergence", _fig_convergence),
+            ("stochasticity_heatmaps", _fig_heatmaps),
+        ):
+            fig = fn(report, opts)
+            if fig is not None:
+                figs[stem] = fig
+    return figs
 
-    # the few names the plotting helpers need, without pyplot's global state
-    plt = types.SimpleNamespace(
-        Figure=figure, Rectangle=Rectangle, Normalize=Normalize, rcParams=matplotlib.rcParams
-    )
 
+def plot_stochasticity(
+    report: StochasticityReport, out_dir: str | os.PathLike[str], opts: FigOptions | None = None
+) -> list[Path]:
+    """Write the report's figures into ``out_dir`` (must exist); return the paths written, in order."""
     out = Path(out_dir)
     if not out.is_dir():
-        raise UsageError(
-            f"output directory {out} does not exist; create it or choose another", "--output-dir"
-        )
-    written: list[Path] = []
-    with matplotlib.rc_context({"font.size": 8, "axes.titlesize": 9, "figure.dpi": 100}):
-        for fn in (_plot_per_site, _plot_convergence, _plot_heatmaps):
-            p = fn(report, plt, out)
-            if p is not None:
-                written.append(p)
-    return written
+        raise UsageError(f"output directory {out} does not exist; create it or choose another", "--output-dir")
+    opts = opts or FigOptions()
+    import matplotlib
+
+    with matplotlib.rc_context({"font.size": 8, "axes.titlesize": 9}):
+        return [save(fig, out, stem, opts) for stem, fig in stochasticity_figures(report, opts).items()]
