@@ -15,8 +15,14 @@ from typing import Annotated
 import typer
 
 from hcdiag import __version__
-from hcdiag.enums import Convention, DType, FigFormat, Form, Probe
+from hcdiag.enums import Convention, DType, Form, Probe
 from hcdiag.errors import HcdiagError, UsageError
+
+#: ``hcdiag gain-sweep`` without --init / --logit-scale: N(0, 0.2^2) on every site's static H_res logits / weights
+#: (gain_sweep's init "perturb", part "res"). At --layers 64 (128 sites, n = 4, seed 0) unconstrained HC's composite
+#: gain grows past 1e3 (hc-static G_f 1.2e3, hc-dynamic 2.3e2) while the doubly stochastic variants stay within
+#: 1% of 1, the contrast of mHC Figs. 3 and 7. ``--init paper`` is the exact initialisation (every gain 1).
+GAIN_DEFAULT_SCALE = 0.2
 
 EPILOG_EXIT = (
     "Exit status: 0 ok, 1 check failed (--fail-above), 2 usage error, 3 unreadable or unsupported input, "
@@ -32,7 +38,8 @@ app = typer.Typer(
     ),
     epilog=EPILOG_EXIT,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
@@ -51,38 +58,26 @@ def _root(
     ] = False,
 ) -> None:
     """hcdiag: hyper-connection residual-stream diagnostics."""
+    _quiet(False)  # each run starts talkative (main() may run several times in one process)
 
 
 # --------------------------------------------------------------------------------------------- shared options
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
-CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Also write the table as CSV to this file.")]
+CsvOpt = Annotated[
+    Path | None,
+    typer.Option("--csv", metavar="FILE|-", help="Also write the data as CSV to FILE (with the column meanings in "
+                 "FILE-metadata.json), or to stdout with `-` (instead of the table)."),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print no table, notes, progress or warnings; errors, failed checks "
+                       "and what --json / --csv - ask for still appear.")
+]
 OutDirOpt = Annotated[
     Path | None,
     typer.Option("--output-dir", "-o", help="Write JSON, CSV (and plots with --plot) into this directory."),
 ]
-PlotOpt = Annotated[
-    bool, typer.Option("--plot", help="Write figures into --output-dir (default ./hcdiag-out).")
-]
-FigFormatOpt = Annotated[
-    FigFormat, typer.Option("--fig-format", help="With --plot: figure file format: png, or svg / pdf (vector).",
-                            case_sensitive=False)
-]
-
-
-def _check_fig_size(value: str | None) -> str | None:
-    """Refuse a bad --fig-size while parsing, before any computation."""
-    from hcdiag.plot_common import parse_fig_size
-
-    parse_fig_size(value)
-    return value
-
-
-FigSizeOpt = Annotated[
-    str | None,
-    typer.Option("--fig-size", metavar="WxH", callback=_check_fig_size,
-                 help="With --plot: every figure's size in inches, e.g. 8x5 (default: each figure its own)."),
-]
+PlotOpt = Annotated[bool, typer.Option("--plot", help="Write PNG plots into --output-dir (default ./hcdiag-out).")]
 IterOpt = Annotated[
     int | None,
     typer.Option("--iters", help="Sinkhorn iterations (default: the checkpoint's metadata, else 20).", min=1),
@@ -157,31 +152,65 @@ def _probe(ctx: typer.Context, probe: Probe, activations: Path | None, tokens: i
     return make_probe(probe, tokens=tokens, seed=seed, activations=str(activations) if activations else None)
 
 
-def _plots(plot, report, output_dir: Path | None, doc: dict, fig_format: FigFormat, fig_size: str | None) -> None:
-    """Write ``plot(report, dir, opts)``'s figures into --output-dir (default ./hcdiag-out), in --fig-format at
-    --fig-size; list them in doc and on stderr."""
+def _plots(plot, report, output_dir: Path | None, doc: dict) -> None:
+    """Write ``plot(report, dir)``'s PNGs into --output-dir (default ./hcdiag-out); list them in doc and on stderr."""
     from hcdiag.fileio import ensure_dir
-    from hcdiag.plot_common import FigOptions, parse_fig_size
 
-    opts = FigOptions(fmt=fig_format, size=parse_fig_size(fig_size))
-    files = plot(report, ensure_dir(output_dir or Path("hcdiag-out")), opts)
+    files = plot(report, ensure_dir(output_dir or Path("hcdiag-out")))
     doc["plots"] = [str(f) for f in files]
-    _stderr("plots: " + ", ".join(str(f) for f in files))
+    from hcdiag import render
+
+    render.note("plots: " + ", ".join(str(f) for f in files))
+
+
+def _stdout_check(as_json: bool, csv_path: Path | None) -> None:
+    """--json and --csv - both want stdout: refuse before computing anything."""
+    if as_json and csv_path is not None and str(csv_path) == "-":
+        raise UsageError("--json and --csv - both write to stdout; give --csv a file name, or drop one", "--csv")
+
+
+def _write_csv(path: Path, rows: list[dict], name: str, option: str = "--csv") -> None:
+    """CSV at ``path`` and its CSVW sidecar ``path-metadata.json`` saying what each column means."""
+    from hcdiag import columns
+    from hcdiag.fileio import atomic_write_text, csv_text, to_json
+
+    text = csv_text(rows)
+    atomic_write_text(path, text, option)
+    header = next(iter(text.splitlines()), "")
+    meaning = columns.describe(name, header.split(",") if header else [])
+    doc = columns.sidecar(path.name, f"hcdiag {name}", meaning)
+    atomic_write_text(path.with_name(path.name + "-metadata.json"), to_json(doc), option)
 
 
 def _outputs(doc: dict, rows: list[dict], *, name: str, as_json: bool, csv_path: Path | None,
-             output_dir: Path | None) -> None:
-    """Write the JSON / CSV side outputs every command offers."""
-    from hcdiag.fileio import atomic_write_text, csv_text, ensure_dir, to_json
+             output_dir: Path | None) -> bool:
+    """Write the JSON / CSV side outputs every command offers. True when stdout carried a document (--json,
+    --csv -): then no table follows."""
+    from hcdiag.fileio import csv_text, ensure_dir, to_json
 
-    if csv_path is not None:
-        atomic_write_text(csv_path, csv_text(rows), "--csv")
+    to_stdout = csv_path is not None and str(csv_path) == "-"
+    if csv_path is not None and not to_stdout:
+        _write_csv(csv_path, rows, name)
     if output_dir is not None:
+        from hcdiag.fileio import atomic_write_text
+
         d = ensure_dir(output_dir)
         atomic_write_text(d / f"{name}.json", to_json(doc))
-        atomic_write_text(d / f"{name}.csv", csv_text(rows))
+        _write_csv(d / f"{name}.csv", rows, name, "--output-dir")
     if as_json:
         sys.stdout.write(to_json(doc))
+    elif to_stdout:
+        sys.stdout.write(csv_text(rows))
+    return as_json or to_stdout
+
+
+def _quiet(quiet: bool) -> None:
+    """--quiet for this run; without it, undo a quiet earlier run in the same process (never imports rich)."""
+    render = sys.modules.get("hcdiag.render")
+    if quiet and render is None:
+        from hcdiag import render
+    if render is not None:
+        render.set_quiet(quiet)
 
 
 # --------------------------------------------------------------------------------------------------- params
@@ -208,18 +237,20 @@ def params_cmd(
     as_json: JsonOpt = False,
     csv_path: CsvOpt = None,
     output_dir: OutDirOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Parameter cost of every variant per HC site and per model, against a plain pre-norm block."""
     from hcdiag import render
     from hcdiag.params import compute_params
 
+    _stdout_check(as_json, csv_path)
+    _quiet(quiet)
     report = compute_params(
         n, C, layers=layers, variants=_split_names(variants, "--variants"), form=form,
         kron_factors=_parse_factors(kron_factors),
     )
     doc = report.to_dict()
-    _outputs(doc, doc["rows"], name="params", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
-    if not as_json:
+    if not _outputs(doc, doc["rows"], name="params", as_json=as_json, csv_path=csv_path, output_dir=output_dir):
         render.params(report)
 
 
@@ -235,6 +266,16 @@ def _refuse_given(ctx: typer.Context, names: tuple[str, ...], why: str, fix: str
 #: gain-sweep options of the synthetic stack, and those of a checkpoint (--from)
 _SYNTHETIC_ONLY = ("layers", "variants", "n", "C", "init", "logit_scale", "seeds", "kron_factors")
 _FROM_ONLY = ("probe", "activations", "layout", "layout_file", "state_key", "trust_pickle")
+
+
+def _gain_init(init: str | None, logit_scale: float | None) -> tuple[str, float]:
+    """(init, logit scale) for gain_sweep: --init perturb at GAIN_DEFAULT_SCALE unless told otherwise;
+    --logit-scale alone implies perturb (0: paper); --init paper --logit-scale S is refused by gain_sweep."""
+    if init is not None and init not in ("paper", "perturb"):
+        raise UsageError(f"--init {init!r} is not one of: perturb, paper", "--init")
+    if logit_scale is None:
+        return (init or "perturb"), (GAIN_DEFAULT_SCALE if init != "paper" else 0.0)
+    return (init or ("perturb" if logit_scale else "paper")), logit_scale
 
 
 def _split_names(value: str | None, option: str) -> list[str] | None:
@@ -286,17 +327,18 @@ def stochasticity_cmd(
     csv_path: CsvOpt = None,
     output_dir: OutDirOpt = None,
     plot: PlotOpt = False,
-    fig_format: FigFormatOpt = FigFormat.PNG,
-    fig_size: FigSizeOpt = None,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """How far each site's H_res is from doubly stochastic, why, and what to change."""
     from hcdiag import render
     from hcdiag.stochasticity import analyze_stochasticity
 
+    _stdout_check(as_json, csv_path)
+    _quiet(quiet)
     if tol <= 0:
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
     probe_obj = _probe(ctx, probe, activations, tokens, seed)
@@ -307,9 +349,9 @@ def stochasticity_cmd(
     if plot:
         from hcdiag.plot_stochasticity import plot_stochasticity
 
-        _plots(plot_stochasticity, report, output_dir, doc, fig_format, fig_size)
-    _outputs(doc, doc["sites"], name="stochasticity", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
-    if not as_json:
+        _plots(plot_stochasticity, report, output_dir, doc)
+    if not _outputs(doc, doc["sites"], name="stochasticity", as_json=as_json, csv_path=csv_path,
+                    output_dir=output_dir):
         render.stochasticity(report)
         render.dim(read_line)
     if fail_above is not None:
@@ -337,9 +379,16 @@ def gain_sweep_cmd(
     variants: VariantsOpt = None,
     n: NOpt = 4,
     C: Annotated[int, typer.Option("--C", "-C", help="Stream width (matters for dynamic variants).")] = 64,
-    init: Annotated[str, typer.Option("--init", help="paper: published init; perturb: init + noise.")] = "paper",
+    init: Annotated[str | None, typer.Option(
+        "--init", metavar="perturb|paper",
+        help="perturb (default): every site's static H_res logits / weights at the published init + N(0, s^2) "
+        f"noise, s = --logit-scale (default {GAIN_DEFAULT_SCALE:g}): unconstrained HC grows by orders of "
+        "magnitude, the doubly stochastic variants stay bounded (mHC Figs. 3, 7). paper: the exact published "
+        "init, no noise (every variant's gain is 1).")] = None,
     logit_scale: Annotated[
-        float | None, typer.Option("--logit-scale", "--perturb", help="Std of the noise around init (implies perturb).")
+        float | None, typer.Option("--logit-scale", "--perturb",
+                                   help=f"Std s of the noise around init (implies --init perturb; default "
+                                   f"{GAIN_DEFAULT_SCALE:g}; 0 means --init paper).")
     ] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Independent stacks; median and worst are reported.")] = 1,
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens per stack (dynamic variants).")] = 1,
@@ -365,17 +414,18 @@ def gain_sweep_cmd(
     csv_path: CsvOpt = None,
     output_dir: OutDirOpt = None,
     plot: PlotOpt = False,
-    fig_format: FigFormatOpt = FigFormat.PNG,
-    fig_size: FigSizeOpt = None,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Gain of residual-matrix products across depth (mHC Figs. 3, 7, 8), synthetic or from a checkpoint."""
     from hcdiag import render
     from hcdiag.gain import gain_from_model, gain_sweep
 
+    _stdout_check(as_json, csv_path)
+    _quiet(quiet)
     read_line: str | None = None
     if from_ckpt is not None:
         _refuse_given(ctx, _SYNTHETIC_ONLY, "with --from (the checkpoint fixes its sites, n, C and weights)")
@@ -388,12 +438,11 @@ def gain_sweep_cmd(
             model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, threads=threads
         )
     else:
-        if init not in ("paper", "perturb"):
-            raise UsageError(f"--init {init!r} is not one of: paper, perturb", "--init")
+        init, scale = _gain_init(init, logit_scale)
         with render.progress_reporter(enabled=not as_json) as progress:
             report = gain_sweep(
                 layers=layers, variants=_split_names(variants, "--variants"), n=n, C=C,
-                init="perturb" if logit_scale else init, logit_scale=logit_scale or 0.0, seeds=seeds,
+                init=init, logit_scale=scale, seeds=seeds,
                 tokens=tokens, iters=iters, convention=convention, dtype=dtype, seed=seed,
                 kron_factors=_parse_factors(kron_factors), progress=progress, threads=threads,
             )
@@ -404,12 +453,13 @@ def gain_sweep_cmd(
     if plot:
         from hcdiag.plot_gain import plot_gain
 
-        _plots(plot_gain, report, output_dir, doc, fig_format, fig_size)
-    _outputs(doc, rows, name="gain-sweep", as_json=as_json, csv_path=csv_path, output_dir=output_dir)
+        _plots(plot_gain, report, output_dir, doc)
+    to_stdout = _outputs(doc, report.curve_rows(), name="gain-sweep", as_json=as_json, csv_path=csv_path,
+                         output_dir=output_dir)
     for v in report.variants:
         for w in v.warnings:
             render.warn(w)
-    if not as_json:
+    if not to_stdout:
         render.gain(report, rows)
         if read_line:
             render.dim(read_line)
@@ -426,26 +476,29 @@ def gain_sweep_cmd(
 def inspect_cmd(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint file or model directory.")],
     as_json: JsonOpt = False,
+    csv_path: CsvOpt = None,
+    output_dir: OutDirOpt = None,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Detected layout, HC sites and their tensors, settings and where they came from (reads headers only)."""
     from hcdiag import render
-    from hcdiag.fileio import to_json
     from hcdiag.inspect import inspect_checkpoint
     from hcdiag.io.base import LoadOptions
 
+    _stdout_check(as_json, csv_path)
+    _quiet(quiet)
     report = inspect_checkpoint(
         str(ckpt), layout=layout,
         options=LoadOptions(layout_file=str(layout_file) if layout_file else None,
                             extra={"state_key": state_key} if state_key else {}),
         trust_pickle=trust_pickle,
     )
-    if as_json:
-        sys.stdout.write(to_json(report.to_dict()))
-    else:
+    doc = report.to_dict()
+    if not _outputs(doc, doc["sites"], name="inspect", as_json=as_json, csv_path=csv_path, output_dir=output_dir):
         render.inspect(report)
 
 
@@ -520,10 +573,13 @@ def verify_cmd(
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Does the model compute the hyper-connection it claims? Update equation per site, diagnoses, fingerprint."""
     from hcdiag.verification import verify
 
+    _stdout_check(as_json, csv_path)
+    _quiet(quiet)
     if tol is not None and tol <= 0:
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-5", "--tol")
     if not activations.is_file():
@@ -659,17 +715,21 @@ def track_cmd(
 
 
 @app.command("variants", epilog="Example:\n\n    hcdiag variants\n\n" + EPILOG_EXIT)
-def variants_cmd(as_json: JsonOpt = False) -> None:
+def variants_cmd(
+    as_json: JsonOpt = False,
+    csv_path: CsvOpt = None,
+    output_dir: OutDirOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
     """List the variants hcdiag knows, whether their H_res is exact, and how they grow."""
     from hcdiag import registry, render
-    from hcdiag.fileio import to_json
 
-    specs = [registry.get(name) for name in registry.names()]
-    if as_json:
-        sys.stdout.write(to_json({"schema_version": 1, "variants": [
-            {"name": s.name, "exactness": str(s.exactness), "growth": s.growth, "summary": s.summary} for s in specs
-        ]}))
-    else:
+    _stdout_check(as_json, csv_path)
+    _quiet(quiet)
+    specs = registry.specs()
+    rows = [{"name": s.name, "exactness": str(s.exactness), "growth": s.growth, "summary": s.summary} for s in specs]
+    doc = {"schema_version": 1, "command": "variants", "variants": rows}
+    if not _outputs(doc, rows, name="variants", as_json=as_json, csv_path=csv_path, output_dir=output_dir):
         render.variants(specs)
 
 
@@ -697,6 +757,7 @@ def _click_exceptions() -> list:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turn every expected failure into one stderr line and an exit status."""
     command = typer.main.get_command(app)
+    _flags_without_metavar(command)
     mods = _click_exceptions()
     no_args = tuple(m.NoArgsIsHelpError for m in mods if hasattr(m, "NoArgsIsHelpError"))
     # an exception tuple may be empty; then the clause never matches
@@ -746,6 +807,17 @@ def _foreign_warning(message, category, filename, lineno, file=None, line=None) 
     """Another library's warning (torch, safetensors, matplotlib) as one hcdiag line, not a source excerpt."""
     text = _one_line(str(message)).split(" (Triggered internally")[0]
     _stderr(f"hcdiag: warning: {category.__name__}: {text[:300]}")
+
+
+def _flags_without_metavar(command) -> None:
+    """Typer >= 0.29 writes a ``<bool>`` type after every flag in --help; a flag takes no value, so show none.
+    Covers each command's own flags and the --help / completion options Typer adds."""
+    names = command.context_settings.get("help_option_names")  # the help option is built (and cached) once
+    for cmd in (command, *getattr(command, "commands", {}).values()):
+        help_opt = cmd.get_help_option(typer.Context(cmd, info_name=cmd.name, help_option_names=names))
+        for param in (*cmd.params, *([help_opt] if help_opt is not None else [])):
+            if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+                param.metavar = ""
 
 
 def _debug_traceback(exc: BaseException) -> None:

@@ -210,6 +210,22 @@ class GainReport:
             "variants": [v.to_dict() for v in self.variants],
         }
 
+    def curve_rows(self) -> list[dict[str, Any]]:
+        """Every curve of the JSON document in long form (``gain-sweep --csv``): one row per (variant, curves,
+        site, metric, statistic); ``curves`` is the JSON key (``curves`` or ``token_mean_curves``), site_index
+        1-based. Values are the float64 curve entries (inf / nan kept)."""
+        rows: list[dict[str, Any]] = []
+        for v in self.variants:
+            for key, curves in (("curves", v.curves if v.ok else None), ("token_mean_curves", v.token_mean_curves)):
+                for metric, stats in (curves or {}).items():
+                    for stat, values in stats.items():
+                        rows.extend(
+                            {"variant": v.name, "site": self.site_names[i], "site_index": i + 1, "curves": key,
+                             "metric": metric, "statistic": stat, "value": float(x)}
+                            for i, x in enumerate(np.asarray(values, dtype=np.float64))
+                        )
+        return rows
+
     def table_rows(self, depths: int | Sequence[int] | None = None) -> list[dict[str, Any]]:
         """Rows for a table / CSV: per variant the first site, every k-th, the last and the worst one.
 

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,20 +20,136 @@ from rich.text import Text
 
 
 def _width() -> int | None:
-    # Piped output (README pastes, CI logs) would wrap at 80 columns; tables here are wider than that.
+    """Console width of stdout: $COLUMNS when set (also when piped); a terminal's own width; otherwise unbounded,
+    so piped output (``| head``, ``> file``, README pastes) holds every table whole, one line per row."""
     import os
     import sys
 
-    if sys.stdout.isatty():
-        return None
-    try:
-        return max(40, int(os.environ.get("COLUMNS", "160")))
-    except ValueError:
-        return 160
+    cols = os.environ.get("COLUMNS")
+    if cols:
+        try:
+            return max(20, int(cols))
+        except ValueError:
+            pass
+    return None if sys.stdout.isatty() else UNBOUNDED
 
+
+#: width of a console that never wraps (stdout not a terminal and no $COLUMNS)
+UNBOUNDED = 100_000
 
 out = Console(highlight=False, soft_wrap=False, width=_width())
 err = Console(stderr=True, highlight=False)
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """--quiet: no tables, notes, progress or warnings (errors and failed checks are printed by the CLI)."""
+    out.quiet = quiet
+    err.quiet = quiet
+
+
+def note(msg: str) -> None:
+    """One informational line on stderr (e.g. which files were written); silent with --quiet."""
+    err.print(escape(msg), soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+
+
+Cell = str | Text
+
+
+class Grid:
+    """A table that never cuts a cell. Cells are whole values (markup strings or :class:`Text`).
+
+    :meth:`show` prints one Rich table when it fits the console; otherwise it folds: the first ``keys`` columns
+    (what names a row) are repeated in every block and the other columns are spread over as few blocks as fit;
+    when even one column beside the keys does not fit, every row becomes a record of ``column: value`` lines.
+    Columns named in ``wrap`` hold prose: they may wrap between words (down to 24 columns), never lose a word.
+    """
+
+    def __init__(self, title: str, columns: Sequence[tuple[str, str]], keys: int = 1,
+                 wrap: Sequence[str] = ()) -> None:
+        self.title = title
+        self.columns = list(columns)  # (header, justify)
+        self.keys = keys
+        self.wrap = {k for k, (h, _) in enumerate(self.columns) if h in wrap}
+        self.rows: list[tuple[list[Text], str | None, bool]] = []  # cells, style, section before
+        self._section = False
+
+    def add_row(self, *cells: Cell, style: str | None = None) -> None:
+        texts = [c if isinstance(c, Text) else Text.from_markup(c) for c in cells]
+        self.rows.append((texts, style, self._section))
+        self._section = False
+
+    def add_section(self) -> None:
+        self._section = bool(self.rows)
+
+    def _widths(self) -> list[int]:
+        w = [cell_len(h) for h, _ in self.columns]
+        for cells, _, _ in self.rows:
+            for k, c in enumerate(cells):
+                parts = c.plain.split() if k in self.wrap else c.plain.split("\n")
+                w[k] = max(w[k], max((cell_len(p) for p in parts), default=0))
+        return [max(x, 24) if k in self.wrap else x for k, x in enumerate(w)]
+
+    def _table(self, cols: list[int]) -> Table:
+        t = Table(box=box.HEAVY_HEAD)
+        for k in cols:
+            header, just = self.columns[k]
+            t.add_column(header, justify=just, no_wrap=k not in self.wrap, overflow="fold")  # type: ignore[arg-type]
+        for cells, style, section in self.rows:
+            if section:
+                t.add_section()
+            t.add_row(*[cells[k] for k in cols], style=style)
+        return t
+
+    def blocks(self, width: int) -> list[list[int]] | None:
+        """Column indices per block that fit ``width``; None when a key column and one more do not fit."""
+        w = self._widths()
+        cost = [x + 3 for x in w]  # padding 1 + 1 and one rule per column; + 1 for the left edge
+        keys = list(range(min(self.keys, len(w))))
+        base = 1 + sum(cost[k] for k in keys)
+        rest = list(range(len(keys), len(w)))
+        if base + sum(cost[k] for k in rest) <= width:
+            return [keys + rest]
+        out_blocks: list[list[int]] = []
+        block: list[int] = []
+        used = base
+        for k in rest:
+            if base + cost[k] > width:
+                return None
+            if used + cost[k] > width:
+                out_blocks.append(keys + block)
+                block, used = [], base
+            block.append(k)
+            used += cost[k]
+        if block:
+            out_blocks.append(keys + block)
+        return out_blocks
+
+    def show(self, console: Console | None = None) -> None:
+        console = console or out
+        console.print(Text.from_markup(self.title), soft_wrap=console.width >= UNBOUNDED)
+        blocks = self.blocks(console.width)
+        if blocks is None:
+            self._records(console)
+            return
+        for b, cols in enumerate(blocks):
+            if len(blocks) > 1:
+                shown = ", ".join(self.columns[k][0] or "tag" for k in cols[self.keys :])
+                console.print(f"part {b + 1} of {len(blocks)} (wider than {console.width} columns): {escape(shown)}",
+                              style="dim")
+            console.print(self._table(cols), crop=False)
+
+    def _records(self, console: Console) -> None:
+        """One record per row: the key cells on a line, then one ``column: value`` line per other cell."""
+        console.print(f"(one record per row: the table is wider than {console.width} columns)", style="dim")
+        for cells, style, _ in self.rows:
+            key = Text(" ").join(c for c in cells[: self.keys] if c.plain)
+            console.print(key, style="bold")
+            for (header, _), c in zip(self.columns[self.keys :], cells[self.keys :], strict=True):
+                if c.plain:
+                    console.print(Text("  ") + Text(f"{header}: ", style="dim") + c, style=style or "")
 
 
 def _int(v: int | None) -> str:
@@ -57,28 +175,22 @@ def _pct(v: float) -> str:
 
 def params(report: Any) -> None:
     inp = report.inputs
-    t = Table(
-        title=f"HC parameters per site and per model: n = {inp.n}, C = {inp.C:,}, "
-        f"{inp.layers} block(s) = {inp.sites} sites, {inp.form.value} form",
-        title_justify="left",
-    )
-    for col in ("variant", "H_res", "H_pre", "H_post", "H_res", "norm", "per site", "per model", "overhead",
-                "growth"):
-        t.add_column(col, justify="left" if col in ("variant", "growth") else "right")
-    t.columns[1].header = "exact?"
-    t.columns[1].justify = "left"
+    cols = [("variant", "left"), ("exact?", "left")]
+    cols += [(c, "right") for c in ("H_pre", "H_post", "H_res", "norm", "per site", "per model", "overhead")]
+    t = Grid(f"HC parameters per site and per model: n = {inp.n}, C = {inp.C:,}, "
+             f"{inp.layers} block(s) = {inp.sites} sites, {inp.form.value} form", [*cols, ("growth", "left")])
     notes: list[str] = []
     for r in report.rows:
-        name = r.variant + ("" if r.practical else " [red](impractical)[/red]")
+        name = escape(r.variant) + ("" if r.practical else " [red](impractical)[/red]")
         t.add_row(name, str(r.exactness.value), _int(r.pre), _int(r.post), _int(r.res), _int(r.norm),
                   _int(r.per_site), _int(r.per_model), _pct(r.overhead), escape(r.growth))
         if r.effective is not None:
             e = r.effective
-            t.add_row(f"  {r.variant} (effective)", "", _int(e.pre), _int(e.post), _int(e.res), _int(e.norm),
-                      _int(e.per_site), _int(e.per_model), _pct(e.overhead), "", style="dim")
+            t.add_row(f"  {escape(r.variant)} (effective)", "", _int(e.pre), _int(e.post), _int(e.res),
+                      _int(e.norm), _int(e.per_site), _int(e.per_model), _pct(e.overhead), "", style="dim")
         for note in r.notes:
             notes.append(f"{r.variant}: {note}")
-    out.print(t)
+    t.show()
     out.print(f"baseline: {escape(report.baseline)} "
               f"({inp.baseline_params:,} parameters for {inp.layers} block(s)).", style="dim")
     if any(not r.practical for r in report.rows):
@@ -91,14 +203,11 @@ def params(report: Any) -> None:
 
 
 def variants(specs: Sequence[Any]) -> None:
-    t = Table(title="Variants", title_justify="left")
-    t.add_column("name")
-    t.add_column("H_res")
-    t.add_column("growth")
-    t.add_column("summary")
+    t = Grid("Variants", [("name", "left"), ("H_res", "left"), ("growth", "left"), ("summary", "left")],
+             wrap=["summary"])
     for s in specs:
-        t.add_row(s.name, str(s.exactness.value), escape(s.growth), escape(s.summary))
-    out.print(t)
+        t.add_row(escape(s.name), str(s.exactness.value), escape(s.growth), escape(s.summary))
+    t.show()
 
 
 # ---------------------------------------------------------------------------------------------------- progress
@@ -146,7 +255,6 @@ def stochasticity(report: Any) -> None:
     st = report.settings or {}
     title = (f"Doubly-stochastic error per site: {escape(report.path)} ({escape(report.layout)} layout), "
              f"probe {escape(report.probe_description)}, {report.dtype}, paper convention")
-    t = Table(title=title, title_justify="left")
     sites = report.sites
     # columns that would repeat one value on every row are stated once below the table instead
     show_n = len({r.n for r in sites}) > 1
@@ -159,8 +267,7 @@ def stochasticity(report: Any) -> None:
     cols += [("row p50", "right"), ("row max", "right"), ("col p50", "right"), ("col max", "right"),
              ("min entry", "right"), ("logit range", "right"), ("iters to tol", "right"), ("G_f", "right"),
              ("G_b", "right"), ("verdict", "left")]
-    for name, just in cols:
-        t.add_column(name, justify=just)  # type: ignore[arg-type]
+    t = Grid(title, cols)
     for r in sites:
         lr = "" if r.logit_range_max is None else f"{r.logit_range_max:.3g}"
         itt = ""
@@ -178,7 +285,7 @@ def stochasticity(report: Any) -> None:
             _sci(r.min_entry), lr, itt, f"{r.gain_f_mean:.4g}", f"{r.gain_b_mean:.4g}",
         ]
         t.add_row(*cells, Text(r.verdict, style=_verdict_style(r.verdict)))
-    out.print(t)
+    t.show()
     if sites and not (show_variant and show_n and show_sk):
         same = []
         if not show_variant:
@@ -231,15 +338,15 @@ def inspect(report: Any) -> None:
     out.print(f"sinkhorn: {escape(conv)}")
     for key, src in sorted(report.settings_source.items()):
         out.print(f"  {escape(key)}: from {escape(str(src))}", style="dim")
-    t = Table(title="sites (depth order; matrices converted to paper convention)", title_justify="left")
-    for c in ("#", "site", "variant", "H_res", "tensors", "params", "check"):
-        t.add_column(c, justify="right" if c in ("#", "params") else "left")
+    t = Grid("sites (depth order; matrices converted to paper convention)",
+             [(c, "right" if c in ("#", "params") else "left")
+              for c in ("#", "site", "variant", "H_res", "tensors", "params", "check")], keys=2, wrap=["check"])
     for s in report.sites:
         tensors = "\n".join(f"{escape(ti.key)} {list(ti.shape)} {ti.dtype}" for ti in s.tensors)
         style = "green" if s.param_match else ("red" if s.param_match is False else "dim")
         t.add_row(str(s.index), escape(s.name), escape(s.variant), escape(s.exactness), tensors, _int(s.params),
                   Text(s.param_check, style=style))
-    out.print(t)
+    t.show()
     out.print(f"HC parameters: {report.total_params:,}; HC tensors {_bytes(report.hc_bytes)} of "
               f"{_bytes(report.bytes_total)} in the checkpoint (the analyses read only these); "
               f"read now: {_bytes(report.bytes_read)} (headers only)")
@@ -258,14 +365,13 @@ def inspect(report: Any) -> None:
 def gain(report: Any, rows: Sequence[dict[str, Any]]) -> None:
     inp = report.inputs
     desc = ", ".join(f"{k} {v}" for k, v in inp.items() if v is not None and not isinstance(v, dict | list))
-    t = Table(title=f"Composite gains across depth ({report.sites} sites): {escape(desc)}", title_justify="left")
     cols = ["variant", "site", "", "G_f site", "G_b site", "G_f composite", "G_b composite", "G_b worst seed",
             "sigma_2", "||.-J/n||", "row err", "col err"]
     tokmean = any("gain_fwd_tokmean" in r for r in rows)
     if tokmean:
         cols[7:7] = ["G_f (token-mean H)", "G_b (token-mean H)"]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("variant", "") else "right")
+    t = Grid(f"Composite gains across depth ({report.sites} sites): {escape(desc)}",
+             [(c, "left" if c in ("variant", "") else "right") for c in cols], keys=3)
     last = None
     for r in rows:
         first = r["variant"] != last
@@ -280,7 +386,7 @@ def gain(report: Any, rows: Sequence[dict[str, Any]]) -> None:
         cells += [_g(r["gain_bwd_max"]), _g(r["sigma2"]), _g(r["dist_uniform"]), _sci(r["row_err_max"]),
                   _sci(r["col_err_max"])]
         t.add_row(*cells)
-    out.print(t)
+    t.show()
     out.print("G_f / G_b: Amax gain magnitude (mHC Sec. 3.1): max |signed row / column sum|. composite: forward "
               "H_l...H_1, backward H_L...H_l. Medians over seeds; 'worst seed' = max over seeds. row/col err: "
               "max over seeds of the composite's doubly-stochastic error.", style="dim")
