@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -247,125 +246,140 @@ def _iterate(logits: torch.Tensor, impl: _Impl, eps: float, iters: int) -> Itera
 # so it is modelled below as an addition tree and checked against torch.sum once per (dtype, n) before use.
 # Where the check fails (another build, another device) or autograd needs a graph, the reference loop runs.
 
-_Tree = Any  # a term index, None (the zero an accumulator starts from: 0 + x == x), or a pair (left, right)
+_Ref = tuple[str, int, int, int]  # ("t", 0, lo, hi): terms lo..hi-1; ("r", i, lo, hi): lanes of register i
+_Op = tuple[_Ref, _Ref, "_Ref | None"]  # dst = a + b (b None: dst = a, a copy)
 
-_DIRECT_N = 4  # up to n = 4 every order torch uses is the plain left-to-right one: one torch.sum does it
-_BLOCK_ELEMS = 1 << 15  # entries per block: ops stay below torch's intra-op parallel grain (32768) and in L2
+_MAX_N = 16  # up to here every cascade of SumKernel is a plain left-to-right sum (it changes order past 16)
+_DIRECT_N = 4  # up to here every order torch uses is the plain left-to-right one: one torch.sum does it
+_BLOCK_ELEMS = 1 << 17  # entries per block (512 KiB of float32): ops big enough to amortise their call, in L2
+_SERIAL_ELEMS = (1 << 15) - 1  # entries per block with intra-op threads: below torch's grain, every op serial
 _CYCLE_EVERY = 16  # iters_to_tol compares the state of iteration 16 j with those of 16 j + 1, 16 j + 2
 _GIVE_UP_MARGIN = 1.25  # iters_to_tol gives a matrix up only if even its optimistic estimate exceeds this x cap
 
 
-def _plus(a: _Tree, b: _Tree) -> _Tree:
-    return b if a is None else a if b is None else (a, b)
+class _Plan:
+    """Additions that sum n terms in one of SumKernel's orders, several lanes (terms k, k + w, ...) per op.
+
+    Values are ranges of lanes: ``term(lo, hi)`` is terms lo..hi-1 side by side; a register holds the lanes
+    an addition produced. Each value is used once, so additions update their left register in place.
+    """
+
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+        self.widths: list[int] = []
+
+    @staticmethod
+    def term(lo: int, hi: int) -> _Ref:
+        return ("t", 0, lo, hi)
+
+    @staticmethod
+    def lanes(v: _Ref, lo: int, hi: int) -> _Ref:
+        kind, i, base, _ = v
+        return (kind, i, base + lo, base + hi)
+
+    def plus(self, a: _Ref | None, b: _Ref | None) -> _Ref | None:
+        """a + b (None is the zero an accumulator starts from: 0 + x == x for the sums here)."""
+        if a is None or b is None:
+            return b if a is None else a
+        if a[0] == "r":
+            dst = a
+        elif b[0] == "r":
+            dst = b  # x + y == y + x, bit for bit
+        else:
+            self.widths.append(a[3] - a[2])
+            dst = ("r", len(self.widths) - 1, 0, a[3] - a[2])
+        self.ops.append((dst, a, b))
+        return dst
+
+    def fold(self, values: list[_Ref | None]) -> _Ref | None:
+        acc = None
+        for v in values:
+            acc = self.plus(acc, v)
+        return acc
+
+    def ilp(self, lo: int, items: int, k: int) -> _Ref | None:
+        """SumKernel's row_sum over ``items`` values of k lanes each (item j = terms lo + j k ..): four
+        interleaved sums (items j, j + 4, ...: one op on 4 k lanes per step), the leftover items into the first,
+        then the four added left to right."""
+        q = items // 4
+        acc = self.fold([self.term(lo + 4 * r * k, lo + 4 * (r + 1) * k) for r in range(q)])
+        parts = [self.lanes(acc, j * k, (j + 1) * k) if acc else None for j in range(4)]
+        parts[0] = self.fold([parts[0], *(self.term(lo + j * k, lo + (j + 1) * k) for j in range(4 * q, items))])
+        return self.fold(parts)
+
+    def finish(self, total: _Ref | None) -> list[_Op]:
+        """The additions, the last one writing the output ("o")."""
+        assert total is not None
+        out: _Ref = ("o", 0, 0, 1)
+        if self.ops and self.ops[-1][0] == total:
+            _, a, b = self.ops[-1]
+            return [*self.ops[:-1], (out, a, b)]
+        return [*self.ops, (out, total, None)]
 
 
-def _left_fold(terms: list[_Tree]) -> _Tree:
-    out = None
-    for t in terms:
-        out = _plus(out, t)
+def _inner_plan(n: int, w: int) -> _Plan:
+    """torch.sum over the innermost dim: vectorized_inner_sum for n >= w (row_sum over vectors of w lanes,
+    then the leftover terms and the lanes left to right), else scalar row_sum."""
+    p = _Plan()
+    if n < w:
+        p.ops = p.finish(p.ilp(0, n, 1))
+        return p
+    v = n // w
+    vec = p.ilp(0, v, w)
+    tail = [p.term(t, t + 1) for t in range(v * w, n)]
+    p.ops = p.finish(p.fold([*tail, *(p.lanes(vec, k, k + 1) for k in range(w))]))  # type: ignore[arg-type]
+    return p
+
+
+def _outer_plans(n: int, w: int) -> list[tuple[int, int, _Plan]]:
+    """torch.sum over a dim that is not innermost: outputs in whole groups of 4 vectors (4 scalars below w)
+    get multi_row_sum (left to right, n <= 16), the others row_sum. [(first output, end, plan)]."""
+    group = 4 * w if n >= w else 4
+    split = n // group * group
+    out = []
+    if split:
+        p = _Plan()
+        p.ops = p.finish(p.fold([p.term(t, t + 1) for t in range(n)]))
+        out.append((0, split, p))
+    if split < n:
+        p = _Plan()
+        p.ops = p.finish(p.ilp(0, n, 1))
+        out.append((split, n, p))
     return out
 
 
-def _cascade(terms: list[_Tree]) -> _Tree:
-    """SumKernel's multi_row_sum: running sums over chunks of 2^p terms (p >= 4), chunk sums added in levels."""
-    m = len(terms)
-    power = max(4, (max(m, 3) - 1).bit_length() // 4)
-    step, mask = 1 << power, (1 << power) - 1
-    acc: list[_Tree] = [None] * 4
-    i = 0
-    while i + step <= m:
-        for t in terms[i : i + step]:
-            acc[0] = _plus(acc[0], t)
-        i += step
-        for lvl in range(1, 4):
-            acc[lvl], acc[lvl - 1] = _plus(acc[lvl], acc[lvl - 1]), None
-            if i & (mask << (lvl * power)):
-                break
-    acc[0] = _left_fold([acc[0], *terms[i:]])
-    return _left_fold(acc)
-
-
-def _ilp_sum(terms: list[_Tree]) -> _Tree:
-    """SumKernel's row_sum: four interleaved cascades (terms k, k+4, ...), the leftover terms, the partials."""
-    q = len(terms) // 4
-    parts = [_cascade(terms[k : 4 * q : 4]) for k in range(4)]
-    parts[0] = _left_fold([parts[0], *terms[4 * q :]])
-    return _left_fold(parts)
-
-
-def _inner_tree(n: int, w: int) -> _Tree:
-    """Sum over the innermost dim (vectorized_inner_sum for n >= w: w lanes, then leftovers and lanes)."""
-    if n < w:
-        return _ilp_sum(list(range(n)))
-    v = n // w
-    lanes = [_ilp_sum([j * w + k for j in range(v)]) for k in range(w)]
-    return _left_fold([*range(v * w, n), *lanes])
-
-
-def _outer_groups(n: int, w: int) -> list[tuple[int, int, _Tree]]:
-    """Sum over a dim that is not innermost: outputs in whole groups of 4 vectors (or 4 scalars) get the
-    cascade, the rest row_sum's order. [(first output, end, tree)]."""
-    group = 4 * w if n >= w else 4
-    split = n // group * group
-    whole = [(0, split, _cascade(list(range(n))))] if split else []
-    rest = [(split, n, _ilp_sum(list(range(n))))] if split < n else []
-    return whole + rest
-
-
-def _additions(tree: _Tree) -> list[tuple[tuple[str, int], tuple[str, int], tuple[str, int] | None]]:
-    """The tree as additions (dst, a, b) on terms ("t", k) and registers ("r", i); the last dst is ("o", 0).
-    b is None for a tree of one term (a copy)."""
-    ops: list[tuple[tuple[str, int], tuple[str, int], tuple[str, int] | None]] = []
-    free: list[int] = []
-    used = [0]
-
-    def reg() -> tuple[str, int]:
-        if free:
-            return ("r", free.pop())
-        used[0] += 1
-        return ("r", used[0] - 1)
-
-    def walk(t: _Tree) -> tuple[str, int]:
-        if isinstance(t, int):
-            return ("t", t)
-        a, b = walk(t[0]), walk(t[1])
-        dst = a if a[0] == "r" else b if b[0] == "r" else reg()  # x + y == y + x bit for bit
-        for r in (a, b):
-            if r[0] == "r" and r != dst:
-                free.append(r[1])
-        ops.append((dst, a, b))
-        return dst
-
-    root = walk(tree)
-    if not ops:
-        return [(("o", 0), root, None)]
-    dst, a, b = ops[-1]
-    ops[-1] = (("o", 0), a, b)
-    return ops
+def _fold_plan(n: int) -> _Plan:
+    """Left to right (lucidrains' F.normalize: the p=1 norm adds term after term)."""
+    p = _Plan()
+    p.ops = p.finish(p.fold([p.term(t, t + 1) for t in range(n)]))
+    return p
 
 
 class _Sum:
-    """out[o, :] = sum over ``axis`` of src[..., :] for one [n, n, b] block, adding in the order of ``groups``.
+    """out[g, :] = sum over ``axis`` of src for one [n, n, b] block, additions as the plans say.
 
-    src, out: [n, n, b] and [n, b] buffers (views bound once); regs: [R, n, b] scratch for partial sums.
+    src: [n, n, b]; out: [n, b]; regs: [R, K, n, b] scratch. plans: [(first output, end, plan)], or None for
+    one torch.sum (n <= _DIRECT_N: every order is left to right).
     """
 
     def __init__(self, src: torch.Tensor, axis: int, out: torch.Tensor, regs: torch.Tensor,
-                 groups: list[tuple[int, int, _Tree]] | None) -> None:
+                 plans: list[tuple[int, int, _Plan]] | None) -> None:
         self.src, self.axis, self.out = src, axis, out
         self.calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
-        for lo, hi, tree in groups or []:
-            def view(ref: tuple[str, int], lo: int = lo, hi: int = hi) -> torch.Tensor:
-                kind, i = ref
-                if kind == "t":
-                    return src[i, lo:hi] if axis == 0 else src[lo:hi, i]
-                return out[lo:hi] if kind == "o" else regs[i, lo:hi]
+        for g0, g1, plan in plans or []:
+            def view(ref: _Ref, g0: int = g0, g1: int = g1) -> torch.Tensor:  # [lanes, outputs, b]
+                kind, i, lo, hi = ref
+                if kind == "o":
+                    return out[g0:g1].unsqueeze(0)
+                if kind == "r":
+                    return regs[i, lo:hi, g0:g1]
+                return src[lo:hi, g0:g1] if axis == 0 else src[g0:g1, lo:hi].transpose(0, 1)
 
-            for dst, a, b in _additions(tree):
+            for dst, a, b in plan.ops:
                 self.calls.append((view(a), None if b is None else view(b), view(dst)))
 
     def __call__(self) -> torch.Tensor:
-        if not self.calls:  # plain left-to-right order: torch's own sum over the block's axis
+        if not self.calls:
             return torch.sum(self.src, dim=self.axis, out=self.out)
         for a, b, dst in self.calls:
             if b is None:
@@ -377,24 +391,23 @@ class _Sum:
 
 @dataclass(frozen=True)
 class _Orders:
-    """Addition orders for one (n, vector width): torch.sum over batch-first dim -2 / dim -1, and the plain
-    left-to-right order of lucidrains' F.normalize (its p=1 norm adds term after term). None: one torch.sum."""
+    """Addition plans for one (n, vector width w): torch.sum over batch-first dim -2 and dim -1, and the left
+    to right order of lucidrains' normalisation. None: one torch.sum does it (n <= _DIRECT_N)."""
 
-    dim_m2: list[tuple[int, int, _Tree]] | None
-    dim_m1: list[tuple[int, int, _Tree]] | None
-    fold: list[tuple[int, int, _Tree]] | None
+    dim_m2: list[tuple[int, int, _Plan]] | None
+    dim_m1: list[tuple[int, int, _Plan]] | None
+    fold: list[tuple[int, int, _Plan]] | None
 
     @staticmethod
     def build(n: int, w: int) -> _Orders:
         if n <= _DIRECT_N:
             return _Orders(None, None, None)
-        return _Orders(_outer_groups(n, w), [(0, n, _inner_tree(n, w))], [(0, n, _left_fold(list(range(n))))])
+        return _Orders(_outer_plans(n, w), [(0, n, _inner_plan(n, w))], [(0, n, _fold_plan(n))])
 
-    def registers(self) -> int:
-        """Scratch rows the additions need (at least 1, so the buffer always exists)."""
-        trees = [t for g in (self.dim_m2, self.dim_m1, self.fold) for _, _, t in g or []]
-        refs = [r for t in trees for op in _additions(t) for r in op if r is not None and r[0] == "r"]
-        return 1 + max((i for _, i in refs), default=0)
+    def registers(self) -> tuple[int, int]:
+        """(registers, widest) the plans need (at least 1 x 1, so the buffer always exists)."""
+        widths = [wd for g in (self.dim_m2, self.dim_m1, self.fold) for _, _, p in g or [] for wd in p.widths]
+        return max(1, len(widths)), max([1, *widths])
 
 
 _ORDERS: dict[tuple[torch.dtype, int], _Orders | None] = {}
@@ -404,8 +417,11 @@ def _orders(dtype: torch.dtype, n: int) -> _Orders | None:
     """The addition orders that reproduce torch.sum for [B, n, n] of ``dtype`` on this build, or None.
 
     torch's CPU sum kernel works on 32-byte vectors on this build (w = 8 float32, 4 float64); other widths are
-    tried too, and the first whose orders reproduce torch.sum bit for bit on a probe batch is kept."""
+    tried too, and the first whose orders reproduce torch.sum bit for bit on a probe batch is kept. n > 16:
+    None (the plans assume SumKernel's cascade is a plain running sum, true up to 16 terms)."""
     key = (dtype, n)
+    if n > _MAX_N:
+        return None
     if key not in _ORDERS:
         g = torch.Generator().manual_seed(n)
         probe = (torch.rand(64, n, n, generator=g, dtype=torch.float64) * 20).exp().to(dtype)
@@ -414,7 +430,7 @@ def _orders(dtype: torch.dtype, n: int) -> _Orders | None:
         found = None
         for width in (32, 64, 16):
             orders = _Orders.build(n, max(1, width // probe.element_size()))
-            regs = torch.empty(orders.registers(), n, 64, dtype=dtype)
+            regs = torch.empty(*orders.registers(), n, 64, dtype=dtype)
             s0, s1 = torch.empty(n, 64, dtype=dtype), torch.empty(n, 64, dtype=dtype)
             got0 = _Sum(blk, 0, s0, regs, orders.dim_m2)().t()
             got1 = _Sum(blk, 1, s1, regs, orders.dim_m1)().t()
@@ -442,7 +458,7 @@ class _Block:
         self.e = buf(n, n, b) if conv is Convention.LOG else None
         self.s0, self.s1, self.m = buf(n, b), buf(n, b), buf(n, b)
         self.orders = orders
-        regs = buf(orders.registers(), n, b)
+        regs = buf(*orders.registers(), n, b)
         src = self.e if self.e is not None else self.x
         self.sum0 = _Sum(src, 0, self.s0, regs, orders.dim_m2)  # torch.sum(dim=-2)
         self.sum1 = _Sum(src, 1, self.s1, regs, orders.dim_m1)  # torch.sum(dim=-1)
@@ -538,7 +554,11 @@ def _row_major(x: torch.Tensor) -> bool:
 
 
 def _block_width(n: int, total: int) -> int:
-    return max(1, min(total, _BLOCK_ELEMS // (n * n)))
+    """Matrices per block. With intra-op threads every op stays below torch's parallel grain (32768 entries):
+    the engine is many small ops, and past the grain each one pays a fork/join (measured on 2 shared cores:
+    4-5x slower than one thread); on one thread, larger blocks amortise each op's call."""
+    elems = _BLOCK_ELEMS if torch.get_num_threads() == 1 else _SERIAL_ELEMS
+    return max(1, min(total, elems // (n * n)))
 
 
 # ------------------------------------------------------------------------------------------------------------
