@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from hcdiag import __version__
-from hcdiag.enums import Convention, DType, Form, Probe
+from hcdiag.enums import Convention, DType, FigFormat, Form, Probe
 from hcdiag.errors import HcdiagError, UsageError
 
 #: ``hcdiag gain-sweep`` without --init / --logit-scale: N(0, 0.2^2) on every site's static H_res logits / weights
@@ -77,7 +77,28 @@ OutDirOpt = Annotated[
     Path | None,
     typer.Option("--output-dir", "-o", help="Write JSON, CSV (and plots with --plot) into this directory."),
 ]
-PlotOpt = Annotated[bool, typer.Option("--plot", help="Write PNG plots into --output-dir (default ./hcdiag-out).")]
+PlotOpt = Annotated[
+    bool, typer.Option("--plot", help="Write figures into --output-dir (default ./hcdiag-out).")
+]
+FigFormatOpt = Annotated[
+    FigFormat, typer.Option("--fig-format", help="With --plot: figure file format: png, or svg / pdf (vector).",
+                            case_sensitive=False)
+]
+
+
+def _check_fig_size(value: str | None) -> str | None:
+    """Refuse a bad --fig-size while parsing, before any computation."""
+    from hcdiag.plot_common import parse_fig_size
+
+    parse_fig_size(value)
+    return value
+
+
+FigSizeOpt = Annotated[
+    str | None,
+    typer.Option("--fig-size", metavar="WxH", callback=_check_fig_size,
+                 help="With --plot: every figure's size in inches, e.g. 8x5 (default: each figure its own)."),
+]
 IterOpt = Annotated[
     int | None,
     typer.Option("--iters", help="Sinkhorn iterations (default: the checkpoint's metadata, else 20).", min=1),
@@ -152,11 +173,14 @@ def _probe(ctx: typer.Context, probe: Probe, activations: Path | None, tokens: i
     return make_probe(probe, tokens=tokens, seed=seed, activations=str(activations) if activations else None)
 
 
-def _plots(plot, report, output_dir: Path | None, doc: dict) -> None:
-    """Write ``plot(report, dir)``'s PNGs into --output-dir (default ./hcdiag-out); list them in doc and on stderr."""
+def _plots(plot, report, output_dir: Path | None, doc: dict, fig_format: FigFormat, fig_size: str | None) -> None:
+    """Write ``plot(report, dir, opts)``'s figures into --output-dir (default ./hcdiag-out), in --fig-format at
+    --fig-size; list them in doc and on stderr."""
     from hcdiag.fileio import ensure_dir
+    from hcdiag.plot_common import FigOptions, parse_fig_size
 
-    files = plot(report, ensure_dir(output_dir or Path("hcdiag-out")))
+    opts = FigOptions(fmt=fig_format, size=parse_fig_size(fig_size))
+    files = plot(report, ensure_dir(output_dir or Path("hcdiag-out")), opts)
     doc["plots"] = [str(f) for f in files]
     from hcdiag import render
 
@@ -327,6 +351,8 @@ def stochasticity_cmd(
     csv_path: CsvOpt = None,
     output_dir: OutDirOpt = None,
     plot: PlotOpt = False,
+    fig_format: FigFormatOpt = FigFormat.PNG,
+    fig_size: FigSizeOpt = None,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
@@ -349,7 +375,7 @@ def stochasticity_cmd(
     if plot:
         from hcdiag.plot_stochasticity import plot_stochasticity
 
-        _plots(plot_stochasticity, report, output_dir, doc)
+        _plots(plot_stochasticity, report, output_dir, doc, fig_format, fig_size)
     if not _outputs(doc, doc["sites"], name="stochasticity", as_json=as_json, csv_path=csv_path,
                     output_dir=output_dir):
         render.stochasticity(report)
@@ -414,6 +440,8 @@ def gain_sweep_cmd(
     csv_path: CsvOpt = None,
     output_dir: OutDirOpt = None,
     plot: PlotOpt = False,
+    fig_format: FigFormatOpt = FigFormat.PNG,
+    fig_size: FigSizeOpt = None,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
@@ -453,7 +481,7 @@ def gain_sweep_cmd(
     if plot:
         from hcdiag.plot_gain import plot_gain
 
-        _plots(plot_gain, report, output_dir, doc)
+        _plots(plot_gain, report, output_dir, doc, fig_format, fig_size)
     to_stdout = _outputs(doc, report.curve_rows(), name="gain-sweep", as_json=as_json, csv_path=csv_path,
                          output_dir=output_dir)
     for v in report.variants:
