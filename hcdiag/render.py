@@ -273,8 +273,13 @@ def stochasticity(report: Any) -> None:
         itt = ""
         if r.iters_to_tol_max is not None:
             itt = f"{r.iters_to_tol_p50}/{r.iters_to_tol_max}"
-        elif r.iters_to_tol_unreached:
+        elif r.iters_to_tol_unreached:  # about N iterations at the measured rate; never: the state repeats
             itt = ">1000"
+            if r.iters_to_tol_estimate is not None:
+                est = r.iters_to_tol_estimate
+                itt = (f"~{est:.0f}" if est < 1e6 else f"~{est:.1e}") + f" @{r.iters_to_tol_rate:.4f}"
+            elif r.iters_to_tol_never == r.iters_to_tol_unreached:
+                itt = "never"
         cells = [escape(r.name)]
         cells += [escape(r.variant)] if show_variant else []
         cells += [str(r.n)] if show_n else []
