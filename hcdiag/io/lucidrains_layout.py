@@ -734,6 +734,19 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             )
     if any(m.cls == "hc" for m in modules):
         settings["tanh"] = "cli" if tanh_opt is not None else "default"
+        notes.append(
+            f"HC sites: tanh {'on' if tanh else 'off'} on the dynamic alpha / beta ("
+            + ("--hc-tanh / --no-hc-tanh" if tanh_opt is not None else "the library default; HyperConnections("
+               "tanh=...) is not stored in a state dict: --no-hc-tanh for tanh=False")
+            + ")"
+        )
+    multi = [s.name for s, m in zip(sites, modules, strict=True) if m.proposals > 1 and m.sinkhorn is not None]
+    if multi:
+        notes.append(
+            f"{len(multi)} site(s) with num_dynamic_alpha_proposals > 1 (e.g. {multi[0]}): H_res is the mean of "
+            "the proposals' Sinkhorn projections, as the library mixes; the logit range is the widest proposal's; "
+            "iterations-to-tolerance and convergence curves are not computed for them (no single logit matrix)"
+        )
     if any(m.f > 1 for m in modules):
         notes.append("num_fracs > 1: a stream's fractions are treated as separate streams (n = s f, C = d/f)")
     for how in sorted(assumed):
