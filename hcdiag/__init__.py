@@ -28,6 +28,8 @@ _EXPORTS = {
     "read_activations": "hcdiag.capture",
     "verify": "hcdiag.verification",
     "save_native": "hcdiag.io.native",
+    "track_run": "hcdiag.track",
+    "Monitor": "hcdiag.monitor",
     "HcdiagError": "hcdiag.errors",
     "InputError": "hcdiag.errors",
     "UsageError": "hcdiag.errors",

@@ -54,6 +54,11 @@ def _is_dtensor(t: Any) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's shards gathered (``full_tensor()``, a collective), else ``t`` itself."""
+    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
 class StateDictSource:
     """A :class:`~hcdiag.io.base.TensorSource` over an in-memory state dict (``{key: tensor}``).
 
@@ -108,8 +113,7 @@ class StateDictSource:
         if self.shapes_only:
             return torch.zeros(tuple(t.shape), dtype=want)
         with torch.no_grad():
-            full = t.full_tensor() if _is_dtensor(t) else t
-            return full.detach().to(device="cpu", dtype=want, copy=True)
+            return _full(t).detach().to(device="cpu", dtype=want, copy=True)
 
     def close(self) -> None:
         self._tensors.clear()
@@ -355,7 +359,7 @@ class Monitor:
         with torch.no_grad():
             for k in self._hc_keys(state):
                 t = state[k]
-                out[k] = (t.full_tensor() if _is_dtensor(t) else t).detach().to("cpu", copy=True)
+                out[k] = _full(t).detach().to("cpu", copy=True)
         return out
 
     # -- computing ----------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ __all__ = [
     "find_checkpoints",
     "plot_track",
     "summarize_model",
-    "track",
+    "track_run",
 ]
 
 SCHEMA_VERSION = 1
@@ -462,7 +462,7 @@ def _worker(path: str, settings: _Settings) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TrackReport:
-    """What :func:`track` returns: one entry per checkpoint, in step order (``to_dict()['checkpoints']``),
+    """What :func:`track_run` returns: one entry per checkpoint, in step order (``to_dict()['checkpoints']``),
     the loss / grad-norm curves found beside them, and how many entries came from the cache."""
 
     entries: tuple[dict[str, Any], ...]
@@ -547,7 +547,7 @@ def _check_cache_place(cache: Path, refs: Sequence[CheckpointRef], allow_inside:
                 "--output-dir, or pass --cache-in-checkpoint to allow it", "--cache")
 
 
-def track(
+def track_run(
     inputs: Sequence[str | os.PathLike[str]],
     *,
     probe: Probe | str = Probe.STATIC,

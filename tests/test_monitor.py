@@ -13,7 +13,6 @@ trains for 30 steps; every 6 steps the monitor logs and the loop saves ``ckpt_<s
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import warnings

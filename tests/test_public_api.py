@@ -31,3 +31,18 @@ def test_verify_is_the_function_even_after_its_module_is_imported():
 
     assert "verify" in hcdiag.__all__
     assert hcdiag.verify is hcdiag.verification.verify and callable(hcdiag.verify)
+
+
+def test_training_exports_and_light_imports():
+    from hcdiag.monitor import Monitor
+    from hcdiag.track import track_run
+
+    assert hcdiag.Monitor is Monitor and hcdiag.track_run is track_run
+    code = (
+        "import sys, hcdiag.monitor, hcdiag.track; "
+        "print(sorted(m for m in ('typer', 'rich', 'matplotlib', 'transformers', 'pytorch_lightning', 'lightning') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

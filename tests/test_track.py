@@ -185,7 +185,8 @@ def test_csv_long_form_and_plot(run, tmp_path):
     assert len(got) == 1 and float(got[0]["value"]) == e["metrics"]["col_err"]
     assert got[0]["site"] == e["where"]["col_err"]
     site = e["sites"][2]
-    got = [r for r in rows if r["step"] == str(e["step"]) and r["site"] == site["name"] and r["metric"] == "col_err_max"]
+    got = [r for r in rows
+           if r["step"] == str(e["step"]) and r["site"] == site["name"] and r["metric"] == "col_err_max"]
     assert len(got) == 1 and float(got[0]["value"]) == site["col_err_max"]
 
 
@@ -197,7 +198,7 @@ def test_steps_from_entries_metadata_and_names(tmp_path):
     obj = torch.load(SAMPLES / "mhc_trainloop.pt", weights_only=True)
     side = json.loads((SAMPLES / "mhc_trainloop.pt.json").read_text())
     side.pop("training")
-    for name, step in (("epoch=1-step=60.ckpt", 60), ("ckpt_120.pt", 120)):
+    for name in ("epoch=1-step=60.ckpt", "ckpt_120.pt"):
         torch.save({"model": obj["model"]}, tmp_path / name)
         (tmp_path / (name + ".json")).write_text(json.dumps(side))
     shutil.copy(SAMPLES / "mhc_trainloop.pt", tmp_path / "ckpt_999.pt")  # its own step entry (300) wins
