@@ -711,8 +711,7 @@ def track_cmd(
     trust_pickle: TrustOpt = False,
 ) -> None:
     """HC diagnostics of every checkpoint of a training run, one row per checkpoint, in step order."""
-    from hcdiag import render
-    from hcdiag.track import CACHE_NAME, plot_track, track
+    from hcdiag.track import CACHE_NAME, plot_track, track_run
 
     if probe == Probe.ACTIVATIONS:
         raise UsageError("--probe activations belongs to one checkpoint; track a run with --probe static or random",
@@ -723,10 +722,10 @@ def track_cmd(
     def progress(label: str, done: int, total: int) -> None:
         _stderr(f"hcdiag: track [{done}/{total}] {label}")
 
-    report = track(runs, probe=probe, tokens=tokens, seed=seed, iters=iters, convention=convention, dtype=dtype,
-                   tol=tol, layout=layout, layout_file=str(layout_file) if layout_file else None,
-                   state_key=state_key, trust_pickle=trust_pickle, cache=cache,
-                   cache_in_checkpoint=cache_in_checkpoint, jobs=jobs, progress=progress)
+    report = track_run(runs, probe=probe, tokens=tokens, seed=seed, iters=iters, convention=convention,
+                       dtype=dtype, tol=tol, layout=layout, layout_file=str(layout_file) if layout_file else None,
+                       state_key=state_key, trust_pickle=trust_pickle, cache=cache,
+                       cache_in_checkpoint=cache_in_checkpoint, jobs=jobs, progress=progress)
     doc = report.to_dict()
     if plot:
         from hcdiag.fileio import ensure_dir
