@@ -546,16 +546,15 @@ def _verify_table(report) -> None:
     t = render.Grid(f"Update equation per site: {escape(report.path)} ({escape(report.layout)} layout), "
                     f"activations {escape(report.activations)}, tolerance {report.tolerance:.1e}",
                     [("site", "left"), ("update (model)", "right"), ("update (recomputed)", "right"),
-                     ("branch input", "right"), ("fingerprint", "left"), ("residual", "right"),
-                     ("runner-up", "left"), ("conforms", "left"), ("diagnosis", "left")], wrap=["diagnosis"])
+                     ("branch input", "right"), ("fingerprint (residual)", "left"), ("conforms", "left"),
+                     ("diagnosis", "left")], wrap=["diagnosis"])
     for s in report.sites:
         fp = s.fingerprint
         c = s.checks
         update_model = c.get("update (model)", c.get("H_res"))
         t.add_row(escape(s.name), sci(update_model), sci(c.get("update (recomputed)", c.get("H_post"))),
-                  sci(c.get("branch input", c.get("H_pre"))), escape(fp.best.label) if fp else "-",
-                  sci(fp.best.residual) if fp else "",
-                  escape(f"{fp.runner_up.label} ({fp.runner_up.residual:.1e})") if fp and fp.runner_up else "",
+                  sci(c.get("branch input", c.get("H_pre"))),
+                  escape(f"{fp.best.label} ({fp.best.residual:.1e})") if fp else "-",
                   Text("yes" if s.conforms else "NO", style="green" if s.conforms else "red"),
                   escape(s.diagnosis or ("" if s.conforms else "unexplained")))
     t.show()
