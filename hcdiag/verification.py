@@ -15,8 +15,12 @@ Per site, in float64, with rel(a, b) = ||a - b||_F / ||b||_F over all recorded t
                          layout's convention (the site module's forward on x);
 ``branch input``         rel(H_pre x, branch input) with the recomputed H_pre, where the module returned its
                          branch input (transformers ``collapsed``, lucidrains ``branch_input``);
-``H_res`` / ``H_post`` / ``H_pre``  rel(recomputed, model's), used as the checks where the update itself was not
-                         recorded (hcdiag's own SiteModules compute the matrices only).
+``H_res`` / ``H_post`` / ``H_pre``  rel(recomputed, model's) wherever the module exposed that matrix (not for
+                         H_res where capture could only recompute it: lucidrains HC); where the update itself was
+                         not recorded (hcdiag's own SiteModules compute the matrices only) these are the checks.
+                         They matter at the first site too: its n streams are n copies of the embedding, and any
+                         H_res with unit row sums maps them to themselves, so the update alone cannot see a change
+                         of H_res there.
 
 A site **conforms** when every check it has is at float32 rounding: at most :data:`TOLERANCE` =
 :data:`TOL_FACTOR` x eps(float32) = 64 x 1.19e-7 = 7.6e-6. Why this size: the model computes in float32, so
@@ -26,12 +30,18 @@ recomputed matrices differ from the model's by the float32 rounding of its RMSNo
 test models); the bugs this command is for move the residual by 1e-4 (a 10-iteration Sinkhorn) to 1 (a
 transposed mix). ``tol`` overrides it.
 
-When a site does not conform, **diagnoses** are tried in turn, each an alternative prediction of x_{l+1} (or, where
-the update was not recorded, of the model's matrices) with its residual: the mix transposed (``comb`` applied
-instead of ``comb^T``), the residual unmixed (H_res = I), the packed projection split in another order (the five
-other orders of [pre, post, comb]; transformers layout only), H_post without the factor 2 or with eps added, a
-different Sinkhorn iteration count (1..100, the layout's convention), and the convention of the fingerprint. The
-first that reaches the tolerance names the site's diagnosis.
+When a site does not conform, **diagnoses** are tried in turn, each with its residual; the first that reaches the
+tolerance names the site's diagnosis (later ones that reach it too are listed: at the first site, where the streams
+are equal, a transposed and a skipped mix can look the same). Which set is tried depends on what failed:
+
+* the update with the model's own matrices fails (the *layer* does not apply what its module produced): the mix
+  transposed (``comb`` applied instead of ``comb^T``), the residual unmixed (H_res = I), H_post halved (without
+  the factor 2) or with eps added; each an alternative prediction of x_{l+1} from the model's matrices;
+* it holds but the recomputed matrices differ (the *module* computes other matrices than the checkpoint gives
+  under the layout's convention): the same four on the recomputed matrices, the packed projection split in each
+  other order of [pre, post, comb] (transformers layout only; scales in stored order, or permuted with the
+  rows), a different Sinkhorn iteration count (1..100, the layout's convention) and the fingerprint's best
+  candidate; each residual is the largest over the update and the module's exposed matrices.
 
 The **fingerprint** asks which Sinkhorn choices reproduce the H_res the model used, from the logits the checkpoint
 gives (site ``res_logits``) on S sampled tokens: start exp / exp - max / softmax + eps / sigmoid + eps, eps in the
@@ -43,11 +53,15 @@ each division by sum + eps), which :mod:`hcdiag.sinkhorn` does not have (to inte
 arithmetic the exp and log domains, and exp with or without the max subtracted, are the same map, so candidates
 are grouped into classes (start, pass order, eps); the report names the best candidate, the other members of its
 class (``equivalent``: told apart by rounding only), the runner-up (best candidate of another class or another
-iteration count) and the best candidate of another class, each with its residual rel(H_candidate, H_model).
+iteration count) and the best candidate of another class, each with its residual rel(H_candidate, H_model), the
+layout's own candidate, the best of each family, how many candidates reach the tolerance (``matching``; near
+convergence many iteration counts do: the recording then cannot tell them apart) and the span of iteration counts
+of the best family that do. All Sinkhorn sites of one shape are fingerprinted together, one call per iterate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -493,7 +507,7 @@ def _split_sites(module: Any) -> list[tuple[str, Any]]:
 
 def _is_packed(module: Any) -> bool:
     return all(isinstance(getattr(module, a, None), torch.Tensor) for a in ("fn", "base", "scale")) and \
-        getattr(module, "scale").shape == (3,) and hasattr(module, "hc_eps")
+        module.scale.shape == (3,) and hasattr(module, "hc_eps")
 
 
 def _sinkhorn_spec(site: Site) -> SinkhornSpec | None:
@@ -567,10 +581,10 @@ def _diag(name: str, r: float, tol: float, note: str = "") -> Diagnosis:
 def _candidate_matrix(c: Candidate, logits: torch.Tensor) -> torch.Tensor:
     fam = next(f for f in _families(c.eps or TRANSFORMERS_DEFAULT_EPS) if f.name == c.family)
     fam = _Family(fam.name, fam.convention, fam.transposed, fam.start, fam.order, fam.domain, c.eps, fam.klass)
-    m = logits
+    last = logits
     for _, m in fam.iterates(logits, c.iters):
-        pass
-    return m
+        last = m
+    return last
 
 
 @dataclass
@@ -602,10 +616,27 @@ def _check_site(site: Site, captured: Any, x: torch.Tensor, *, tol: float, finge
     elif fingerprint or failing:
         idx = _sample(int(x.shape[0]), fingerprint_tokens)
         with torch.no_grad():
-            sample = (site.module.in_dtype(_F64).res_logits(x[idx]), d.H_model[idx])
+            logits = site.module.in_dtype(_F64).res_logits(x[idx])
+        if logits is not None and tuple(logits.shape[-2:]) == tuple(d.H_model.shape[-2:]):
+            sample = (logits, d.H_model[idx])
+        else:
+            fp_skipped = "the site module gives no [n, n] Sinkhorn logits"
     else:
         fp_skipped = "not asked for (fingerprint=False)"
     return _Pending(site, captured, checks, d.skipped, failing, spec, sample, fp_skipped)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the duration (restored after). The fingerprint is thousands of ops on
+    [G, 64, n, n] tensors; with 2 threads on a shared machine each op waits in a barrier for a descheduled thread
+    (measured 10x slower). The same reasoning as hcdiag.gain's single-thread section (to share, later)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _fingerprint_all(pending: list[_Pending], tol: float, K: int) -> None:
@@ -615,9 +646,10 @@ def _fingerprint_all(pending: list[_Pending], tol: float, K: int) -> None:
             eps = p.spec.eps if p.spec.eps > 0 else TRANSFORMERS_DEFAULT_EPS
             groups.setdefault((tuple(p.sample[0].shape), eps), []).append(p)
     for (_, eps), ps in groups.items():
-        results = _fingerprints(torch.stack([p.sample[0] for p in ps]),  # type: ignore[index]
-                                torch.stack([p.sample[1] for p in ps]), eps, tol, K,  # type: ignore[index]
-                                [_layout_candidate(p.spec) for p in ps])
+        with _one_thread():
+            results = _fingerprints(torch.stack([p.sample[0] for p in ps]),  # type: ignore[index]
+                                    torch.stack([p.sample[1] for p in ps]), eps, tol, K,  # type: ignore[index]
+                                    [_layout_candidate(p.spec) for p in ps])
         for p, (fp, table) in zip(ps, results, strict=True):
             p.fingerprint, p.table = fp, table
 
@@ -662,10 +694,16 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 def _verdict(sites: list[SiteVerification], tol: float) -> str:
     bad = [s for s in sites if not s.conforms]
-    fps = {}
+    fps: dict[str, list[str]] = {}
     for s in sites:
-        if s.fingerprint is not None:
-            fps.setdefault(s.fingerprint.best.label, []).append(s.name)
+        fp = s.fingerprint
+        if fp is not None:
+            own = fp.layout
+            if own is not None and own.residual <= tol:  # ties to rounding: the layout's claim fits, say that
+                label = f"{own.label} (the layout's)" + (f", {fp.matching} candidates match" if fp.matching > 1 else "")
+            else:
+                label = fp.best.label + ("" if fp.matches else f" (closest, residual {fp.best.residual:.1e})")
+            fps.setdefault(label, []).append(s.name)
     fp_text = ""
     if fps:
         parts = [f"{label} at {len(v)} site(s)" for label, v in sorted(fps.items(), key=lambda kv: -len(kv[1]))]
@@ -713,7 +751,7 @@ def verify(
     fingerprint at every Sinkhorn site (always done at non-conforming ones), on ``fingerprint_tokens`` tokens,
     iterations 1..``max_iters``. Returns :class:`VerifyReport`; raises UsageError / InputError for bad inputs.
     """
-    from hcdiag.probes import make_probe
+    from hcdiag.probes import ActivationsProbe, make_probe
 
     tol = TOLERANCE if tol is None else tol
     if not (isinstance(tol, int | float) and tol > 0):
@@ -726,7 +764,8 @@ def verify(
         from hcdiag.io.load import load
 
         model = load(str(model), layout=layout, options=options or LoadOptions())
-    probe = make_probe(Probe.ACTIVATIONS, activations=activations)
+    probe = make_probe(Probe.ACTIVATIONS, activations=str(activations))
+    assert isinstance(probe, ActivationsProbe)
     probe.prepare(model.sites)
     tol = float(tol)
     pending = [_check_site(site, probe.captured(site), probe.inputs(site, _F64), tol=tol, fingerprint=fingerprint,
