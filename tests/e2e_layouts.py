@@ -346,6 +346,66 @@ def layout_file(d: Path) -> Case:
     return Case(path, oracle, acts, ("--layout-file", str(lay)))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# issue 15: tokenbender's mHC and mhc-pytorch (ports: neither installs here), Qwen4-Exp (transformers 5.24, the
+# real model), DeepSeek-V4.1 (transformers main branch only: a port of its decoder layer)
+
+
+def tokenbender(d: Path) -> Case:
+    from test_io_tokenbender import build
+
+    sd, mods = build(perturb=1.5, seed=3)
+    path = d / "tb.safetensors"
+    save_file(sd, str(path))
+
+    def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():
+            return mods[i].paper(x.double())[2].detach()
+
+    return Case(path, oracle, _acts_from_oracle(d / "acts.safetensors", oracle, len(mods), 4, 8))
+
+
+def mhc_pytorch(d: Path) -> Case:
+    from test_io_mhc_pytorch import build
+
+    sd, mods = build()
+    path = d / "mhc_pytorch.safetensors"
+    save_file(sd, str(path))
+
+    def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():  # F.rms_norm's default eps for the stored float32
+            return mods[i].mappings(x.double(), eps=torch.finfo(torch.float32).eps)[2].detach()
+
+    return Case(path, oracle, _acts_from_oracle(d / "acts.safetensors", oracle, len(mods), 4, 8))
+
+
+def qwen4_exp(n: int) -> Callable[[Path], Case]:
+    def build(d: Path) -> Case:
+        from test_io_qwen4_exp import tiny_model
+
+        model = tiny_model(n)
+        model.save_pretrained(d / "ckpt")
+
+        def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+            return None  # Qwen4ExpTextGatedResidual adds hyper_input unmixed: H_res = I
+
+        return Case(d / "ckpt", oracle, _acts_from_oracle(d / "acts.safetensors", oracle, 4, n, 16))
+
+    return build
+
+
+def deepseek_v41(d: Path) -> Case:
+    from test_io_deepseek_v41 import LAYERS, C, N, build
+    from test_io_deepseek_v41 import oracle as port
+
+    layers = build(d / "ckpt")
+
+    def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+        return port(layers, i, x)[2].double()
+
+    return Case(d / "ckpt", oracle, _acts_from_oracle(d / "acts.safetensors", oracle, 2 * LAYERS, N, C))
+
+
 def _builders() -> dict[str, Callable[[Path], Case]]:
     from hcdiag import registry
 
@@ -355,6 +415,8 @@ def _builders() -> dict[str, Callable[[Path], Case]]:
             "lr-mixed-pt": lucidrains("mixed", "pt"), "lr-train-dict": lucidrains("mhc", "train")}
     out |= {f"nanogpt-{v}": nanogpt(v) for v in ("mhc", "mhc_lite", "kromhc", "tbp_mhc")}
     out["layout-file"] = layout_file
+    out |= {"tokenbender": tokenbender, "mhc-pytorch": mhc_pytorch, "qwen4-exp-n4": qwen4_exp(4),
+            "qwen4-exp-n8": qwen4_exp(8), "deepseek-v41": deepseek_v41}
     return out
 
 
