@@ -466,6 +466,7 @@ def gain_sweep_cmd(
             model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, threads=threads
         )
     else:
+        defaulted = init is None and logit_scale is None
         init, scale = _gain_init(init, logit_scale)
         with render.progress_reporter(enabled=not as_json) as progress:
             report = gain_sweep(
@@ -491,6 +492,9 @@ def gain_sweep_cmd(
         render.gain(report, rows)
         if read_line:
             render.dim(read_line)
+        if from_ckpt is None and defaulted:
+            render.dim(f"default perturbation: N(0, {GAIN_DEFAULT_SCALE:g}^2) on every site's static H_res logits / "
+                       "weights (--logit-scale S to change it, --init paper for the exact published init)")
 
 
 # ----------------------------------------------------------------------------------------------------- inspect
@@ -635,7 +639,6 @@ def verify_cmd(
 def _track_table(report) -> None:
     """One row per checkpoint (rich, on stdout), then what the columns mean and where steps came from."""
     from rich.markup import escape
-    from rich.table import Table
 
     from hcdiag import render
 
@@ -645,12 +648,11 @@ def _track_table(report) -> None:
     def g(v) -> str:
         return "-" if v is None else f"{v:.6g}"
 
-    t = Table(title=f"HC diagnostics across {len(report.entries)} checkpoint(s), "
+    t = render.Grid(f"HC diagnostics across {len(report.entries)} checkpoint(s), "
                     f"probe {escape(report.entries[0]['probe_description']) if report.entries else '-'}",
-              title_justify="left")
-    for col in ("step", "step from", "row err (site)", "col err (site)", "G_f stack", "G_b stack", "sigma_2",
-                "||F-J/n||", "logit range", "mean ||H-I||", "checkpoint"):
-        t.add_column(col, justify="left" if col in ("step from", "checkpoint") else "right")
+                    [(col, "left" if col in ("step from", "checkpoint") else "right")
+                     for col in ("step", "step from", "row err (site)", "col err (site)", "G_f stack", "G_b stack",
+                                 "sigma_2", "||F-J/n||", "logit range", "mean ||H-I||", "checkpoint")])
     for e in report.entries:
         m, w = e["metrics"], e["where"]
         t.add_row(str(e["step"]), escape(e["step_source"]),
@@ -658,7 +660,7 @@ def _track_table(report) -> None:
                   f"{sci(m['col_err'])} {escape(w.get('col_err') or '')}",
                   g(m["gain_fwd"]), g(m["gain_bwd"]), g(m["sigma2"]), g(m["dist_uniform"]), g(m["logit_range"]),
                   g(m["dist_identity"]), escape(Path(e["path"]).name))
-    render.out.print(t)
+    t.show()
     render.dim("row / col err: worst max |sum - 1| over constrained sites and probe tokens; G_f / G_b stack: gains "
                "of the whole stack H_L...H_1 (gain-sweep --from's last / first site); sigma_2 and ||F-J/n||: of "
                "that composite (both -> 0: stream collapse); mean ||H-I||: over sites and tokens")
@@ -708,8 +710,11 @@ def track_cmd(
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """HC diagnostics of every checkpoint of a training run, one row per checkpoint, in step order."""
+    _stdout_check(as_json, csv_path)
+    _quiet(quiet)
     from hcdiag.track import CACHE_NAME, plot_track, track_run
 
     if probe == Probe.ACTIVATIONS:
@@ -719,7 +724,8 @@ def track_cmd(
         cache = (output_dir or Path("hcdiag-out")) / CACHE_NAME
 
     def progress(label: str, done: int, total: int) -> None:
-        _stderr(f"hcdiag: track [{done}/{total}] {label}")
+        if not quiet:
+            _stderr(f"hcdiag: track [{done}/{total}] {label}")
 
     report = track_run(runs, probe=probe, tokens=tokens, seed=seed, iters=iters, convention=convention,
                        dtype=dtype, tol=tol, layout=layout, layout_file=str(layout_file) if layout_file else None,
@@ -731,7 +737,8 @@ def track_cmd(
 
         files = plot_track(report, ensure_dir(output_dir or Path("hcdiag-out")))
         doc["plots"] = [str(f) for f in files]
-        _stderr("plots: " + ", ".join(str(f) for f in files))
+        if not quiet:
+            _stderr("plots: " + ", ".join(str(f) for f in files))
     if not _outputs(doc, report.csv_rows(), name="track", as_json=as_json, csv_path=csv_path,
                     output_dir=output_dir):
         _track_table(report)

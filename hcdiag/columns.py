@@ -100,6 +100,11 @@ COLUMNS: dict[str, dict[str, str]] = {
         "iters_to_tol_max": "max over tokens of the iterations needed to reach --tol; "
         "empty where some token does not within 1000",
         "iters_to_tol_unreached": "tokens that do not reach --tol within 1000 iterations",
+        "iters_to_tol_never": "of the unreached tokens, those that provably never reach --tol (their state repeats "
+        "with the error above the target)",
+        "iters_to_tol_estimate": "median over the other unreached tokens of the iteration count extrapolated from "
+        "each one's measured contraction rate; empty where there is none",
+        "iters_to_tol_rate": "median contraction rate per iteration of those tokens; empty where there is none",
         "gain_f_mean": "mean over tokens of G_f = max_i |sum_j H_ij| (Amax gain, mHC Sec. 3.1)",
         "gain_f_max": "max over tokens of G_f",
         "gain_f_of_mean": "G_f of the token-mean H_res",
@@ -116,8 +121,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "h_pre_mean": "JSON list: token mean of H_pre [n] (what the branch reads from each stream)",
         "h_post_mean": "JSON list: token mean of H_post [n] (what the branch writes to each stream)",
         "temperature": "the Sinkhorn temperature tau the logits were divided by; empty where the codebase has none",
-        "perm_distance": "max over tokens of max |H - P|, P the permutation matrix of each row's largest entry "
-        "(small: H_res is near a permutation)",
+        "perm_distance": "max over tokens of max |H - P|, P the permutation matrix of each row's largest entry; "
+        "empty where those entries do not form a permutation (near 0: a near-permutation)",
         "eps_floor": "how far below 1 converged sums settle where the convention adds eps to its denominators; "
         "the verdict allows tol + eps_floor",
         "res_tensors": "JSON list of the checkpoint tensors that make H_res",
