@@ -16,7 +16,6 @@ from torch import nn
 
 from hcdiag.enums import Form
 from hcdiag.errors import UsageError
-from hcdiag.registry import ParamCount
 from hcdiag.site import HCOutput, SiteModule
 
 __all__ = [
@@ -25,8 +24,6 @@ __all__ = [
     "VariantModule",
     "batched_kron",
     "bvn_matrices",
-    "mhc_pre_post_norm_count",
-    "prime_factors",
     "rms_norm",
 ]
 
@@ -41,20 +38,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     """
     y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
     return y if weight is None else y * weight
-
-
-def prime_factors(n: int) -> tuple[int, ...]:
-    """Prime factorisation of n in ascending order; () for n = 1. The default KromHC factorisation."""
-    out: list[int] = []
-    p = 2
-    while p * p <= n:
-        while n % p == 0:
-            out.append(p)
-            n //= p
-        p += 1
-    if n > 1:
-        out.append(n)
-    return tuple(out)
 
 
 @functools.lru_cache(maxsize=32)
@@ -82,16 +65,9 @@ def batched_kron(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return out.reshape(*out.shape[:-4], a * c, b * d)
 
 
-def mhc_pre_post_norm_count(n: int, C: int, form: Form) -> tuple[int, int, int]:
-    """(pre, post, norm) of an mHC-style site: projection nC x n + bias n + scale 1 each (mHC Eqs. 7-8),
-    plus the RMSNorm gain nC in code form (SPEC section 5)."""
-    nC = n * C
-    pre = nC * n + n + 1
-    return pre, pre, (nC if form is Form.CODE else 0)
-
-
 class VariantModule(SiteModule):
-    """Base of every registered variant. Subclasses implement :meth:`count` and the forward pass.
+    """Base of every registered variant. Subclasses implement the forward pass; their parameter counts are the
+    closed forms in :mod:`hcdiag.counts`, declared with the variant in :mod:`hcdiag.registry`.
 
     Constructor keywords (all variants): layer_index (site index k, 0-based: picks the stream that H_pre
     starts on), form (:class:`Form`: CODE adds an RMSNorm gain of nC entries), factors (KromHC only),
@@ -121,25 +97,6 @@ class VariantModule(SiteModule):
         self.norm_eps = norm_eps
         self._device = device
         self._dtype = dtype if dtype is not None else torch.get_default_dtype()
-
-    # ---- counting (class level: no allocation) -------------------------------------------------------------
-
-    @classmethod
-    def count(cls, n: int, C: int, form: Form, factors: tuple[int, ...] | None) -> ParamCount:
-        raise NotImplementedError
-
-    @classmethod
-    def practical(cls, n: int, factors: tuple[int, ...] | None) -> bool:
-        return True
-
-    @classmethod
-    def resolve_factors(cls, n: int, kron_factors: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if kron_factors is not None:
-            raise UsageError(
-                f"--kron-factors applies only to kromhc, not {cls.variant_name}; drop --kron-factors",
-                option="--kron-factors",
-            )
-        return None
 
     # ---- helpers -------------------------------------------------------------------------------------------
 

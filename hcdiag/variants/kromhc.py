@@ -41,16 +41,11 @@ class KromHC(MHCResSite):
 
     def __init__(self, n: int, C: int, *, factors: tuple[int, ...] | None = None, **kw: Any) -> None:
         super().__init__(n, C, **kw)
-        self.factors = self.resolve_factors(n, factors)
+        self.factors = kromhc_factors(n, factors)
         self._sizes = [math.factorial(f) for f in self.factors]
         self._init_pre_post()
         bias = [perm_logit_bias_init(k) for k in self._sizes]
         self._init_res(torch.cat(bias) if bias else torch.zeros(0, dtype=torch.float64))
-
-    @classmethod
-    def resolve_factors(cls, n: int, kron_factors: tuple[int, ...] | None) -> tuple[int, ...]:
-        """kron_factors checked (each >= 2, product n) or, when None, the prime factorisation of n."""
-        return kromhc_factors(n, kron_factors)
 
     def factor_matrices(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """[..., S] -> [U_1 [..., i_1, i_1], ...] (paper orientation), softmax per factor."""
