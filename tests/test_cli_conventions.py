@@ -272,3 +272,16 @@ def test_params_and_variants_import_neither_torch_nor_numpy(args):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "mhc" in p.stdout
+
+
+def test_shell_completion_completes_commands_and_options():
+    import os
+
+    def complete(words: str, cword: int) -> str:
+        env = {**os.environ, "_HCDIAG_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        p = subprocess.run([sys.executable, "-m", "hcdiag"], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    assert complete("hcdiag par", 1).split() == ["params"]
+    assert "--init" in complete("hcdiag gain-sweep --in", 2).split()
