@@ -428,3 +428,46 @@ def test_lucidrains_mhc_bugs(tmp_path, monkeypatch) -> None:
     for i in (0, 1, 3):
         s = report.sites[i]
         assert s.diagnosis == "iterations 10 (layout: 20)" and s.fingerprint.best.iters == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hcdiag's own site modules (a native checkpoint): matrices only, no update to see
+
+
+def test_hcdiag_site_modules_matrix_checks_and_iterations(tmp_path) -> None:
+    import copy
+    from dataclasses import replace
+
+    from hcdiag.io import load
+
+    full = load("samples/mhc.safetensors")
+    model = replace(full, sites=full.sites[:4])  # attn_0 .. ffn_1 keep the suite fast
+    x = torch.randn(32, model.n, model.C, generator=torch.Generator().manual_seed(4))
+
+    def record(modules: dict[str, nn.Module], name: str) -> str:
+        holder = nn.ModuleDict(modules)
+        with torch.no_grad(), capture(holder, tmp_path / name):
+            for m in holder.values():
+                m(x)
+        return str(tmp_path / name)
+
+    report = verify(model, record({s.name: s.module for s in model.sites}, "own.safetensors"))
+    assert report.conforms, report.verdict
+    for s in report.sites:
+        # the same modules: only capture's float32 storage separates them from the float64 recomputation
+        assert set(s.checks) == {"H_res", "H_post", "H_pre"} and max(s.checks.values()) < 1e-7
+        assert "caller applies the update" in s.skipped["update (model)"]
+        fp = s.fingerprint  # the trained sample: paper convention, 20 iterations (its metadata)
+        assert fp.layout.label == "paper x20" and fp.layout.residual < 1e-7
+    # the same modules run with 10 iterations: the checkpoint says 20
+    tens = {}
+    for s in model.sites:
+        m = copy.deepcopy(s.module)
+        m.sinkhorn = replace(m.sinkhorn, iters=10)
+        tens[s.name] = m
+    report = verify(model, record(tens, "ten.safetensors"))
+    flagged = [s for s in report.sites if not s.conforms]
+    assert flagged, "no site of the sample differs between 10 and 20 iterations"
+    for s in flagged:
+        assert s.failing == ("H_res",) and s.diagnosis == "iterations 10 (layout: 20)"
+        assert s.fingerprint.best.iters == 10 or s.fingerprint.matching > 1
