@@ -219,3 +219,57 @@ def test_bad_shapes_are_refused_with_the_tensor_named(tmp_path) -> None:
     p = run_cli("stochasticity", path, "--layout", "tokenbender")
     assert p.returncode == 3, p.stderr
     assert "H_pre_logits" in p.stderr and "Traceback" not in p.stderr
+
+
+_LAYOUT_TOML = """
+version = 1
+name = "tokenbender-by-hand"
+n = 4
+
+[sites]
+pattern = '^transformer\\.h\\.(?P<block>\\d+)\\.hc_(?P<kind>attn|mlp)\\.'
+kinds = { mlp = "ffn" }
+
+[bias]
+res = "H_res_logits"
+pre = "H_pre_logits"
+post = "H_post_logits"
+
+[pre]
+activation = "softmax"
+
+[post]
+activation = "softmax"
+
+[res]
+orientation = "code"
+constraint = "sinkhorn"
+
+[sinkhorn]
+convention = "paper"
+iters = 10
+temperature = 0.05
+"""
+
+
+def test_a_layout_file_states_the_temperature(ckpt, tmp_path) -> None:
+    """Issue 15 item 2: temperature in layout files. The tokenbender checkpoint described by a layout file with
+    [sinkhorn] temperature = 0.05 gives the port's H_res; --temperature overrides the file."""
+    from hcdiag.io.base import LoadOptions
+    from hcdiag.io.load import load
+
+    path, mods = ckpt
+    lay = tmp_path / "tb.toml"
+    lay.write_text(_LAYOUT_TOML)
+    model = load(path, options=LoadOptions(layout_file=str(lay)))
+    assert model.settings_source["temperature"] == "layout file ([sinkhorn] temperature)"
+    x = torch.zeros(1, 4, model.C, dtype=torch.float64)
+    for site, ref in zip(model.sites, mods, strict=True):
+        _, _, res = site.module.in_dtype(torch.float64)(x)
+        assert (res - ref.paper(x)[2]).abs().max() < 1e-12, site.name
+    p = run_cli("stochasticity", path, "--layout-file", lay, "--json", "--temperature", "1.0")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["sites"]
+    for row, ref in zip(rows, mods, strict=True):
+        L = ref.H_res_logits.detach().numpy()
+        assert abs(row["logit_range_max"] - (L.max() - L.min())) < 1e-9  # tau = 1: the stored range

@@ -121,6 +121,7 @@ class LayoutSpec:
     convention: Convention | None
     iters: int | None
     sinkhorn_eps: float | None
+    temperature: float | None = None  # [sinkhorn] temperature: H_res logits / tau before the projection
 
 
 def _err(path: str, msg: str) -> InputError:
@@ -330,7 +331,7 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
     res_constraint = _choice(
         res.get("constraint", "sinkhorn"), ("sinkhorn", "identity", "none"), "[res] constraint", ps
     )
-    sk = _table(data, "sinkhorn", ps, {"convention", "iters", "eps"})
+    sk = _table(data, "sinkhorn", ps, {"convention", "iters", "eps", "temperature"})
     convention = None
     if "convention" in sk:
         try:
@@ -344,6 +345,7 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
             ) from None
     iters = _num(sk["iters"], "[sinkhorn] iters", ps, integer=True, minimum=1) if "iters" in sk else None
     sk_eps = _num(sk["eps"], "[sinkhorn] eps", ps) if "eps" in sk else None
+    tau = _num(sk["temperature"], "[sinkhorn] temperature", ps, minimum=1e-30) if "temperature" in sk else None
 
     return LayoutSpec(
         path=ps,
@@ -373,6 +375,7 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
         convention=convention,
         iters=iters,
         sinkhorn_eps=sk_eps,
+        temperature=tau,
     )
 
 
@@ -403,11 +406,13 @@ class LayoutFileSite(SiteModule):
         tensors: dict[str, torch.Tensor],
         consts: dict[str, float],
         sinkhorn: SinkhornSpec | None,
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
         self.n = n
         self.C = C
         self._spec = spec
+        self.temperature = temperature
         self._consts = dict(consts)
         for name, t in tensors.items():
             self.register_buffer(name, t)
@@ -496,7 +501,8 @@ class LayoutFileSite(SiteModule):
         """Paper-orientation H_res logits [..., n, n] (Sinkhorn sites); None for identity / unconstrained."""
         if self._spec.res_constraint != "sinkhorn":
             return None
-        return self._logits(x)["res"]
+        z = self._logits(x)["res"]
+        return z if self.temperature is None or z is None else z / self.temperature
 
     def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
         c = self._spec.res_constraint
@@ -525,6 +531,8 @@ class LayoutFileSite(SiteModule):
         else:
             res_l = logits["res"]
             assert res_l is not None
+            if self.temperature is not None and s.res_constraint == "sinkhorn":
+                res_l = res_l / self.temperature
             res = self.res_from_logits(res_l)
         return HCOutput(pre, post, res)
 
@@ -605,6 +613,11 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             spec_src = "layout-file" if spec.iters is not None else "default"
         sink = SinkhornSpec(conv, int(iters), float(eps), spec_src)
         settings.update(convention=conv_src, iters=it_src, eps=eps_src)
+    tau = (options.extra or {}).get("temperature")
+    if tau is not None:
+        settings["temperature"] = "cli (--temperature)"
+    elif spec.temperature is not None:
+        tau, settings["temperature"] = spec.temperature, "layout file ([sinkhorn] temperature)"
 
     sites: list[Site] = []
     used: set[str] = set()
@@ -687,7 +700,8 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         has_res = "b_res" in tensors or (spec.proj is not None and "res" in (spec.proj.names or spec.proj.per_part))
         if spec.res_constraint != "identity" and not has_res:
             raise _err(spec.path, "H_res has neither a projection part nor a bias named res")
-        module = LayoutFileSite(n=n, C=C or 1, spec=spec, tensors=tensors, consts=consts, sinkhorn=sink)
+        module = LayoutFileSite(n=n, C=C or 1, spec=spec, tensors=tensors, consts=consts, sinkhorn=sink,
+                                temperature=tau if sink is not None else None)
         _trial(module, path, spec, prefix, infos)
         name = f"{kind}_{block}" if kind != "other" else f"{raw or 'site'}_{block}"
         if any(s.name == name for s in sites):
