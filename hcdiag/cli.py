@@ -558,7 +558,7 @@ def _verify_table(report) -> None:
         update_model = c.get("update (model)", c.get("H_res"))
         t.add_row(escape(s.name), sci(update_model), sci(c.get("update (recomputed)", c.get("H_post"))),
                   sci(c.get("branch input", c.get("H_pre"))),
-                  escape(f"{fp.best.label} ({fp.best.residual:.1e})") if fp else "-",
+                  escape(f"{fp.headline.label} ({fp.headline.residual:.1e})") if fp else "-",
                   Text("yes" if s.conforms else "NO", style="green" if s.conforms else "red"),
                   escape(s.diagnosis or ("" if s.conforms else "unexplained")))
     t.show()
