@@ -158,13 +158,30 @@ class Fingerprint:
     iters_matching: tuple[int, int] | None = None  # first and last iteration count of best's family within tol
     layout: Candidate | None = None  # the layout's own convention and iteration count
     by_family: dict[str, tuple[int, float]] = field(default_factory=dict)  # family -> (best iters, residual)
+    tol: float = TOLERANCE
+
+    @property
+    def headline(self) -> Candidate:
+        """What to show in one line: the layout's own candidate when it reproduces the model's H_res (ties to
+        rounding are common near convergence), else the best candidate."""
+        if self.layout is not None and self.layout.residual <= self.tol:
+            return self.layout
+        return self.best
+
+    def describe(self) -> str:
+        h = self.headline
+        if h is self.layout:
+            ties = f"; {self.matching} candidates match" if self.matching > 1 else ""
+            return f"{h.label} (the layout's{ties})"
+        return h.label + ("" if self.matches else f" (closest, residual {h.residual:.1e})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"best": self.best.to_dict(), "equivalent": list(self.equivalent),
                 "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
                 "other_class": None if self.other_class is None else self.other_class.to_dict(),
                 "layout": None if self.layout is None else self.layout.to_dict(),
-                "tokens": self.tokens, "matches": self.matches, "matching": self.matching,
+                "headline": self.headline.label, "tokens": self.tokens, "matches": self.matches,
+                "matching": self.matching,
                 "iters_matching": None if self.iters_matching is None else list(self.iters_matching),
                 "by_family": {k: {"iters": i, "residual": r} for k, (i, r) in self.by_family.items()}}
 
@@ -210,8 +227,8 @@ class SiteVerification:
                 "update_recomputed": self.checks.get("update (recomputed)"),
                 "branch_input": self.checks.get("branch input"), "h_res": self.checks.get("H_res"),
                 "h_post": self.checks.get("H_post"), "diagnosis": self.diagnosis or "",
-                "fingerprint": "" if fp is None else fp.best.label,
-                "fingerprint_residual": None if fp is None else fp.best.residual,
+                "fingerprint": "" if fp is None else fp.headline.label,
+                "fingerprint_residual": None if fp is None else fp.headline.residual,
                 "runner_up": "" if fp is None or fp.runner_up is None else fp.runner_up.label,
                 "runner_up_residual": None if fp is None or fp.runner_up is None else fp.runner_up.residual}
 
@@ -351,6 +368,7 @@ def _pick(res: torch.Tensor, fams: list[_Family], tol: float, tokens: int,
         iters_matching=_span(res[bi] <= tol),
         layout=own,
         by_family=by_family,
+        tol=tol,
     )
     table = {(f.name, k + 1): float(res[i, k]) for i, f in enumerate(fams) for k in range(K)}
     return fp, table
@@ -696,14 +714,8 @@ def _verdict(sites: list[SiteVerification], tol: float) -> str:
     bad = [s for s in sites if not s.conforms]
     fps: dict[str, list[str]] = {}
     for s in sites:
-        fp = s.fingerprint
-        if fp is not None:
-            own = fp.layout
-            if own is not None and own.residual <= tol:  # ties to rounding: the layout's claim fits, say that
-                label = f"{own.label} (the layout's)" + (f", {fp.matching} candidates match" if fp.matching > 1 else "")
-            else:
-                label = fp.best.label + ("" if fp.matches else f" (closest, residual {fp.best.residual:.1e})")
-            fps.setdefault(label, []).append(s.name)
+        if s.fingerprint is not None:
+            fps.setdefault(s.fingerprint.describe(), []).append(s.name)
     fp_text = ""
     if fps:
         parts = [f"{label} at {len(v)} site(s)" for label, v in sorted(fps.items(), key=lambda kv: -len(kv[1]))]

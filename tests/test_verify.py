@@ -471,3 +471,25 @@ def test_hcdiag_site_modules_matrix_checks_and_iterations(tmp_path) -> None:
     for s in flagged:
         assert s.failing == ("H_res",) and s.diagnosis == "iterations 10 (layout: 20)"
         assert s.fingerprint.best.iters == 10 or s.fingerprint.matching > 1
+
+
+def test_lucidrains_mhc_v2_conforms(tmp_path) -> None:
+    from hyper_connections.mHCv2 import ManifoldConstrainedHyperConnections as MHCv2
+    from hyper_connections.mHCv2 import get_expand_reduce_stream_functions
+
+    expand, reduce = get_expand_reduce_stream_functions(4)
+    blocks = nn.ModuleList([MHCv2(4, dim=16, branch=nn.Linear(16, 16), layer_index=i) for i in range(2)])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in blocks.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    ckpt = _save_state(blocks, tmp_path / "v2.safetensors")
+    with torch.no_grad(), capture(blocks, tmp_path / "acts.safetensors"):
+        x = expand(_tokens())
+        for b in blocks:
+            x = b(x)
+    report = verify(ckpt, tmp_path / "acts.safetensors")
+    assert report.conforms, report.verdict
+    for s in report.sites:
+        assert s.checks["update (model)"] < 1e-6 and s.checks["H_res"] < 1e-6  # H_res: the library's own output
+        assert s.fingerprint.layout.residual < 1e-6 and s.fingerprint.describe().startswith("lucidrains x20 (the")
