@@ -31,6 +31,7 @@ from hcdiag.errors import UsageError
 
 __all__ = [
     "DPI",
+    "RC",
     "FigOptions",
     "deviation_text",
     "draw_matrices",
@@ -45,6 +46,9 @@ __all__ = [
     "wrap",
 ]
 
+#: matplotlib settings every hcdiag figure is built under (matplotlib.rc_context(RC)); Any: rc_context wants
+#: its own Literal keys
+RC: Any = {"font.size": 8, "axes.titlesize": 8.5, "legend.fontsize": 7}
 DPI = 100  # PNG resolution; svg / pdf are vector (--fig-format) and the choice for a paper
 ZERO_MARKER = "v"
 _FIG_SIZE_MAX = 100.0  # inches; beyond this a typo (--fig-size 640x480 meant in pixels)

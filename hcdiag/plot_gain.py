@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hcdiag.plot_common import (
+    RC,
     FigOptions,
     MatrixPanel,
     draw_matrices,
@@ -56,7 +57,6 @@ _COLORS = {
 _STYLES = ["-", "--", "-.", ":"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _FALLBACK = ["#e377c2", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39"]
-_RC = {"font.size": 8, "axes.titlesize": 8.5, "legend.fontsize": 7}
 
 
 def gain_figures(report: GainReport, opts: FigOptions | None = None) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def gain_figures(report: GainReport, opts: FigOptions | None = None) -> dict[str
     figs: dict[str, Any] = {}
     if not ok:
         return figs
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(RC):
         figs["gain-sites"] = _fig_sites(report, ok, opts)
         figs["gain-composite"] = _fig_composite(report, ok, opts)
         figs["gain-collapse"] = _fig_collapse(report, ok, opts)
@@ -93,7 +93,7 @@ def plot_gain(report: GainReport, out_dir: str | os.PathLike[str], opts: FigOpti
 
     out = ensure_dir(out_dir)
     opts = opts or FigOptions()
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(RC):
         return [save(fig, out, stem, opts) for stem, fig in gain_figures(report, opts).items()]
 
 
@@ -207,7 +207,7 @@ class _Panels:
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
-        handles = []
+        handles: list[Any] = []
         for v in self.shown:
             st = {k: val for k, val in _style(self.report, v.name).items() if k != "markevery"}
             handles.append(Line2D([], [], label=wrap(self.labels[v.name], fig, 7, share=0.3), **st))
@@ -249,9 +249,8 @@ def _linear_limits(ax: Any, arrays: list[np.ndarray], pad_min: float = 0.02) -> 
 
 
 def _y_axis(ax: Any, arrays: list[np.ndarray], force_log: bool = False) -> None:
-    if (force_log or _wants_log(arrays)) and log_limits(ax, arrays):
-        pass
-    else:
+    """Log y (``log_limits``) when asked or when the values span orders of magnitude, else linear."""
+    if not ((force_log or _wants_log(arrays)) and log_limits(ax, arrays)):
         _linear_limits(ax, arrays)
     ax.grid(True, which="major", alpha=0.3)
 
@@ -373,18 +372,14 @@ def _fig_collapse(report: GainReport, ok: list[VariantGain], opts: FigOptions) -
                         p.zeros |= log_curve(ax, x, y, **{**st, "linestyle": ls})
                     else:
                         ax.plot(x, y, **{**st, "linestyle": ls})
-            if log:
-                log_limits(ax, arrays)
-            else:
+            if not log:
                 _linear_limits(ax, arrays)
                 title += "\nall exactly 0"
             ax.grid(True, which="major", alpha=0.3)
             note = ""
         else:
             arrays = _panel_arrays(p, p.shown, metric)
-            vals = np.concatenate(arrays)
-            pos = vals[np.isfinite(vals) & (vals > 0)]
-            log = bool(pos.size and pos.max() / pos.min() > 100) or _wants_log(arrays)
+            log = _wants_log(arrays)
             for v in p.shown:
                 p.curve(ax, x, v.curves[metric], _style(report, v.name), log)
             _y_axis(ax, arrays, force_log=log)

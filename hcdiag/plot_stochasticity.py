@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hcdiag.errors import UsageError
 from hcdiag.plot_common import (
+    RC,
     FigOptions,
     MatrixPanel,
     draw_matrices,
@@ -160,7 +161,7 @@ def stochasticity_figures(report: StochasticityReport, opts: FigOptions | None =
 
     opts = opts or FigOptions()
     figs: dict[str, Any] = {}
-    with matplotlib.rc_context({"font.size": 8, "axes.titlesize": 9}):
+    with matplotlib.rc_context(RC):
         for stem, fn in (
             ("stochasticity_error_per_site", _fig_per_site),
             ("stochasticity_convergence", _fig_convergence),
@@ -182,5 +183,5 @@ def plot_stochasticity(
     opts = opts or FigOptions()
     import matplotlib
 
-    with matplotlib.rc_context({"font.size": 8, "axes.titlesize": 9}):
+    with matplotlib.rc_context(RC):
         return [save(fig, out, stem, opts) for stem, fig in stochasticity_figures(report, opts).items()]
