@@ -24,6 +24,14 @@ concatenates its tokens, keeping the first ``max_tokens`` per site):
   These modules do not expose their mixing matrix, so H_res is recomputed from x, in float32, by the same
   hcdiag site modules the checkpoint layouts build from the module's live parameters (tested against the
   library to 1e-5); Sinkhorn convention and iterations are read from the live module.
+* Qwen4-Exp ``Qwen4ExpTextGatedResidual`` (not the final ``hyper_connection_mixer``): x = ``hyper_input`` as
+  [..., n, C], H_res = I (added unmixed), h_post = ``injection_weights``, branch_in = ``mixed_input``.
+* DeepSeek-V4.1 ``DeepseekV41DecoderLayer``: its ``hc_mixes`` is wrapped, one site per fn it is called with
+  (``<layer>.hc_attn``, ``<layer>.hc_ffn``): x = ``hidden_streams``, H_res = comb^T, h_pre / h_post as returned
+  (the code applies that pre to the next branch).
+* tokenbender's mHC (a ``width_connection`` module holding ``H_res_logits``; found before the lucidrains check)
+  and mhc-pytorch ``ManifoldHyperConnections`` (x = the n copies its forward builds): H_res recomputed from the
+  live parameters, tau / iterations read from the module.
 
 File format (one safetensors file, written atomically: a temporary name in the same directory, then
 ``os.replace``)::
@@ -234,16 +242,18 @@ class CaptureSession:
     def names(self) -> list[str]:
         return [r.name for r in self._records]
 
-    def _record(self, name: str, module: nn.Module, how: str) -> _Record:
-        rec = self._by_module.get(id(module))
+    def _record(self, name: str, module: nn.Module, how: str, key: Any = None) -> _Record:
+        """The record of ``module`` (``key``: one of several sites a module holds, e.g. a decoder layer's two)."""
+        k = id(module) if key is None else key
+        rec = self._by_module.get(k)
         if rec is None:
             rec = _Record(name, module, how, self.max_tokens)
-            self._by_module[id(module)] = rec
+            self._by_module[k] = rec
             self._records.append(rec)
         return rec
 
-    def _wants(self, module: nn.Module) -> bool:
-        rec = self._by_module.get(id(module))
+    def _wants(self, module: nn.Module, key: Any = None) -> bool:
+        rec = self._by_module.get(id(module) if key is None else key)
         return rec is None or not rec.full
 
     def write(self) -> Path:
@@ -585,11 +595,168 @@ def _attach_width_connection(session: CaptureSession, name: str, m: nn.Module) -
     return undo
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# issue 15: Qwen4-Exp, DeepSeek-V4.1, tokenbender's mHC, mhc-pytorch
+
+_UNMIXED = "the decoder layer applies the update itself; capture records the site's maps only"
+
+
+def _is_qwen4_exp(m: nn.Module) -> bool:
+    # the final hyper_connection_mixer (use_combine=False) collapses the streams: not a residual site
+    return type(m).__name__ == "Qwen4ExpTextGatedResidual" and getattr(m, "block_inject_weight", None) is not None
+
+
+def _attach_qwen4_exp(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    n, C = int(m.hc_count), int(m.hidden_size)
+
+    def hook(module, args, kwargs, output):
+        h = _first_arg(args, kwargs, "hyper_input")
+        if not session._wants(module) or not isinstance(h, torch.Tensor):
+            return
+        if not isinstance(output, tuple) or len(output) != 3:
+            return
+        x = h.unflatten(-1, (n, C))
+        rec = session._record(name, module, "identity")  # hyper_input is added back unmixed: H_res = I
+        rec.add(x, torch.eye(n, dtype=torch.float32, device=x.device).expand(*x.shape[:-2], n, n))
+        rec.add_extra("h_post", output[2], "output injection_weights")
+        rec.add_extra("branch_in", output[0], "output mixed_input")
+        rec.skip("h_pre", "Qwen4-Exp gates every channel of the normalised streams: no H_pre [n] to record")
+        for key in ("f", "y"):
+            rec.skip(key, _UNMIXED)
+
+    return m.register_forward_hook(hook, with_kwargs=True).remove
+
+
+def _is_deepseek_v41_layer(m: nn.Module) -> bool:
+    return (type(m).__name__ == "DeepseekV41DecoderLayer" and callable(getattr(m, "hc_mixes", None))
+            and isinstance(getattr(m, "hc_attn_fn", None), torch.Tensor))
+
+
+def _attach_deepseek_v41(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    """DeepSeek-V4.1 keeps its mHC parameters on the decoder layer: ``hc_mixes`` (one call per site) is wrapped;
+    the site is told apart by the fn it is called with (``hc_attn_fn`` / ``hc_ffn_fn``)."""
+    original = m.hc_mixes
+    keys = {kind: (id(m), kind) for kind in ("attn", "ffn")}
+
+    def hc_mixes(hidden_streams, fn, scale, base, *args, **kwargs):
+        out = original(hidden_streams, fn, scale, base, *args, **kwargs)
+        kind = "attn" if fn is m.hc_attn_fn else "ffn" if fn is m.hc_ffn_fn else None
+        if kind is None or not session._wants(m, keys[kind]) or not isinstance(out, tuple) or len(out) != 3:
+            return out
+        pre, post, comb = out
+        rec = session._record(f"{name}.hc_{kind}", m, "comb", key=keys[kind])
+        rec.add(hidden_streams, comb.transpose(-1, -2))  # out_k = sum_j comb[j, k] residual_j: H_res = comb^T
+        rec.add_extra("h_pre", pre, "hc_mixes pre (the code collapses the next branch with it)")
+        rec.add_extra("h_post", post, "hc_mixes post")
+        for key in ("f", "y", "branch_in"):
+            rec.skip(key, _UNMIXED)
+        return out
+
+    m.__dict__["hc_mixes"] = hc_mixes  # shadows the method: forward() finds it through self
+
+    def undo() -> None:
+        m.__dict__.pop("hc_mixes", None)
+
+    return undo
+
+
+def _is_tokenbender(m: nn.Module) -> bool:
+    return callable(getattr(m, "width_connection", None)) and isinstance(m._parameters.get("H_res_logits"),
+                                                                         torch.Tensor)
+
+
+def _attach_tokenbender(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    from hcdiag.io.tokenbender_layout import DEFAULT_ITERS, DEFAULT_TAU, TokenbenderSite
+
+    if getattr(m, "mhc_h_res_proj", "sinkhorn") != "sinkhorn":
+        raise UsageError(f"capture(): site {name} uses mhc_h_res_proj={m.mhc_h_res_proj!r} (Newton-Schulz); "
+                         "hcdiag cannot reproduce it, leave it out with sites=[...]", option="sites")
+    tau = float(getattr(m, "sinkhorn_tau", getattr(m, "mhc_tau", DEFAULT_TAU)))
+    iters = int(getattr(m, "sinkhorn_iters", getattr(m, "mhc_num_iters", DEFAULT_ITERS)))
+    n = int(m.H_res_logits.shape[-1])
+    channel_first = bool(getattr(m, "channel_first", False))
+    original = m.width_connection
+
+    def site() -> TokenbenderSite:  # from the live parameters at call time (they may train between calls)
+        alpha = m._parameters.get("H_res_alpha_logit")
+        post = m._parameters.get("H_post_logits")
+        return TokenbenderSite(m.H_res_logits.detach(), m.H_pre_logits.detach(),
+                               None if post is None else post.detach(), None if alpha is None else alpha.detach(),
+                               C=1, tau=tau, spec=SinkhornSpec(Convention.PAPER, iters, source="module"))
+
+    def width_connection(residuals, *args, **kwargs):
+        out = original(residuals, *args, **kwargs)
+        if not session._wants(m) or not isinstance(residuals, torch.Tensor):
+            return out
+        with torch.no_grad():
+            r = residuals.movedim(1, -1) if channel_first else residuals
+            bs, *mid, D = r.shape  # [(b s), ..., d] -> [b, ..., s, d]
+            x = r.reshape(bs // n, n, *mid, D).movedim(1, -2)
+            pre, post, h = site().to(x.device)(x.double())
+        rec = session._record(name, m, "recomputed")
+        rec.add(x, h)
+        rec.add_extra("h_pre", pre, "softmax(H_pre_logits)")
+        beta = _beta(out)
+        if beta is not None:
+            rec.add_extra("h_post", beta.reshape(-1).expand(*x.shape[:-2], n), "width_connection beta")
+        for key in ("f", "y", "branch_in"):
+            rec.skip(key, "not recorded for tokenbender's mHC (H_res is recomputed from the live parameters)")
+        return out
+
+    m.__dict__["width_connection"] = width_connection
+
+    def undo() -> None:
+        m.__dict__.pop("width_connection", None)
+
+    return undo
+
+
+def _is_mhc_pytorch(m: nn.Module) -> bool:
+    return (type(m).__name__ == "ManifoldHyperConnections" and hasattr(m, "num_streams")
+            and all(isinstance(getattr(m, k, None), torch.Tensor) for k in ("alpha_res", "b_res", "b_pre")))
+
+
+def _attach_mhc_pytorch(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
+    """mhc-pytorch's forward takes one stream x [..., dim] and expands it into n copies: those copies are the
+    site's streams; its maps are recomputed from the live parameters (the package returns only the collapse)."""
+    from hcdiag.io.mhc_pytorch_layout import PARAMS, DEFAULT_ITERS, MhcPytorchSite
+
+    n, C = int(m.num_streams), int(m.dim)
+
+    def hook(module, args, kwargs, output):
+        x1 = _first_arg(args, kwargs, "x")
+        if not session._wants(module) or not isinstance(x1, torch.Tensor):
+            return
+        state = dict(module.state_dict())
+        t = {k: state[k].detach() for k in PARAMS}
+        site = MhcPytorchSite(t, n=n, C=C, norm_eps=torch.finfo(x1.dtype).eps,
+                              spec=SinkhornSpec(Convention.LOG, DEFAULT_ITERS, source="module"))
+        x = x1.unsqueeze(-2).expand(*x1.shape[:-1], n, C)
+        with torch.no_grad():
+            pre, post, h = site.to(x.device)(x.to(t["phi_res.weight"].dtype))
+        rec = session._record(name, module, "recomputed")
+        rec.add(x, h)
+        rec.add_extra("h_pre", pre, "recomputed from the live parameters")
+        rec.add_extra("h_post", post, "recomputed from the live parameters")
+        for key in ("f", "y", "branch_in"):
+            rec.skip(key, "mhc-pytorch collapses its streams inside forward: only the collapse is returned")
+
+    return m.register_forward_hook(hook, with_kwargs=True).remove
+
+
 def _adapter(m: nn.Module) -> Callable[[CaptureSession, str, nn.Module], Callable[[], None]] | None:
     if isinstance(m, SiteModule):
         return _attach_site_module
     if _is_transformers_hc(m):
         return _attach_transformers
+    if _is_qwen4_exp(m):
+        return _attach_qwen4_exp
+    if _is_deepseek_v41_layer(m):
+        return _attach_deepseek_v41
+    if _is_tokenbender(m):  # before the lucidrains check: HyperConnections(mhc=True) also holds static_alpha
+        return _attach_tokenbender
+    if _is_mhc_pytorch(m):
+        return _attach_mhc_pytorch
     if _is_width_connection_hc(m):
         return _attach_width_connection
     return None

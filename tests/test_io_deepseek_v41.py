@@ -25,8 +25,9 @@ from torch import nn
 TOL = 1e-6
 
 
-class V41Layer(nn.Module):
-    """Port of DeepseekV41DecoderLayer's mHC (branches: a fixed linear map, standing in for attention / MoE)."""
+class DeepseekV41DecoderLayer(nn.Module):
+    """Port of DeepseekV41DecoderLayer's mHC, same class name (branches: a fixed linear map, standing in for
+    attention / MoE)."""
 
     def __init__(self, n: int, C: int, iters: int, hc_eps: float, rms_eps: float, g: torch.Generator) -> None:
         super().__init__()
@@ -87,7 +88,7 @@ N, C, LAYERS, ITERS, HC_EPS, RMS_EPS = 4, 8, 3, 5, 1e-6, 1e-20
 
 def build(d, *, engram_layers=(1,), composite: bool = True):
     g = torch.Generator().manual_seed(7)
-    layers = [V41Layer(N, C, ITERS, HC_EPS, RMS_EPS, g) for _ in range(LAYERS)]
+    layers = [DeepseekV41DecoderLayer(N, C, ITERS, HC_EPS, RMS_EPS, g) for _ in range(LAYERS)]
     sd = {}
     for i, layer in enumerate(layers):
         for k, v in layer.state_dict().items():
@@ -214,3 +215,27 @@ def test_flat_text_config_and_the_v4_reader_boundary(tmp_path) -> None:
     (tmp_path / "v4" / "config.json").write_text(json.dumps(cfg))
     p = run_cli("inspect", tmp_path / "v4", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["layout"] == "transformers"
+
+
+def test_capture_wraps_hc_mixes_and_stochasticity_agrees(ckpt, tmp_path) -> None:
+    """capture() on the decoder layers: one record per hc_mixes site (told apart by the fn passed), in call
+    order attn_0, ffn_0, ...; H_res = comb^T, H_pre / H_post as returned."""
+    from hcdiag.capture import capture, read_activations
+
+    path, layers = ckpt
+    acts = tmp_path / "acts.safetensors"
+    streams = torch.randn(1, 5, N, C, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    pre_mix = torch.zeros(1, 5, N, dtype=torch.float64)
+    pre_mix[..., 0] = 1.0
+    with capture(nn.ModuleList(layers), acts), torch.no_grad():
+        for layer in layers:
+            streams, pre_mix = layer(streams, pre_mix, [])
+    sites = read_activations(acts)
+    assert [s.name for s in sites] == [f"{i}.hc_{k}" for i in range(LAYERS) for k in ("attn", "ffn")]
+    for i, site in enumerate(sites):
+        pre, post, H = oracle(layers, i, site.x.double())
+        assert (site.h_res.double() - H.double()).abs().max() < TOL
+        assert (site.h_pre.double() - pre.double()).abs().max() < TOL
+    p = run_cli("stochasticity", path, "--json", "--probe", "activations", "--activations", acts)
+    assert p.returncode == 0, p.stderr
+    assert all(r["recorded_diff"] <= r["recorded_tol"] for r in json.loads(p.stdout)["sites"])

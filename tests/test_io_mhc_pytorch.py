@@ -63,6 +63,19 @@ class ManifoldHyperConnections(nn.Module):
         return h_pre, h_post, h_res
 
 
+def package_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The package's forward (0.2.3): expand x [bs, seq, dim] into n copies, mix, collapse by mean."""
+    bs, seq_len, dim = x.shape
+    x_l = x.unsqueeze(dim=2).expand(bs, seq_len, self.num_streams, dim)
+    h_pre, h_post, h_res = self.mappings(x_l)
+    block_input = torch.sum(x_l * h_pre.unsqueeze(-1), dim=2)
+    out_streams = torch.matmul(h_res, x_l) + h_post.unsqueeze(-1) * self.block(block_input).unsqueeze(2)
+    return out_streams.mean(dim=2)
+
+
+ManifoldHyperConnections.forward = package_forward
+
+
 def build(n: int = 4, C: int = 8, blocks: int = 2, seed: int = 0, scale: float = 3.0):
     """A state dict of 2 x blocks sites (layers.N.attn_mhc / mlp_mhc) with strong maps, and the float64 ports."""
     torch.manual_seed(seed)
@@ -169,3 +182,26 @@ def test_missing_tensor_is_refused_by_name(tmp_path) -> None:
     p = run_cli("inspect", path, "--layout", "mhc-pytorch")
     assert p.returncode == 3, p.stderr
     assert "phi_post.bias" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_capture_records_the_expanded_streams(ckpt, tmp_path) -> None:
+    """capture() on the package's module: x = the n copies the forward builds, H_res recomputed from the live
+    parameters; the checkpoint analysed on those activations agrees within float32 rounding."""
+    from hcdiag.capture import capture, read_activations
+
+    path, mods = ckpt
+    net = nn.ModuleList([m.float() for m in mods])
+    acts = tmp_path / "acts.safetensors"
+    with capture(net, acts), torch.no_grad():
+        for i, m in enumerate(net):
+            m(torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(i)))
+    sites = read_activations(acts)
+    assert len(sites) == 4 and all(s.x.shape == (6, 4, 8) for s in sites)
+    for site, m in zip(sites, net, strict=True):
+        assert torch.equal(site.x, site.x[:, :1].expand_as(site.x))  # n copies of the input
+        with torch.no_grad():
+            H = m.double().mappings(site.x.double(), eps=_eps())[2]
+        assert (site.h_res.double() - H).abs().max() < 1e-6
+    p = run_cli("stochasticity", path, "--json", "--probe", "activations", "--activations", acts)
+    assert p.returncode == 0, p.stderr
+    assert all(r["recorded_diff"] <= r["recorded_tol"] for r in json.loads(p.stdout)["sites"])

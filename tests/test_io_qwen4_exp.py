@@ -128,3 +128,28 @@ def test_inspect_names_the_final_mixer_as_no_site(ckpt) -> None:
     doc = json.loads(p.stdout)
     assert doc["n"] == n and len(doc["sites"]) == 4
     assert any("hyper_connection_mixer" in note for note in doc["notes"])
+
+
+def test_capture_records_every_site_and_stochasticity_reads_them(ckpt, tmp_path) -> None:
+    """capture() on the real model: x = hyper_input of every gated residual (not the final mixer), H_res = I,
+    H_post = injection_weights; the checkpoint analysed on those activations gives the library's H_pre."""
+    from hcdiag.capture import capture, read_activations
+
+    path, _, n = ckpt
+    model = tiny_model(n)  # the same seed: the saved weights
+    acts = tmp_path / "acts.safetensors"
+    with capture(model, acts), torch.no_grad():
+        model(input_ids=torch.arange(6).reshape(1, 6) + 1, use_cache=False)
+    sites = read_activations(acts)
+    mods = hc_modules(model)
+    assert [s.name for s in sites] == [f"layers.{b}.{k}_hyper_connection" for b in range(2) for k in ("attn", "mlp")]
+    for site, lib in zip(sites, mods, strict=True):
+        assert site.x.shape == (6, n, 16) and torch.equal(site.h_res, torch.eye(n).expand(6, n, n))
+        _, lpost = library_maps(lib, site.x.double())
+        assert (site.h_post.double() - lpost).abs().max() < TOL
+    p = run_cli("stochasticity", path, "--json", "--probe", "activations", "--activations", acts)
+    assert p.returncode == 0, p.stderr
+    for row, site, lib in zip(json.loads(p.stdout)["sites"], sites, mods, strict=True):
+        lpre, _ = library_maps(lib, site.x.double())
+        np.testing.assert_allclose(row["h_pre_mean"], lpre.mean(0).numpy(), atol=TOL)
+        assert row["recorded_diff"] == 0

@@ -75,22 +75,25 @@ class TokenbenderMHC(nn.Module):
         a = torch.sigmoid(self.H_res_alpha_logit)
         return (1 - a) * torch.eye(self.n, dtype=S.dtype) + a * S
 
-    def width_connection(self, x: torch.Tensor):
-        """x [..., s, d] -> branch input [..., d], residuals mixed [..., t, d], beta [t] (the library's)."""
-        h_res = self.h_res()
-        mixed = torch.einsum("st,...sd->...td", h_res, x)
+    def width_connection(self, residuals: torch.Tensor):
+        """The library's width connection on residuals [(b s), ..., d]: (branch input [b, ..., d], residuals out
+        [(b s), ..., d], {"beta": H_post})."""
+        s = self.n
+        x = residuals.reshape(-1, s, *residuals.shape[1:]).movedim(1, -2)  # (b s) ... d -> b ... s d
+        mixed = torch.einsum("st,...sd->...td", self.h_res(), x)
         h_pre = self.H_pre_logits.softmax(dim=-1).reshape(self.n)
         branch = torch.einsum("s,...sd->...d", h_pre, x)
-        return branch, mixed, self.H_post_logits.softmax(dim=-1).reshape(self.n)
+        out = mixed.movedim(-2, 1).reshape(residuals.shape)  # b ... s d -> (b s) ... d
+        return branch, out, {"beta": self.H_post_logits.softmax(dim=-1)}
 
     def paper(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(H_pre, H_post, H_res) in paper convention, read off the width connection on streams x [T, n, d]:
-        H_res from mixing the standard basis (residuals_out[t] = sum_s h_res[s, t] e_s), H_pre likewise."""
-        basis = torch.eye(self.n, dtype=x.dtype).unsqueeze(-1)  # batch b of streams e_b [b, s, d = 1]
-        branch, mixed, beta = self.width_connection(basis)
-        pre, H = branch[:, 0], mixed[..., 0].T  # mixed[b, t] = h_res[b, t]: column b of H is the image of e_b
+        """(H_pre, H_post, H_res) in paper convention for T = x.shape[0] tokens, read off the width connection
+        on the standard basis: batch b holds the streams e_b (d = 1), so residuals out[b, t] = h_res[b, t]."""
+        n = self.n
+        branch, out, extra = self.width_connection(torch.eye(n, dtype=x.dtype).reshape(n * n, 1))
+        pre, H = branch[:, 0], out.reshape(n, n).T  # column b of H is the image of e_b
         T = x.shape[0]
-        return pre.expand(T, -1), beta.expand(T, -1), H.expand(T, -1, -1)
+        return pre.expand(T, -1), extra["beta"].reshape(n).expand(T, -1), H.expand(T, -1, -1)
 
 
 def build(n: int = 4, C: int = 8, blocks: int = 2, *, version: str = "mhc", identity_mix: bool = False,
@@ -273,3 +276,28 @@ def test_a_layout_file_states_the_temperature(ckpt, tmp_path) -> None:
     for row, ref in zip(rows, mods, strict=True):
         L = ref.H_res_logits.detach().numpy()
         assert abs(row["logit_range_max"] - (L.max() - L.min())) < 1e-9  # tau = 1: the stored range
+
+
+def test_capture_records_the_ports_h_res_and_stochasticity_agrees(ckpt, tmp_path) -> None:
+    """capture() finds the module by its H_res_logits and width_connection (before the lucidrains check: the
+    fork's HyperConnections(mhc=True) also holds static_alpha), records x and H_res; the checkpoint analysed
+    on those activations reproduces them within float32 rounding."""
+    from hcdiag.capture import capture, read_activations
+
+    path, mods = ckpt
+    net = nn.ModuleList(mods)
+    acts = tmp_path / "acts.safetensors"
+    xs = [torch.randn(2 * 4, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with capture(net, acts), torch.no_grad():
+        for m, r in zip(mods, xs, strict=True):
+            m.width_connection(r)  # residuals [(b s), T, d], b = 2
+    sites = read_activations(acts)
+    assert len(sites) == 4
+    for site, ref in zip(sites, mods, strict=True):
+        H = ref.paper(site.x.double())[2]
+        assert (site.h_res.double() - H).abs().max() < 1e-6
+        assert site.h_post is not None and site.h_pre is not None
+    p = run_cli("stochasticity", path, "--json", "--probe", "activations", "--activations", acts)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert all(r["recorded_diff"] <= r["recorded_tol"] for r in doc["sites"])

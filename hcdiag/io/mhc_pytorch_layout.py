@@ -45,11 +45,11 @@ from hcdiag.io.source import torch_dtype_of
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
-__all__ = ["DEFAULT_ITERS", "MHC_PYTORCH", "MhcPytorchSite"]
+__all__ = ["DEFAULT_ITERS", "MHC_PYTORCH", "PARAMS", "MhcPytorchSite"]
 
 DEFAULT_ITERS = 20  # apply_sinkhorn_knopp(iters=20)
 LEAF = "phi_res.weight"
-_PARAMS = (
+PARAMS = (
     "phi_pre.weight", "phi_pre.bias", "phi_post.weight", "phi_post.bias", "phi_res.weight", "phi_res.bias",
     "alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res",
 )  # fmt: skip
@@ -67,7 +67,7 @@ class MhcPytorchSite(SiteModule):
         self.n, self.C = int(n), int(C)
         self.norm_eps = float(norm_eps)
         self.sinkhorn = spec
-        for key in _PARAMS:
+        for key in PARAMS:
             self.register_buffer(key.replace(".", "_"), t[key])
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def _fail(prefix: str, why: str, path: str) -> InputError:
 
 def _check_site(shapes: dict[str, tuple[int, ...]], prefix: str, path: str) -> tuple[int, int]:
     """(n, C) of one site from its shapes; InputError naming the tensor that does not fit."""
-    missing = [p for p in _PARAMS if p not in shapes]
+    missing = [p for p in PARAMS if p not in shapes]
     if missing:
         raise _fail(prefix, f"missing {', '.join(missing)}", path)
     rows, cols = shapes[LEAF] if len(shapes[LEAF]) == 2 else (0, 0)
@@ -124,7 +124,7 @@ def _check_site(shapes: dict[str, tuple[int, ...]], prefix: str, path: str) -> t
     for key, shape in want.items():
         if shapes[key] != shape:
             raise _fail(prefix, f"{key} is {list(shapes[key])}, expected {list(shape)}", path)
-    extra = sorted(k for k in shapes if k not in _PARAMS + _IGNORED and not k.startswith("block."))
+    extra = sorted(k for k in shapes if k not in PARAMS + _IGNORED and not k.startswith("block."))
     if extra:
         raise _fail(prefix, f"unexpected tensors {', '.join(extra)}", path)
     return n, C
@@ -161,7 +161,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     for i, (prefix, name, block, kind) in enumerate(name_sites(groups)):
         group = groups[prefix]
         n, C = _check_site(group_shapes(source, group), prefix, path)
-        infos, t = read_site_tensors(source, group, list(_PARAMS), prefix)
+        infos, t = read_site_tensors(source, group, list(PARAMS), prefix)
         stored = torch_dtype_of(source.info(group[LEAF]).dtype) or torch.float32
         module = MhcPytorchSite(t, n=n, C=C, norm_eps=torch.finfo(stored).eps, spec=spec).eval()
         sites.append(Site(i, name, block, kind, "mhc-pytorch", module, infos))
