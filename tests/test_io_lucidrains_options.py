@@ -142,3 +142,17 @@ def test_capture_reads_tanh_from_the_live_module_and_a_wrong_setting_is_flagged(
     line = next(a for a in doc["summary"]["advice"] if "recorded one" in a)
     worst = max(doc["sites"], key=lambda r: r["recorded_diff"])
     assert f"worst {worst['name']}" in line and "--hc-tanh" in line, line
+
+
+def test_loader_options_that_do_not_apply_are_usage_errors(tmp_path) -> None:
+    from hyper_connections.manifold_constrained_hyper_connections import ManifoldConstrainedHyperConnections
+
+    net = _net(ManifoldConstrainedHyperConnections, 1)  # mHC only: no HC site for --no-hc-tanh, no temperature
+    path = tmp_path / "mhc.safetensors"
+    _save(net, path)
+    for opt in (["--no-hc-tanh"], ["--temperature", "0.5"]):
+        p = run_cli("stochasticity", path, *opt)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.count("\n") == 1 and opt[0].split("/")[0] in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("gain-sweep", "--from", path, "--temperature", "0.5")
+    assert p.returncode == 2 and "--temperature" in p.stderr
