@@ -79,39 +79,41 @@ def naive_iters_to_tol(logits: torch.Tensor, tol: float, eps: float, cap: int) -
     return out
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, result = [], None
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
+    """(median wall seconds, median CPU seconds of this process, the last result)."""
+    walls, cpus, result = [], [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), result
 
 
 def bench_engine(n: int, count: int, iters: int, repeats: int, naive_repeats: int) -> None:
     g = torch.Generator().manual_seed(n)
     logits = torch.randn(count, n, n, generator=g)
-    copy_s, _ = timed(lambda: torch.clone(logits), repeats)
-    print(f"\n{count} matrices of {n} x {n}, float32, {iters} iterations; copy floor {copy_s * 1e3:.1f} ms "
-          f"(load {os.getloadavg()[0]:.1f})")
-    print(f"  {'convention':<13}{'engine ms':>10}{'naive ms':>10}{'engine/copy':>13}{'naive/engine':>14}"
-          f"{'bit-equal':>11}  target")
+    copy_s, copy_c, _ = timed(lambda: torch.clone(logits), repeats)
+    print(f"\n{count} matrices of {n} x {n}, float32, {iters} iterations; copy floor {copy_s * 1e3:.1f} ms wall, "
+          f"{copy_c * 1e3:.1f} ms CPU (load {os.getloadavg()[0]:.1f})")
+    print(f"  {'convention':<13}{'engine ms':>10}{'naive ms':>10}{'engine/copy':>13}{'(CPU time)':>12}"
+          f"{'naive/engine':>14}{'bit-equal':>11}  target")
     for conv, eps in CONVENTIONS.items():
-        eng_s, eng = timed(lambda conv=conv, eps=eps: sinkhorn(logits, conv, iters, eps=eps).matrix, repeats)
-        nai_s, ref = timed(lambda conv=conv, eps=eps: naive(logits, conv, iters, eps), naive_repeats)
+        eng_s, eng_c, eng = timed(lambda c=conv, e=eps: sinkhorn(logits, c, iters, eps=e).matrix, repeats)
+        nai_s, _, ref = timed(lambda c=conv, e=eps: naive(logits, c, iters, e), naive_repeats)
         equal = torch.equal(eng, ref)  # type: ignore[arg-type]
         ratio = eng_s / copy_s
         verdict = "ok" if ratio <= TARGET.get(n, 5.0) else "MISSED"
-        print(f"  {conv:<13}{eng_s * 1e3:>10.1f}{nai_s * 1e3:>10.1f}{ratio:>12.2f}x{nai_s / eng_s:>13.1f}x"
-              f"{str(equal):>11}  <= {TARGET.get(n, 5.0):g}x {verdict}")
+        print(f"  {conv:<13}{eng_s * 1e3:>10.1f}{nai_s * 1e3:>10.1f}{ratio:>12.2f}x{eng_c / copy_c:>11.2f}x"
+              f"{nai_s / eng_s:>13.1f}x{str(equal):>11}  <= {TARGET.get(n, 5.0):g}x {verdict}")
 
 
 def bench_iters_to_tol(count: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(count, 4, 4, generator=g, dtype=torch.float64) * 1.5
     tol = eps = 1e-6
-    old_s, old = timed(lambda: naive_iters_to_tol(logits, tol, eps, 1000), repeats)
-    new_s, new = timed(lambda: iters_to_tol_detail(logits, "transformers", tol, eps=eps), repeats)
+    old_s, _, old = timed(lambda: naive_iters_to_tol(logits, tol, eps, 1000), repeats)
+    new_s, _, new = timed(lambda: iters_to_tol_detail(logits, "transformers", tol, eps=eps), repeats)
     assert isinstance(old, torch.Tensor)
     never = int((old < 0).sum())
     print(f"\niters_to_tol, transformers, eps = tol = 1e-6, {count} float64 matrices of 4 x 4 "

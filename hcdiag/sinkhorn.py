@@ -243,8 +243,9 @@ def _iterate(logits: torch.Tensor, impl: _Impl, eps: float, iters: int) -> Itera
 # (exp, log, divide, subtract give one value whatever the layout), and every sum adds the same terms in the same
 # order as torch's CPU sum does on the batch-first tensor (aten/src/ATen/native/cpu/SumKernel.cpp, cascade_sum):
 # that order depends on whether the summed dim is the innermost one, on n, and on the kernel's vector width w,
-# so it is modelled below as an addition tree and checked against torch.sum once per (dtype, n) before use.
-# Where the check fails (another build, another device) or autograd needs a graph, the reference loop runs.
+# so it is modelled below as a plan of additions (several lanes per op) and checked against torch.sum once per
+# (dtype, n) before use. Where the check fails (another build, another device, n > 16), where autograd needs a
+# graph, or for paper logits not in row-major memory, the reference loop runs.
 
 _Ref = tuple[str, int, int, int]  # ("t", 0, lo, hi): terms lo..hi-1; ("r", i, lo, hi): lanes of register i
 _Op = tuple[_Ref, _Ref, "_Ref | None"]  # dst = a + b (b None: dst = a, a copy)

@@ -415,13 +415,13 @@ def test_engine_bit_identical_odd_inputs(small_blocks, convention: str, eps: flo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [2, 4, 8, 16])
+@pytest.mark.parametrize("n", [2, 4, 16])
 @pytest.mark.parametrize(("convention", "eps"), ENGINE_CASES)
 def test_engine_iters_to_tol_equals_frozen_search(small_blocks, convention: str, eps: float, n: int, dtype) -> None:
     """Matrices that arrive get exactly the full search's count; -1 stays -1 (mixed easy and hard logits)."""
     logits = _logits(3000 + n, (60, n, n), dtype=dtype) * torch.linspace(0.2, 6.0, 60, dtype=dtype)[:, None, None]
     tol = 1e-6 if dtype == torch.float64 else 1e-4
-    cap = 300
+    cap = 200
     want = frozen_iters_to_tol(logits, convention, tol, eps, cap)
     got = iters_to_tol(logits, convention, tol, eps=eps, max_iters=cap)
     assert torch.equal(got, want)
