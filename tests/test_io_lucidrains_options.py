@@ -156,3 +156,71 @@ def test_loader_options_that_do_not_apply_are_usage_errors(tmp_path) -> None:
         assert p.stderr.count("\n") == 1 and opt[0].split("/")[0] in p.stderr and "Traceback" not in p.stderr
     p = run_cli("gain-sweep", "--from", path, "--temperature", "0.5")
     assert p.returncode == 2 and "--temperature" in p.stderr
+
+
+_HC_TOML = """
+version = 1
+name = "lucidrains-hc"
+n = 4
+
+[sites]
+pattern = '^layers\\.(?P<block>\\d+)\\.(?P<kind>attn|ff)_hc\\.'
+kinds = { ff = "ffn" }
+
+[norm]
+kind = "rms"
+eps = 0.0
+over = "per_stream"
+gain = "norm.gamma"
+gain_offset = 1.0
+
+[projection]
+weight = "dynamic_alpha_fn"
+input = "per_stream"
+orientation = "in_out"
+split = ["1", "n"]
+names = ["pre", "res"]
+activation = "ACT"
+
+[bias]
+tensor = "static_alpha"
+
+[scale]
+pre = "dynamic_alpha_scale"
+res = "dynamic_alpha_scale"
+
+[pre]
+activation = "identity"
+
+[res]
+orientation = "code"
+constraint = "none"
+"""
+
+
+@pytest.mark.parametrize("tanh", [False, True])
+def test_a_layout_file_states_tanh(tmp_path, tanh: bool) -> None:
+    """The layout-file field for HyperConnections(tanh=...): [projection] activation = "tanh" / "identity".
+    The right one reproduces the library's H_res; the other one does not."""
+    from hcdiag.io.base import LoadOptions
+    from hcdiag.io.load import load
+
+    net = _hc_net(tanh=tanh)
+    path = tmp_path / "hc.safetensors"
+    _save(net, path)
+    libs = _libs(net)
+    x = torch.randn(5, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 2
+    worst = {}
+    for act in ("tanh", "identity"):
+        lay = tmp_path / f"{act}.toml"
+        lay.write_text(_HC_TOML.replace("ACT", act))
+        model = load(path, options=LoadOptions(layout_file=str(lay)))
+        assert [s.name for s in model.sites] == ["attn_0", "ffn_0", "attn_1", "ffn_1"]
+        worst[act] = 0.0
+        for site, lib in zip(model.sites, libs, strict=True):
+            with torch.no_grad():
+                res = site.module.in_dtype(torch.float64)(x).res
+                H = _lucidrains_h(lib, x)
+            worst[act] = max(worst[act], float((res - H).abs().max()))
+    right, wrong = ("tanh", "identity") if tanh else ("identity", "tanh")
+    assert worst[right] < 1e-9 and worst[wrong] > 1e-3, worst

@@ -6,7 +6,8 @@ The site this builds (every part optional except H_res; docs/layout-file.md has 
 
     h        = RMSNorm(x) over the flattened nC ("flat") or per stream over C ("per_stream"), times an optional
                gain (+ gain_offset); or x itself (norm kind "none")
-    y        = h W^T (+ projection bias), W stored [out, in] ("out_in", nn.Linear) or [in, out] ("in_out");
+    y        = act(h W^T (+ projection bias)), W stored [out, in] ("out_in", nn.Linear) or [in, out] ("in_out"),
+               act identity or tanh ([projection] activation; hyper-connections HC: tanh unless tanh=False);
                split along its last axis into the named parts (pre, post, res) with the given sizes,
                or one weight per part
     logit_p  = scale_p * y_p + bias_p                  (a part without projection is static: bias_p alone)
@@ -122,6 +123,7 @@ class LayoutSpec:
     iters: int | None
     sinkhorn_eps: float | None
     temperature: float | None = None  # [sinkhorn] temperature: H_res logits / tau before the projection
+    proj_activation: str = "identity"  # [projection] activation on y before the scales (hyper-connections HC: tanh)
 
 
 def _err(path: str, msg: str) -> InputError:
@@ -279,7 +281,8 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
         raise _err(ps, "[sites] needs a pattern (regex with (?P<block>...)) or a list of sites")
 
     norm = _table(data, "norm", ps, {"kind", "eps", "over", "gain", "gain_offset"})
-    proj_t = _table(data, "projection", ps, {"weight", "weights", "input", "orientation", "bias", "split", "names"})
+    proj_t = _table(data, "projection", ps,
+                    {"weight", "weights", "input", "orientation", "bias", "split", "names", "activation"})
     proj = None
     proj_bias = None
     if proj_t:
@@ -376,6 +379,8 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
         iters=iters,
         sinkhorn_eps=sk_eps,
         temperature=tau,
+        proj_activation=_choice(proj_t.get("activation", "identity"), ("identity", "tanh"),
+                                "[projection] activation", ps),
     )
 
 
@@ -479,6 +484,8 @@ class LayoutFileSite(SiteModule):
             logit = None
             if part in dyn:
                 d = self._shape(dyn[part], part, lead)
+                if s.proj_activation == "tanh":  # hyper-connections HC: tanh(h W) * scale + static
+                    d = torch.tanh(d)
                 scale = self._t(f"s_{part}")
                 if scale is not None:
                     d = d * scale.reshape(())
