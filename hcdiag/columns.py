@@ -129,6 +129,15 @@ COLUMNS: dict[str, dict[str, str]] = {
         "worst_error": "max of row_err_max and col_err_max; empty for unconstrained sites",
     },
     "gain-sweep": GAIN_CURVE_COLUMNS,
+    "track": {
+        "step": "training step of the checkpoint",
+        "path": "the checkpoint read",
+        "site": "site the value belongs to (scope site), or where a checkpoint-wide worst value was found",
+        "scope": "'checkpoint' (one value per checkpoint) or 'site' (one value per site)",
+        "metric": "metric name: a checkpoint metric of the JSON entries[].metrics, or a numeric field of "
+        "stochasticity's per-site record (see hcdiag stochasticity --csv FILE's sidecar)",
+        "value": "the value",
+    },
 }
 
 
