@@ -607,7 +607,8 @@ def _is_qwen4_exp(m: nn.Module) -> bool:
 
 
 def _attach_qwen4_exp(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
-    n, C = int(m.hc_count), int(m.hidden_size)
+    lib: Any = m  # the library's attributes, untyped
+    n, C = int(lib.hc_count), int(lib.hidden_size)
 
     def hook(module, args, kwargs, output):
         h = _first_arg(args, kwargs, "hyper_input")
@@ -673,14 +674,15 @@ def _attach_tokenbender(session: CaptureSession, name: str, m: nn.Module) -> Cal
                          "hcdiag cannot reproduce it, leave it out with sites=[...]", option="sites")
     tau = float(getattr(m, "sinkhorn_tau", getattr(m, "mhc_tau", DEFAULT_TAU)))
     iters = int(getattr(m, "sinkhorn_iters", getattr(m, "mhc_num_iters", DEFAULT_ITERS)))
-    n = int(m.H_res_logits.shape[-1])
+    lib: Any = m  # the library's attributes, untyped
+    n = int(lib.H_res_logits.shape[-1])
     channel_first = bool(getattr(m, "channel_first", False))
-    original = m.width_connection
+    original = lib.width_connection
 
     def site() -> TokenbenderSite:  # from the live parameters at call time (they may train between calls)
         alpha = m._parameters.get("H_res_alpha_logit")
         post = m._parameters.get("H_post_logits")
-        return TokenbenderSite(m.H_res_logits.detach(), m.H_pre_logits.detach(),
+        return TokenbenderSite(lib.H_res_logits.detach(), lib.H_pre_logits.detach(),
                                None if post is None else post.detach(), None if alpha is None else alpha.detach(),
                                C=1, tau=tau, spec=SinkhornSpec(Convention.PAPER, iters, source="module"))
 
@@ -719,9 +721,10 @@ def _is_mhc_pytorch(m: nn.Module) -> bool:
 def _attach_mhc_pytorch(session: CaptureSession, name: str, m: nn.Module) -> Callable[[], None]:
     """mhc-pytorch's forward takes one stream x [..., dim] and expands it into n copies: those copies are the
     site's streams; its maps are recomputed from the live parameters (the package returns only the collapse)."""
-    from hcdiag.io.mhc_pytorch_layout import PARAMS, DEFAULT_ITERS, MhcPytorchSite
+    from hcdiag.io.mhc_pytorch_layout import DEFAULT_ITERS, PARAMS, MhcPytorchSite
 
-    n, C = int(m.num_streams), int(m.dim)
+    lib: Any = m  # the library's attributes, untyped
+    n, C = int(lib.num_streams), int(lib.dim)
 
     def hook(module, args, kwargs, output):
         x1 = _first_arg(args, kwargs, "x")

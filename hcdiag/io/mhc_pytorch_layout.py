@@ -34,8 +34,8 @@ from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.lucidrains_layout import (
-    grouped_model,
     group_shapes,
+    grouped_model,
     name_sites,
     read_site_tensors,
     sinkhorn_settings,
@@ -61,6 +61,19 @@ class MhcPytorchSite(SiteModule):
 
     exactness = Exactness.SINKHORN
     res_params = ("phi_res.weight", "phi_res.bias", "alpha_res", "b_res")
+    # buffers: the package's parameters, dots as underscores
+    phi_pre_weight: torch.Tensor
+    phi_pre_bias: torch.Tensor
+    phi_post_weight: torch.Tensor
+    phi_post_bias: torch.Tensor
+    phi_res_weight: torch.Tensor
+    phi_res_bias: torch.Tensor
+    alpha_pre: torch.Tensor
+    alpha_post: torch.Tensor
+    alpha_res: torch.Tensor
+    b_pre: torch.Tensor
+    b_post: torch.Tensor
+    b_res: torch.Tensor
 
     def __init__(self, t: dict[str, torch.Tensor], *, n: int, C: int, norm_eps: float, spec: SinkhornSpec) -> None:
         super().__init__()

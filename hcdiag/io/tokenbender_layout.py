@@ -44,8 +44,8 @@ from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_ITERS, bounded
 from hcdiag.io.lucidrains_layout import (
-    grouped_model,
     group_shapes,
+    grouped_model,
     name_sites,
     read_site_tensors,
     site_prefixes,
@@ -73,9 +73,10 @@ class TokenbenderSite(SiteModule):
 
     exactness = Exactness.SINKHORN
     res_params = ("H_res_logits", "H_res_alpha_logit")
-    res_logits_code: torch.Tensor  # [n, n], [input s, output t]
-    pre_logits: torch.Tensor  # [n]
-    post_logits: torch.Tensor  # [n] (zeros-sized [0] when the site adds no branch output)
+    H_res_logits: torch.Tensor  # [n, n], [input s, output t]
+    H_pre_logits: torch.Tensor  # [n]
+    H_post_logits: torch.Tensor | None  # [n]; None when the site adds no branch output
+    H_res_alpha_logit: torch.Tensor | None  # []; None without the identity mix
 
     def __init__(
         self,
@@ -184,8 +185,9 @@ def _stated(source: TensorSource, keys: tuple[str, ...]) -> tuple[Any, str] | No
     for k in keys:
         if k in meta:
             return meta[k], f"metadata ({k})"
-    cfg = source.config if isinstance(source.config, dict) else {}
-    for where in (cfg, cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}):
+    cfg: dict[str, Any] = source.config if isinstance(source.config, dict) else {}
+    args = cfg.get("model_args")
+    for where in (cfg, args if isinstance(args, dict) else {}):
         for k in keys:
             if k in where:
                 return where[k], f"config ({k})"
