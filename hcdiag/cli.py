@@ -370,6 +370,8 @@ def stochasticity_cmd(
     probe_obj = _probe(ctx, probe, activations, tokens, seed)
     model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
     report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
+    for w in report.warnings:
+        render.warn(w)
     doc = report.to_dict()
     read_line = _record_reading(doc, model)
     if plot:

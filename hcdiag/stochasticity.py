@@ -296,6 +296,8 @@ class StochasticityReport:
     heatmaps: tuple[MeanMatrix, ...] = ()
     notes: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
+    #: one line per kind of undefined value (null / NaN) the report holds, naming the sites; printed on stderr
+    warnings: tuple[str, ...] = ()
 
     def exceeds(self, threshold: float) -> list[str]:
         """Names of the sites whose error (max over tokens and both axes) is above ``threshold``
@@ -326,6 +328,7 @@ class StochasticityReport:
             "curves": [c.to_dict() for c in self.curves],
             "heatmaps": [h.to_dict() for h in self.heatmaps],
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
         }
 
 
@@ -909,6 +912,28 @@ def _summary(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) 
     )
 
 
+def _undefined(rows: Sequence[SiteStochasticity], summary: StochasticitySummary) -> tuple[str, ...]:
+    """Warnings for the values a table / JSON shows as blank / null / NaN, naming the sites: a report with no
+    constrained site has no worst or median error; without a Sinkhorn site, logit range, iterations to tol and
+    the exact axis do not apply; a non-finite error is named wherever it occurs."""
+
+    def names(rs: Sequence[SiteStochasticity]) -> str:
+        shown = ", ".join(f"{r.name} ({r.exactness})" for r in rs[:4])
+        return shown + (f" and {len(rs) - 4} more" if len(rs) > 4 else "")
+
+    out = []
+    if rows and not summary.applicable:
+        out.append(f"no site has a doubly-stochastic constraint ({names(rows)}): the summary's worst and median "
+                   "error are null")
+    elif rows and not summary.conventions:
+        out.append(f"no Sinkhorn site ({names(rows)}): logit range, iterations to tol and exact axis do not apply "
+                   "(blank in the table, null in JSON)")
+    bad = [r for r in rows if r.worst_error is not None and not math.isfinite(r.worst_error)]
+    if bad:
+        out.append(f"non-finite doubly-stochastic error at {names(bad)}")
+    return tuple(out)
+
+
 def _check_tol(tol: float) -> float:
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not math.isfinite(tol) or tol <= 0:
         raise UsageError(f"--tol must be a positive number, e.g. 1e-6; got {tol!r}", "--tol")
@@ -956,6 +981,7 @@ def _finish(
         heatmaps=_heatmaps(works),
         notes=tuple(notes),
         settings=settings,
+        warnings=_undefined(rows, summary),
     )
 
 

@@ -299,3 +299,34 @@ iters = 20
         m = m.float().double()  # the checkpoint holds float32 values
         for ours, ref in zip(site.module(x), m(x), strict=True):
             torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "warning"),
+    [
+        ("none", "no site has a doubly-stochastic constraint (attn_0 (unconstrained), ffn_0 (unconstrained), "
+                 "attn_1 (unconstrained), ffn_1 (unconstrained) and 2 more): the summary's worst and median error "
+                 "are null"),
+        ("identity", "no Sinkhorn site (attn_0 (identity), ffn_0 (identity), attn_1 (identity), ffn_1 (identity) "
+                     "and 2 more): logit range, iterations to tol and exact axis do not apply (blank in the table, "
+                     "null in JSON)"),
+    ],
+)
+def test_null_summary_fields_come_with_a_warning_naming_the_sites(braid, tmp_path, constraint, warning):
+    """constraint none / identity: the JSON's null fields and the table's blanks are announced on stderr."""
+    from cli_runner import run_cli
+
+    _, f, lay = braid
+    text = lay.read_text().replace('constraint = "sinkhorn"', f'constraint = "{constraint}"')
+    other = tmp_path / f"{constraint}.toml"
+    other.write_text(text)
+    for fmt in ([], ["--json"]):
+        r = run_cli("stochasticity", f, "--layout-file", other, *fmt)
+        assert r.returncode == 0 and r.stderr.splitlines() == [f"hcdiag: {warning}"]
+        if fmt:
+            doc = json.loads(r.stdout)
+            assert doc["warnings"] == [warning]
+            if constraint == "none":
+                assert doc["summary"]["worst_error"] is None and doc["summary"]["median_error"] is None
+            else:
+                assert all(s["iters"] is None and s["logit_range_max"] is None for s in doc["sites"])
