@@ -424,7 +424,8 @@ def _warm():
     from cli_runner import run_cli
 
     for args in runs_for(SAMPLES / "mhc.safetensors"):
-        assert run_cli(*args).returncode == 0
+        r = run_cli(*args)
+        assert r.returncode == 0, (args, r.stderr)
     yield
 
 
