@@ -365,24 +365,37 @@ class Monitor:
     # -- computing ----------------------------------------------------------------------------------------
 
     def compute(self) -> dict[str, float]:
-        """The metrics now, whatever the step (all ranks must call it together under torch.distributed)."""
-        from hcdiag.track import summarize_model
-
+        """The metrics now, whatever the step (all ranks must call it together under torch.distributed). An
+        error on the computing rank (NaN parameters: InputError) is raised on every rank."""
         d = _dist()
         tensors = self._gather() if d else None
+        if d is None:
+            return self._finish(self._summarize(self._state()))
         box: list[Any] = [None]
-        if d is None or self.rank == self.compute_rank:
-            with torch.no_grad():
-                src = self._source(tensors if tensors is not None else self._state())
-                loaded = load_tensors(src, layout=self.layout, iters=self.iters, convention=self.convention)
-                if self.gathered_keys is None:
-                    self.gathered_keys = sorted(src.keys_read)
-                summary = summarize_model(loaded, probe=self.probe, iters=self.iters, convention=self.convention,
-                                          dtype=self.dtype, tol=self.tol)
-            box = [(summary.flat(self.prefix), summary)]
-        if d is not None:
-            d.broadcast_object_list(box, src=self.compute_rank)
-        self.last, self.last_summary = box[0]
+        if self.rank == self.compute_rank:
+            try:
+                box = [self._summarize(tensors or {})]
+            except Exception as exc:  # noqa: BLE001 - every rank must leave the broadcast, then all raise it
+                box = [exc]
+        d.broadcast_object_list(box, src=self.compute_rank)
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return self._finish(box[0])
+
+    def _summarize(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+        from hcdiag.track import summarize_model
+
+        with torch.no_grad():
+            src = self._source(tensors)
+            loaded = load_tensors(src, layout=self.layout, iters=self.iters, convention=self.convention)
+            if self.gathered_keys is None:
+                self.gathered_keys = sorted(src.keys_read)
+            return summarize_model(loaded, probe=self.probe, iters=self.iters, convention=self.convention,
+                                   dtype=self.dtype, tol=self.tol)
+
+    def _finish(self, summary: Any) -> dict[str, float]:
+        self.last_summary = summary
+        self.last = summary.flat(self.prefix)
         return dict(self.last)
 
     def step(self, step: int, *, force: bool = False) -> dict[str, float]:

@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import re
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -254,24 +255,35 @@ def _natural(p: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
+#: a model directory's own weight files (the final ``save_model()`` of a Trainer run), not checkpoints of the run
+_MODEL_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+#: the transformers Trainer's training-state files: no model weights in them
+_TRAINER_STATE_FILES = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+
+
+def _checkpoint_subdirs(d: Path) -> list[Path]:
+    return [c for c in sorted(d.iterdir(), key=_natural) if c.is_dir() and _is_checkpoint_dir(c)]
+
+
 def _run_members(d: Path) -> list[Path]:
-    """Checkpoints inside a run directory: subdirectories that hold one, and checkpoint files (sidecar JSONs
-    and other files left out)."""
-    out = []
+    """Checkpoints inside a run directory: subdirectories that hold one, and checkpoint files (sidecar JSONs,
+    other files, the Trainer's state files and the directory's own model weights left out)."""
+    out = _checkpoint_subdirs(d)
     for child in sorted(d.iterdir(), key=_natural):
-        if child.is_dir() and _is_checkpoint_dir(child):
+        if (child.is_file() and child.suffix in _CKPT_FILE_SUFFIXES and not child.name.startswith(".")
+                and not _MODEL_WEIGHTS.match(child.name) and not _TRAINER_STATE_FILES.match(child.name)):
             out.append(child)
-        elif child.is_file() and child.suffix in _CKPT_FILE_SUFFIXES and not child.name.startswith("."):
-            out.append(child)
-    return out
+    return sorted(out, key=_natural)
 
 
 def find_checkpoints(inputs: Sequence[str | os.PathLike[str]]) -> list[CheckpointRef]:
     """Expand ``inputs`` (run directories, checkpoint directories or files, shell globs) into checkpoints.
 
     A directory that holds a checkpoint itself (``config.json``, ``trainer_state.json``, ``model.safetensors``,
-    ...) is one checkpoint; any other directory is a run, whose checkpoint subdirectories and checkpoint files
-    are taken. Duplicates are dropped. Raises UsageError when an input matches nothing.
+    ...) and no checkpoint subdirectories is one checkpoint; any other directory is a run, whose checkpoint
+    subdirectories and checkpoint files are taken (not its own ``model.safetensors`` / ``pytorch_model.bin``:
+    a Trainer's final ``save_model()`` beside its ``checkpoint-<step>/``). Duplicates are dropped. Raises
+    UsageError when an input matches nothing.
     """
     refs: dict[str, CheckpointRef] = {}
     for raw in inputs:
@@ -282,7 +294,9 @@ def find_checkpoints(inputs: Sequence[str | os.PathLike[str]]) -> list[Checkpoin
                              "RUN")
         found: list[Path] = []
         for p in paths:
-            if p.is_dir() and not _is_checkpoint_dir(p):
+            # a Trainer's output directory holds checkpoint-<step>/ and, after save_model(), the final model too:
+            # with checkpoint subdirectories it is a run (its own weights are not one of its checkpoints)
+            if p.is_dir() and (not _is_checkpoint_dir(p) or _checkpoint_subdirs(p)):
                 members = _run_members(p)
                 if not members and not glob.has_magic(text):
                     raise UsageError(
@@ -322,12 +336,13 @@ def _trainer_state(d: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _torch_entries(p: Path) -> dict[str, Any]:
-    """Top-level non-tensor entries of a torch checkpoint (``weights_only``: never runs the file's code)."""
+def _torch_entries(p: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """Top-level entries of a torch checkpoint (``weights_only`` unless the user vouched for the file with
+    ``--trust-pickle``, as the reader does)."""
     import torch
 
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=zipfile.is_zipfile(p))
     except Exception:  # noqa: BLE001 - the reader reports unreadable files when the checkpoint is analysed
         return {}
     return {k: v for k, v in obj.items() if isinstance(k, str)} if isinstance(obj, dict) else {}
@@ -344,7 +359,9 @@ def _training_meta(metadata: dict[str, str]) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def checkpoint_step(path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> tuple[int, str]:
+def checkpoint_step(
+    path: str | os.PathLike[str], metadata: dict[str, str] | None = None, *, trust_pickle: bool = False
+) -> tuple[int, str]:
     """(step, where it came from) for one checkpoint.
 
     In order: ``trainer_state.json`` ``global_step`` (directories); a top-level ``global_step`` / ``step``
@@ -358,7 +375,7 @@ def checkpoint_step(path: str | os.PathLike[str], metadata: dict[str, str] | Non
         if state is not None and (s := _int_step(state.get("global_step"))) is not None:
             return s, "trainer_state.json (global_step)"
     elif p.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        entries = _torch_entries(p)
+        entries = _torch_entries(p, trust_pickle)
         for key in ("global_step", "step"):
             if (s := _int_step(entries.get(key))) is not None:
                 return s, f"checkpoint ({key})"
@@ -442,7 +459,7 @@ def _analyse(path: str, settings: _Settings, threads: int | None) -> dict[str, A
     summary = summarize_model(model, probe=settings.probe, tokens=settings.tokens, seed=settings.seed,
                               iters=settings.iters, convention=settings.convention, dtype=settings.dtype,
                               tol=settings.tol, threads=threads)
-    step, source = checkpoint_step(path, model.metadata)
+    step, source = checkpoint_step(path, model.metadata, trust_pickle=settings.trust_pickle)
     entry = {"step": step, "step_source": source, "path": path, **summary.to_dict(),
              "training": _training_curves(Path(path), model.metadata),
              "seconds": round(time.perf_counter() - t0, 4)}

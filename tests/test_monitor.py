@@ -230,3 +230,25 @@ def test_lightning_callback(tmp_path):
         assert got["hc/worst/row_err"] == e["metrics"]["row_err"]
     logged = list(csv.DictReader(next((tmp_path / "logs").rglob("metrics.csv")).open()))
     assert any(r.get("hc/composite/gain_fwd") for r in logged)  # reached the Trainer's logger
+
+
+def test_tensorboard_sink_or_a_clear_error(tmp_path):
+    from hcdiag.monitor import sink_for
+
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(UsageError, match="pip install tensorboard"):
+            sink_for(f"tensorboard:{tmp_path / 'tb'}")
+        return
+    sink = sink_for(f"tensorboard:{tmp_path / 'tb'}")
+    sink.write(3, Monitor(_net(4), iters=ITERS).compute())
+    sink.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_sinks_refuse_unknown_targets(tmp_path):
+    from hcdiag.monitor import sink_for
+
+    with pytest.raises(UsageError, match=".jsonl or .csv"):
+        sink_for(tmp_path / "metrics.txt")

@@ -69,6 +69,7 @@ def run(tmp_path_factory):
     trainer = Trainer(model=_model(), args=_args(out / "run", STEPS, EVERY), train_dataset=_Tokens())
     cb = HcdiagCallback.attach(trainer, every=EVERY, sinks=[out / "hc.jsonl"])
     trainer.train()
+    trainer.save_model()  # the final model beside checkpoint-<step>/: not one of the run's checkpoints
     ckpts = sorted((out / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return out, ckpts, cb
 
