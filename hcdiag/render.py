@@ -58,6 +58,19 @@ def note(msg: str) -> None:
 Cell = str | Text
 
 
+def _pack(cols: list[int], cost: list[int], room: int) -> list[list[int]]:
+    """``cols`` in order, cut into consecutive blocks whose costs sum to at most ``room`` (each col fits)."""
+    blocks: list[list[int]] = [[]]
+    used = 0
+    for k in cols:
+        if blocks[-1] and used + cost[k] > room:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(k)
+        used += cost[k]
+    return blocks if blocks[0] else []
+
+
 class Grid:
     """A table that never cuts a cell. Cells are whole values (markup strings or :class:`Text`).
 
@@ -104,28 +117,22 @@ class Grid:
         return t
 
     def blocks(self, width: int) -> list[list[int]] | None:
-        """Column indices per block that fit ``width``; None when a key column and one more do not fit."""
+        """Column indices per block that fit ``width``, as even as the fewest blocks allow; None when a key
+        column and one more do not fit."""
         w = self._widths()
         cost = [x + 3 for x in w]  # padding 1 + 1 and one rule per column; + 1 for the left edge
         keys = list(range(min(self.keys, len(w))))
         base = 1 + sum(cost[k] for k in keys)
         rest = list(range(len(keys), len(w)))
-        if base + sum(cost[k] for k in rest) <= width:
-            return [keys + rest]
-        out_blocks: list[list[int]] = []
-        block: list[int] = []
-        used = base
-        for k in rest:
-            if base + cost[k] > width:
-                return None
-            if used + cost[k] > width:
-                out_blocks.append(keys + block)
-                block, used = [], base
-            block.append(k)
-            used += cost[k]
-        if block:
-            out_blocks.append(keys + block)
-        return out_blocks
+        if any(base + cost[k] > width for k in rest):
+            return None
+        fewest = len(_pack(rest, cost, width - base))
+        lo = max([cost[k] for k in rest], default=0)  # the narrowest limit that gives that many blocks
+        hi = width - base
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(_pack(rest, cost, mid)) <= fewest else (mid + 1, hi)
+        return [keys + b for b in _pack(rest, cost, hi)]
 
     def show(self, console: Console | None = None) -> None:
         console = console or out
