@@ -402,10 +402,11 @@ def test_engine_bit_identical_to_frozen_loop(small_blocks, convention: str, eps:
     assert torch.equal(res.matrix, m)
 
 
-@pytest.mark.parametrize("n", [3, 4, 16])
+@pytest.mark.parametrize("n", [3, 4, 16, 17])
 @pytest.mark.parametrize(("convention", "eps"), ENGINE_CASES)
 def test_engine_bit_identical_odd_inputs(small_blocks, convention: str, eps: float, n: int) -> None:
-    """bfloat16 input (computed in float32), a transposed (non-contiguous) view, one matrix, large logits."""
+    """bfloat16 input (computed in float32), a transposed (non-contiguous) view, one matrix, large logits;
+    n = 17 and transposed paper logits take the reference loop (the engine's sum plans stop at 16)."""
     base = _logits(2000 + n, (29, n, n), scale=3.0)
     for logits in (base.to(torch.bfloat16), base.transpose(-1, -2), base[0], base * 12):
         want = None
