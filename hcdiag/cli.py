@@ -686,7 +686,7 @@ def _track_table(report) -> None:
 )
 def track_cmd(
     runs: Annotated[list[str], typer.Argument(
-        metavar="RUN...", help="Run directories (checkpoint-<step>/ subdirectories, *.ckpt / *.pt / *.safetensors "
+        metavar="RUN...", help="Run directories (checkpoint-STEP/ subdirectories, *.ckpt / *.pt / *.safetensors "
         "files), checkpoints, or quoted globs.")],
     probe: Annotated[Probe, typer.Option("--probe", help="Stream inputs: static (x = 0) or random.")]
     = Probe.STATIC,
