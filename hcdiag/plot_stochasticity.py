@@ -63,6 +63,12 @@ def _value(v: float | None) -> float:
     return math.nan if v is None or not math.isfinite(v) else v
 
 
+def _over_tokens(report: StochasticityReport) -> str:
+    """What the plotted error is taken over: ``max over 64 tokens``, nothing with one token (static probe)."""
+    tokens = sorted({s.tokens for s in report.sites})
+    return "" if tokens == [1] else f"max over {', '.join(str(t) for t in tokens)} tokens"
+
+
 def _title(fig: Any, text: str) -> None:
     fig.suptitle(wrap(text, fig, 9), fontsize=9)
 
@@ -98,10 +104,11 @@ def _fig_per_site(report: StochasticityReport, opts: FigOptions) -> Any | None:
         ax.plot([], [], color="0.85", lw=3, label="unconstrained site (n/a)")
     first = min(s.index for s in report.sites)
     site_axis(ax, [s.name for s in sorted(report.sites, key=lambda s: s.index)], first)
+    over = _over_tokens(report)
     if log_limits(ax, [rows, cols], [report.tol]):
-        ax.set_ylabel("error (max over tokens, log)")
+        ax.set_ylabel(f"error ({over + ', ' if over else ''}log)")
     else:
-        ax.set_ylabel("error (max over tokens): all exactly 0")
+        ax.set_ylabel(f"error{' (' + over + ')' if over else ''}: all exactly 0")
     ax.grid(True, which="major", alpha=0.3)
     _title(fig, f"H_res doubly-stochastic error per site\n{_title_suffix(report)}")
     _legend(fig, ax, zeros)
@@ -133,7 +140,8 @@ def _fig_convergence(report: StochasticityReport, opts: FigOptions) -> Any | Non
     ax.axhline(report.tol, color="0.4", ls="-.", lw=0.9, label=f"tol = {report.tol:.0e}")
     ax.set_xlabel("Sinkhorn iterations k")
     log_limits(ax, arrays, [report.tol])
-    ax.set_ylabel("error after k iterations (max over tokens)")
+    over = _over_tokens(report)
+    ax.set_ylabel(f"error after k iterations{' (' + over + ')' if over else ''}")
     ax.set_xlim(1, max(len(c.row_err_max) for c in curves))
     ax.grid(True, which="major", alpha=0.3)
     _title(fig, f"Sinkhorn convergence, worst {len(curves)} site(s)\n{_title_suffix(report)}")
