@@ -480,7 +480,8 @@ def _worker(path: str, settings: _Settings) -> dict[str, Any]:
 @dataclass(frozen=True)
 class TrackReport:
     """What :func:`track_run` returns: one entry per checkpoint, in step order (``to_dict()['checkpoints']``),
-    the loss / grad-norm curves found beside them, and how many entries came from the cache."""
+    the loss / grad-norm curves found beside them, how many entries came from the cache, and the checkpoints
+    skipped as unreadable (path, reason)."""
 
     entries: tuple[dict[str, Any], ...]
     settings: dict[str, Any]
@@ -490,6 +491,7 @@ class TrackReport:
     cache_path: str | None = None
     elapsed_s: float = 0.0
     notes: tuple[str, ...] = ()
+    skipped: tuple[dict[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -500,6 +502,7 @@ class TrackReport:
             "analysed": self.analysed,
             "cached": self.cached,
             "cache": self.cache_path,
+            "skipped": [dict(s) for s in self.skipped],
             "elapsed_s": round(self.elapsed_s, 4),
             "notes": list(self.notes),
             "training": self.training,
@@ -620,29 +623,47 @@ def track_run(
     cached = len(results)
     total = len(refs)
 
+    skipped: list[dict[str, str]] = []
+
     def done(ref: CheckpointRef, entry: dict[str, Any]) -> None:
         results[ref.path] = entry
         stored[ref.key()] = {"settings_key": skey, "entry": entry}
         if progress is not None:
-            progress(f"analysed {Path(ref.path).name}", len(results), total)
+            progress(f"analysed {Path(ref.path).name}", len(results) + len(skipped), total)
+
+    def failed(ref: CheckpointRef, exc: InputError) -> None:
+        # a checkpoint hcdiag recognises as bad (a half-written last one, say) is skipped, not cached: a later
+        # run tries it again; anything else is a bug and stops the run
+        skipped.append({"path": ref.path, "reason": str(exc)})
+        if progress is not None:
+            progress(f"skipped {Path(ref.path).name}: {exc}", len(results) + len(skipped), total)
 
     if progress is not None and cached:
         progress(f"{cached} checkpoint(s) from the cache", cached, total)
     try:
         if jobs == 1 or len(todo) <= 1:
             for r in todo:
-                done(r, _analyse(r.path, settings, None))
+                try:
+                    done(r, _analyse(r.path, settings, None))
+                except InputError as exc:
+                    failed(r, exc)
         else:
             ctx = multiprocessing.get_context("spawn")  # fork after torch's threads started is unsafe
             with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
                 futures = {pool.submit(_worker, r.path, settings): r for r in todo}
                 for fut in as_completed(futures):  # results keyed by path, sorted by step below
-                    done(futures[fut], fut.result())
+                    try:
+                        done(futures[fut], fut.result())
+                    except InputError as exc:
+                        failed(futures[fut], exc)
     finally:
         if cache_path is not None and todo:
             _write_cache(cache_path, stored)  # what was analysed before a failure is kept
+    if not results and skipped:
+        raise InputError(f"no checkpoint could be analysed; the first: {skipped[0]['reason']}",
+                         path=skipped[0]["path"])
     entries = sorted(results.values(), key=lambda e: (e["step"], e["path"]))
-    notes = []
+    notes = [f"skipped {Path(s['path']).name}: {s['reason']}" for s in skipped]
     steps = [e["step"] for e in entries]
     dup = sorted({s for s in steps if steps.count(s) > 1})
     if dup:
@@ -651,7 +672,8 @@ def track_run(
     notes.append("steps from " + ", ".join(sources))
     return TrackReport(
         entries=tuple(entries), settings={k: v for k, v in settings.__dict__.items()},
-        training=_merged_training(entries), analysed=len(todo), cached=cached,
+        training=_merged_training(entries), analysed=len(todo) - len(skipped), cached=cached,
+        skipped=tuple(skipped),
         cache_path=str(cache_path) if cache_path is not None else None, elapsed_s=time.perf_counter() - t0,
         notes=tuple(notes),
     )

@@ -210,6 +210,13 @@ def test_steps_from_entries_metadata_and_names(tmp_path):
         (300, "checkpoint (step)", "ckpt_999.pt")]
     single = _cli_json("stochasticity", tmp_path / "ckpt_120.pt")
     assert doc["checkpoints"][1]["sites"] == single["sites"]
+    (tmp_path / "ckpt_130.pt").write_bytes(b"half-written")  # a damaged checkpoint is skipped, and said so
+    doc = _cli_json("track", tmp_path)
+    assert [e["step"] for e in doc["checkpoints"]] == [60, 120, 300]
+    assert [Path(s["path"]).name for s in doc["skipped"]] == ["ckpt_130.pt"]
+    assert "not a PyTorch or safetensors checkpoint" in doc["skipped"][0]["reason"]
+    p = run_cli("track", tmp_path / "ckpt_130.pt")  # nothing analysable: exit 3, one line
+    assert p.returncode == 3 and p.stderr.strip().splitlines()[-1].startswith("hcdiag: error: no checkpoint")
     p = run_cli("track", str(tmp_path / "ckpt_*.pt"))  # a quoted glob
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("ckpt_") >= 2
