@@ -42,7 +42,7 @@ def _cells() -> list[tuple[str, str, str, str]]:
                     if out == "plot" and probe != "static":
                         continue  # plots on one probe per layout
                     cells.append((layout, command, probe, out))
-        for out in ("table", "json"):
+        for out in ("table", "json", "csv"):
             cells.append((layout, "inspect", "-", out))
     return cells
 
@@ -198,8 +198,8 @@ def test_cell(cases, tmp_path, layout: str, command: str, probe: str, out: str) 
             assert mpimg.imread(f).shape[0] > 100
         return
     if command == "inspect":
-        doc = json.loads(p.stdout)
-        assert [s["name"] for s in doc["sites"]] == [s["name"] for s in sites]
+        got = json.loads(p.stdout)["sites"] if out == "json" else _csv_rows(tmp_path / "out.csv")
+        assert [r["name"] for r in got] == [s["name"] for s in sites]
         return
     mats = _oracle_mats(case, probe, sites)
     if out == "json":
