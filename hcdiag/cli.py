@@ -116,6 +116,16 @@ StateKeyOpt = Annotated[
     str | None,
     typer.Option("--state-key", help="Which state dict of a training checkpoint to read (e.g. ema; default: model)."),
 ]
+TemperatureOpt = Annotated[
+    float | None,
+    typer.Option("--temperature", help="Sinkhorn temperature tau: logits / tau (tokenbender's mHC; default: the "
+                 "checkpoint's metadata, else the library's 0.05).", min=0.0),
+]
+HcTanhOpt = Annotated[
+    bool | None,
+    typer.Option("--hc-tanh/--no-hc-tanh", help="hyper-connections HC sites: tanh on the dynamic alpha / beta "
+                 "(HyperConnections(tanh=...); not stored in a state dict; default: on, the library's)."),
+]
 VariantsOpt = Annotated[
     str | None, typer.Option("--variants", help="Comma-separated variant names (default: all).")
 ]
@@ -134,8 +144,15 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _extra(state_key: str | None, temperature: float | None = None, hc_tanh: bool | None = None) -> dict:
+    """LoadOptions.extra from the loader options that only some layouts read."""
+    given = {"state_key": state_key, "temperature": temperature, "tanh": hc_tanh}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int | None,
-          convention: Convention | None, trust_pickle: bool, state_key: str | None = None):
+          convention: Convention | None, trust_pickle: bool, state_key: str | None = None,
+          temperature: float | None = None, hc_tanh: bool | None = None):
     from hcdiag.io.base import LoadOptions
     from hcdiag.io.load import load
 
@@ -143,9 +160,17 @@ def _load(ckpt: Path, layout: str | None, layout_file: Path | None, iters: int |
         iters=iters,
         convention=str(convention) if convention else None,
         layout_file=str(layout_file) if layout_file else None,
-        extra={"state_key": state_key} if state_key else {},
+        extra=_extra(state_key, temperature, hc_tanh),
     )
-    return load(str(ckpt), layout=layout, options=options, trust_pickle=trust_pickle)
+    model = load(str(ckpt), layout=layout, options=options, trust_pickle=trust_pickle)
+    # options only some layouts read: silently ignoring one would report numbers the user did not ask for
+    if temperature is not None and "temperature" not in model.settings_source:
+        raise UsageError(f"--temperature does not apply to {ckpt} ({model.layout} layout: no Sinkhorn temperature); "
+                         "tokenbender checkpoints and layout files take it", "--temperature")
+    if hc_tanh is not None and "tanh" not in model.settings_source:
+        raise UsageError(f"--hc-tanh / --no-hc-tanh apply to hyper-connections HC sites; {ckpt} ({model.layout} "
+                         "layout) has none", "--hc-tanh")
+    return model
 
 
 def _record_reading(doc: dict, model) -> str:
@@ -289,7 +314,8 @@ def _refuse_given(ctx: typer.Context, names: tuple[str, ...], why: str, fix: str
 
 #: gain-sweep options of the synthetic stack, and those of a checkpoint (--from)
 _SYNTHETIC_ONLY = ("layers", "variants", "n", "C", "init", "logit_scale", "seeds", "kron_factors")
-_FROM_ONLY = ("probe", "activations", "layout", "layout_file", "state_key", "trust_pickle")
+_FROM_ONLY = ("probe", "activations", "layout", "layout_file", "state_key", "trust_pickle", "temperature",
+              "hc_tanh")
 
 
 def _gain_init(init: str | None, logit_scale: float | None) -> tuple[str, float]:
@@ -356,6 +382,8 @@ def stochasticity_cmd(
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
+    temperature: TemperatureOpt = None,
+    hc_tanh: HcTanhOpt = None,
     trust_pickle: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -368,7 +396,7 @@ def stochasticity_cmd(
     if tol <= 0:
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
     probe_obj = _probe(ctx, probe, activations, tokens, seed)
-    model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
+    model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key, temperature, hc_tanh)
     report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
     for w in report.warnings:
         render.warn(w)
@@ -447,6 +475,8 @@ def gain_sweep_cmd(
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
+    temperature: TemperatureOpt = None,
+    hc_tanh: HcTanhOpt = None,
     trust_pickle: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -463,7 +493,8 @@ def gain_sweep_cmd(
         _refuse_given(ctx, _FROM_ONLY, "without --from CKPT (a synthetic stack has no checkpoint to read)")
     if from_ckpt is not None:
         probe_obj = _probe(ctx, probe, activations, tokens, seed)
-        model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key)
+        model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key, temperature,
+                      hc_tanh)
         report = gain_from_model(
             model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, threads=threads
         )
@@ -515,6 +546,8 @@ def inspect_cmd(
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
+    temperature: TemperatureOpt = None,
+    hc_tanh: HcTanhOpt = None,
     trust_pickle: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -528,7 +561,7 @@ def inspect_cmd(
     report = inspect_checkpoint(
         str(ckpt), layout=layout,
         options=LoadOptions(layout_file=str(layout_file) if layout_file else None,
-                            extra={"state_key": state_key} if state_key else {}),
+                            extra=_extra(state_key, temperature, hc_tanh)),
         trust_pickle=trust_pickle,
     )
     doc = report.to_dict()

@@ -823,8 +823,8 @@ def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -
             f"H_res is a near-permutation at {len(perm)} of {len(sk)} Sinkhorn site(s) (within "
             f"{_fmt(r.perm_distance or 0.0)} of a permutation matrix, e.g. site {r.name}"
             + (f", logit range {r.logit_range_max:.3g}" if r.logit_range_max is not None else "")
-            + "): the streams are routed, not mixed, and the gradient to the logits off the permutation is "
-            "about that distance, so training leaves such an H_res where it is"
+            + "): the streams are routed, not mixed, and the derivatives of H_res with respect to its logits are "
+            "of that order (s (1 - s) per entry s), so training leaves such an H_res where it is"
         )
 
     # 3. exact variants above rounding
