@@ -8,8 +8,8 @@ checkpoint every 8 steps, the callback computing every 8 steps. Then, per checkp
   sigma_2 and distance to J/n equal ``hcdiag gain-sweep --from`` on it;
 * independently of hcdiag, the library's own DeepseekV4HyperConnection (float64, x = 0, H_res = comb^T)
   gives the same worst column error and the same composite H_L ... H_1 (gains, sigma_2, ||F - J/n||);
-* the callback's values logged at that step (its history, the Trainer's log_history in trainer_state.json)
-  equal track's.
+* the callback's values logged at that step (its history, the Trainer's log_history in trainer_state.json, the
+  logs another callback receives, the JSON-lines sink) equal track's.
 """
 
 from __future__ import annotations
@@ -62,13 +62,27 @@ def _model() -> DeepseekV4ForCausalLM:
     return model
 
 
+class _Reporter(transformers.TrainerCallback):
+    """Records the logs each on_log hands to the callbacks after hcdiag's."""
+
+    def __init__(self) -> None:
+        self.logs: dict[int, dict] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.setdefault(state.global_step, {}).update(logs or {})  # the final summary logs at step 24 too
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("trainer")
-    trainer = Trainer(model=_model(), args=_args(out / "run", STEPS, EVERY), train_dataset=_Tokens())
+    reporter = _Reporter()  # stands for a report_to integration: a callback of the Trainer's default list
+    trainer = Trainer(model=_model(), args=_args(out / "run", STEPS, EVERY), train_dataset=_Tokens(),
+                      callbacks=[reporter])
     cb = HcdiagCallback.attach(trainer, every=EVERY, sinks=[out / "hc.jsonl"])
+    assert trainer.callback_handler.callbacks[0] is cb  # ahead of every reporting callback
     trainer.train()
+    cb.reported = reporter.logs  # type: ignore[attr-defined]
     trainer.save_model()  # the final model beside checkpoint-<step>/: not one of the run's checkpoints
     ckpts = sorted((out / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return out, ckpts, cb
@@ -137,7 +151,7 @@ def test_track_equals_single_checkpoint_commands_library_and_callback(run):
 
         # the callback's values at this step: its history, trainer_state.json's log_history, the JSON-lines sink
         step = e["step"]
-        for got in (cb.history[step], logged[step], jsonl[step]):
+        for got in (cb.history[step], logged[step], jsonl[step], cb.reported[step]):
             assert got["hc/composite/gain_fwd"] == m["gain_fwd"]
             assert got["hc/composite/gain_bwd"] == m["gain_bwd"]
             assert got["hc/composite/sigma2"] == m["sigma2"]
