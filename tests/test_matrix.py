@@ -292,3 +292,24 @@ def test_deepseek_v4_sites_at_the_eps_floor_are_never_over_tolerance(cases, prob
     for line in doc["summary"]["advice"]:
         assert "rows exact to rounding" not in line  # rows sit at the eps floor, 1e-6 from 1
         assert "a_res" not in line and "b_res" not in line  # hcdiag's names, not the checkpoint's
+
+
+@pytest.mark.parametrize("layout", ["native-mhc", "dsv4", "glm5-next", "lr-mhc", "nanogpt-mhc", "layout-file"])
+def test_advice_claims_only_what_the_numbers_in_the_report_show(cases, layout: str) -> None:
+    """Issue 10: a sentence of advice is printed only when the numbers of the same report support it."""
+    case = cases(layout)
+    p = run_cli("stochasticity", case.path, *case.args, "--json", "--probe", "random", "--tokens", "16")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    sk = [r for r in doc["sites"] if r["exactness"] == "sinkhorn"]
+    advice = " ".join(doc["summary"]["advice"])
+    s2 = max((r["sigma2_max"] for r in sk), default=0.0)
+    if "near-permutation or nearly block-diagonal" in advice:
+        assert s2 >= 0.9, (s2, advice)
+    for axis, key in (("rows", "row_err_max"), ("columns", "col_err_max")):
+        if f"{axis} exact to rounding" in advice:
+            assert max(r[key] for r in sk) <= 1e-12, (axis, advice)
+    if "do not reach" in advice:
+        assert sum(r["iters_to_tol_unreached"] or 0 for r in sk) > 0
+    if "shrink by a measured" in advice:
+        assert any(r["iters_to_tol_rate"] is not None for r in sk)
