@@ -42,9 +42,12 @@ err = Console(stderr=True, highlight=False)
 
 
 def set_quiet(quiet: bool = True) -> None:
-    """--quiet: no tables, notes, progress or warnings (errors and failed checks are printed by the CLI)."""
+    """Start of a run: --quiet (no tables, notes, progress or warnings; errors and failed checks are printed by
+    the CLI) and the stdout width taken anew from $COLUMNS / the terminal, so that nothing a run set outlives it
+    when main() runs several times in one process."""
     out.quiet = quiet
     err.quiet = quiet
+    out.width = _width()  # type: ignore[assignment]  # None: rich detects the terminal's width
 
 
 def note(msg: str) -> None:
