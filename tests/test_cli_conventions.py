@@ -25,13 +25,8 @@ COMMANDS = ("params", "stochasticity", "gain-sweep", "inspect", "verify", "varia
 
 
 @pytest.fixture()
-def at80():
-    from hcdiag import render
-
-    old = render.out.width
-    render.out.width = 80
-    yield
-    render.out.width = old
+def at80(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # each run reads $COLUMNS, as a user's terminal sets it
 
 
 def _lines_with(text: str, key: str) -> str:
@@ -285,3 +280,14 @@ def test_shell_completion_completes_commands_and_options():
 
     assert complete("hcdiag par", 1).split() == ["params"]
     assert "--init" in complete("hcdiag gain-sweep --in", 2).split()
+
+
+def test_each_run_takes_its_own_width(monkeypatch):
+    """No state outlives a run: a second main() in one process follows its own $COLUMNS (issue 10)."""
+    widths = []
+    for cols in ("200", "80", "120"):
+        monkeypatch.setenv("COLUMNS", cols)
+        p = run_cli("params", "--n", "8", "--C", "4096")
+        assert p.returncode == 0, p.stderr
+        widths.append(max(len(line) for line in p.stdout.splitlines()))
+    assert widths[1] <= 80 < widths[2] <= 120 < widths[0] <= 200

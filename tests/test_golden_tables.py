@@ -23,13 +23,8 @@ CASES = {
 
 
 @pytest.fixture()
-def fixed_width():
-    from hcdiag import render
-
-    old = render.out.width
-    render.out.width = 160
-    yield
-    render.out.width = old
+def fixed_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # each run reads $COLUMNS, as a user's terminal sets it
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -56,13 +51,9 @@ WIDTHS = (80, 120, 200)
 
 
 @pytest.fixture()
-def width(request):
-    from hcdiag import render
-
-    old = render.out.width
-    render.out.width = request.param
-    yield request.param
-    render.out.width = old
+def width(request, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(request.param))
+    return request.param
 
 
 def _normalise(text: str) -> str:
