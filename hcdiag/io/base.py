@@ -8,7 +8,7 @@ priority order; ``--layout NAME`` forces one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +60,13 @@ class Layout:
 
 
 _LAYOUTS: dict[str, Layout] = {}
+
+
+def main_prefix(groups: Mapping[str, Sized]) -> str | None:
+    """The key prefix with the most sites (the shortest among equals): the model itself, not a draft / MTP copy."""
+    if not groups:
+        return None
+    return max(groups, key=lambda p: (len(groups[p]), -len(p)))
 
 
 def register_layout(layout: Layout) -> Layout:

@@ -35,7 +35,7 @@ from typing import Any
 
 from hcdiag.enums import Convention
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, main_prefix, register_layout
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
 from hcdiag.io.transformers_layout import TransformersMHCSite
 from hcdiag.model import LoadedModel, Site
@@ -84,15 +84,9 @@ def _scan(keys: list[str]) -> tuple[dict[str, dict[tuple[int, str], dict[str, st
     return sites, engram
 
 
-def _main_prefix(sites: dict[str, dict]) -> str | None:
-    if not sites:
-        return None
-    return max(sites, key=lambda p: (len(sites[p]), -len(p)))
-
-
 def _detect(source: TensorSource) -> str | None:
     sites, engram = _scan(source.keys())
-    prefix = _main_prefix(sites)
+    prefix = main_prefix(sites)
     if prefix is None:
         return None
     why = None
@@ -158,7 +152,7 @@ def _site_n_C(source: TensorSource, parts: dict[str, str], name: str, n_cfg: int
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     path = source.path
     sites_keys, engram = _scan(source.keys())
-    prefix = _main_prefix(sites_keys)
+    prefix = main_prefix(sites_keys)
     if prefix is None:
         raise InputError(f"{path}: no DeepSeek-V4.1 mHC keys (layers.N.hc_attn_fn, ...)", path=path)
     cfg, where = _text_config(source.config)

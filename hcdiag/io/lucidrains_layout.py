@@ -252,6 +252,26 @@ def group_shapes(source: TensorSource, group: Mapping[str, str]) -> dict[str, tu
     return {p: tuple(source.info(k).shape) for p, k in group.items()}
 
 
+def detect_groups(
+    source: TensorSource,
+    groups: Mapping[str, Mapping[str, str]],
+    check: Callable[[dict[str, tuple[int, ...]], str, str], Any],
+    reason: str,
+) -> str | None:
+    """detect() of a layout of per-site key groups: None unless there are groups and every one passes
+    ``check(shapes, prefix, path)`` (an InputError: no match); else ``reason`` with ``{count}`` and ``{first}``
+    (the first site's prefix in natural order) filled in."""
+    if not groups:
+        return None
+    for prefix, group in groups.items():
+        try:
+            check(group_shapes(source, group), prefix, source.path)
+        except InputError:
+            return None
+    first = name_sites(groups)[0][0].rstrip(".") or "(top level)"
+    return reason.format(count=len(groups), first=first)
+
+
 def read_site_tensors(
     source: TensorSource, group: Mapping[str, str], params: list[str], prefix: str
 ) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:

@@ -34,6 +34,7 @@ from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.lucidrains_layout import (
+    detect_groups,
     group_shapes,
     grouped_model,
     name_sites,
@@ -150,16 +151,10 @@ def _groups(source: TensorSource) -> dict[str, dict[str, str]]:
 
 
 def _detect(source: TensorSource) -> str | None:
-    groups = _groups(source)
-    if not groups:
-        return None
-    for prefix, group in groups.items():
-        try:
-            _check_site(group_shapes(source, group), prefix, source.path)
-        except InputError:
-            return None
-    first = name_sites(groups)[0][0].rstrip(".") or "(top level)"
-    return f"found {len(groups)} mhc-pytorch sites with phi_res / alpha_res / b_res, e.g. {first}.phi_res.weight"
+    return detect_groups(
+        source, _groups(source), _check_site,
+        "found {count} mhc-pytorch sites with phi_res / alpha_res / b_res, e.g. {first}.phi_res.weight",
+    )
 
 
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from hcdiag.enums import Exactness
 from hcdiag.errors import InputError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, main_prefix, register_layout
 from hcdiag.io.limits import MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
@@ -126,15 +126,9 @@ def _scan(keys: list[str]) -> _Scan:
     return scan
 
 
-def _main_prefix(scan: _Scan) -> str | None:
-    if not scan.groups:
-        return None
-    return max(scan.groups, key=lambda p: (len(scan.groups[p]), -len(p)))
-
-
 def _detect(source: TensorSource) -> str | None:
     scan = _scan(source.keys())
-    prefix = _main_prefix(scan)
+    prefix = main_prefix(scan.groups)
     if prefix is None:
         return None
     sites = scan.groups[prefix]
@@ -188,7 +182,7 @@ def _site_shapes(source: TensorSource, parts: dict[str, str], name: str) -> tupl
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     path = source.path
     scan = _scan(source.keys())
-    prefix = _main_prefix(scan)
+    prefix = main_prefix(scan.groups)
     if prefix is None:
         raise InputError(f"{path}: no Qwen4-Exp keys (layers.N.attn_hyper_connection.*)", path=path)
     cfg, where = _text_config(source.config)

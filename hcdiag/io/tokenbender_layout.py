@@ -44,6 +44,7 @@ from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_ITERS, bounded
 from hcdiag.io.lucidrains_layout import (
+    detect_groups,
     group_shapes,
     grouped_model,
     name_sites,
@@ -167,16 +168,8 @@ def _groups(source: TensorSource) -> dict[str, dict[str, str]]:
 
 
 def _detect(source: TensorSource) -> str | None:
-    groups = _groups(source)
-    if not groups:
-        return None
-    for prefix, group in groups.items():
-        try:
-            _check_site(group_shapes(source, group), prefix, source.path)
-        except InputError:
-            return None
-    first = name_sites(groups)[0][0].rstrip(".") or "(top level)"
-    return f"found {len(groups)} tokenbender mHC sites with H_res_logits [n, n], e.g. {first}.H_res_logits"
+    return detect_groups(source, _groups(source), _check_site,
+                         "found {count} tokenbender mHC sites with H_res_logits [n, n], e.g. {first}.H_res_logits")
 
 
 def _stated(source: TensorSource, keys: tuple[str, ...]) -> tuple[Any, str] | None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from hcdiag.enums import Convention, Exactness, Form
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, main_prefix, register_layout
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
@@ -243,15 +243,9 @@ def scan_keys(keys: list[str]) -> _Scan:
     return scan
 
 
-def _main_prefix(scan: _Scan) -> str | None:
-    if not scan.groups:
-        return None
-    return max(scan.groups, key=lambda p: (len(scan.groups[p]), -len(p)))
-
-
 def _detect(source: TensorSource) -> str | None:
     scan = scan_keys(source.keys())
-    prefix = _main_prefix(scan)
+    prefix = main_prefix(scan.groups)
     if prefix is None:
         return None
     sites = scan.groups[prefix]
@@ -363,7 +357,7 @@ def _gaps(blocks: list[int], shown: int = 8) -> str:
     ``shown`` of them and a count, never the whole range (a key may name block 10^8)."""
     missing: list[int] = []
     total = 0
-    for a, b in zip(blocks, blocks[1:]):
+    for a, b in zip(blocks, blocks[1:], strict=False):  # consecutive pairs
         total += b - a - 1
         missing.extend(range(a + 1, min(b, a + 1 + shown - len(missing))))
     if not total:
@@ -375,7 +369,7 @@ def _gaps(blocks: list[int], shown: int = 8) -> str:
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     path = source.path
     scan = scan_keys(source.keys())
-    prefix = _main_prefix(scan)
+    prefix = main_prefix(scan.groups)
     if prefix is None:
         raise InputError(f"{path}: no transformers mHC keys (layers.N.attn_hc.fn, layers.N.hc_attn_fn, ...)", path=path)
     st = _settings(source, options)
