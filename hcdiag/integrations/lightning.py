@@ -23,26 +23,22 @@ except ImportError:
             "hcdiag.integrations.lightning needs lightning or pytorch_lightning; pip install lightning"
         ) from None
 
+from hcdiag.integrations._holder import MonitorHolder
 from hcdiag.monitor import Monitor
 
 __all__ = ["HcdiagLightningCallback"]
 
 
-class HcdiagLightningCallback(Callback):
+class HcdiagLightningCallback(MonitorHolder, Callback):
     """``monitor``: a :class:`~hcdiag.monitor.Monitor`, or None to build one on the LightningModule at the
     start of training with ``monitor_kwargs`` (``every``, ``probe``, ``max_col_err``, ``sinks``, ...)."""
 
     def __init__(self, monitor: Monitor | None = None, **monitor_kwargs: Any) -> None:
-        if monitor is not None and monitor_kwargs:
-            raise TypeError("pass either a Monitor or its keyword arguments, not both")
-        self.monitor = monitor
-        self.monitor_kwargs = monitor_kwargs
-        self.history: dict[int, dict[str, float]] = {}  # step -> metrics logged there
+        super().__init__(monitor, **monitor_kwargs)
         self._last_step: int | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.monitor is None:
-            self.monitor = Monitor(pl_module, **self.monitor_kwargs)
+        self._ensure_monitor(pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.monitor is not None

@@ -20,21 +20,18 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from hcdiag.integrations._holder import MonitorHolder
 from hcdiag.monitor import Monitor
 
 __all__ = ["HcdiagCallback"]
 
 
-class HcdiagCallback(TrainerCallback):
+class HcdiagCallback(MonitorHolder, TrainerCallback):
     """``monitor``: a :class:`~hcdiag.monitor.Monitor`, or None to build one from the Trainer's model at the
     start of training with ``monitor_kwargs`` (``every``, ``probe``, ``max_col_err``, ``sinks``, ...)."""
 
     def __init__(self, monitor: Monitor | None = None, **monitor_kwargs: Any) -> None:
-        if monitor is not None and monitor_kwargs:
-            raise TypeError("pass either a Monitor or its keyword arguments, not both")
-        self.monitor = monitor
-        self.monitor_kwargs = monitor_kwargs
-        self.history: dict[int, dict[str, float]] = {}  # step -> metrics logged there
+        super().__init__(monitor, **monitor_kwargs)
         self._pending: tuple[int, dict[str, float]] | None = None
 
     @classmethod
@@ -48,10 +45,9 @@ class HcdiagCallback(TrainerCallback):
         return cb
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if self.monitor is None:
-            if model is None:
-                raise ValueError("HcdiagCallback: the Trainer passed no model; give a Monitor instead")
-            self.monitor = Monitor(model, **self.monitor_kwargs)
+        if self.monitor is None and model is None:
+            raise ValueError("HcdiagCallback: the Trainer passed no model; give a Monitor instead")
+        self._ensure_monitor(model)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.monitor is not None
