@@ -865,7 +865,7 @@ def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
     Raises InputError for a missing file, a file that is not safetensors, another format or a newer version,
     or tensors / site list that do not fit together.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     p = str(path)
     if not os.path.isfile(p):
@@ -906,6 +906,6 @@ def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
             return out
     except InputError:
         raise
-    except Exception as exc:  # safetensors raises its own errors on damaged or foreign files
+    except (SafetensorError, OSError, ValueError) as exc:  # damaged or foreign files; anything else is a bug
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise _bad(p, f"cannot read as safetensors ({type(exc).__name__}: {first})") from None

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hcdiag.enums import Form
+from hcdiag.errors import HcdiagError
 from hcdiag.io.base import LoadOptions
 from hcdiag.model import LoadedModel, Site, TensorInfo
 
@@ -98,7 +99,7 @@ def _registry_counts(variant: str, n: int, C: int) -> dict[str, int]:
     try:
         spec = registry.get(variant)
         return {form.value: int(spec.param_count(n, C, form).total) for form in Form}
-    except Exception:  # no such variant, or one that needs options (kron factors) we do not know here
+    except HcdiagError:  # no such variant, or one that needs options (kron factors) we do not know here
         return {}
 
 
