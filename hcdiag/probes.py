@@ -35,6 +35,7 @@ x' = RMSNorm(vec(x)) (mHC Eq. 7), so its doubly-stochastic error and gain depend
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,6 +53,8 @@ __all__ = [
     "RandomProbe",
     "StaticProbe",
     "make_probe",
+    "physical_memory_bytes",
+    "random_probe_bytes",
     "torch_dtype",
 ]
 
@@ -142,6 +145,25 @@ class RandomProbe(ProbeBase):
         if self.df is None:
             return rng.standard_normal((self.tokens, n, C))
         return rng.standard_t(self.df, (self.tokens, n, C))
+
+    def prepare(self, sites: list[Site]) -> None:
+        """Refuse (UsageError naming --tokens) a token count whose arrays would not fit in this machine's
+        memory, before anything is drawn: see :func:`random_probe_bytes`."""
+        if not sites:
+            return
+        need = random_probe_bytes(self.tokens, sites)
+        have = physical_memory_bytes()
+        if have is None or need <= have:
+            return
+        per_token = random_probe_bytes(1, sites)
+        limit = max(1, have // per_token)
+        n, C = max((_site_shape(s) for s in sites), key=lambda nc: nc[0] * nc[1])
+        raise UsageError(
+            f"--tokens {self.tokens} needs about {need / 2**30:.1f} GiB ({per_token / 1024:.0f} KiB per token: "
+            f"float64 [T, n={n}, C={C}] inputs, their cast and RMSNorm-ed copies, plus results of {len(sites)} sites), "
+            f"more than this machine's {have / 2**30:.1f} GiB; use --tokens {limit} or fewer",
+            "--tokens",
+        )
 
     def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
         n, C = _site_shape(site)
@@ -236,6 +258,29 @@ class ActivationsProbe(ProbeBase):
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "path": self.path, "tokens": self.tokens}
+
+
+def random_probe_bytes(tokens: int, sites: list[Site]) -> int:
+    """Peak bytes of a random-probe analysis of ``tokens`` tokens over ``sites``, estimated before any draw.
+
+    Sites are analysed one after another, so the inputs count once, for the widest site: the float64 draw
+    [T, n, C], a copy in the compute dtype and the RMSNorm-ed copy (3 x 8 bytes per entry, float64 bounding the
+    others). Every site keeps its logits and H_res [T, n, n] float64 until the batched iterations search (2 x 8
+    bytes per entry per site). Start-up, the HC tensors and torch's temporaries of the [T, n, n] work are
+    measured separately (bench/bench_production.py: the estimate is compared with the peak RSS there).
+    """
+    T = int(tokens)
+    widest = max(n * C for n, C in (_site_shape(s) for s in sites))
+    kept = sum(2 * 8 * n * n for n, _ in (_site_shape(s) for s in sites))
+    return T * (3 * 8 * widest + kept)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def make_probe(

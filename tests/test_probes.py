@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 
 from hcdiag import registry
 from hcdiag.enums import DType, Exactness, Probe
@@ -183,3 +184,28 @@ def test_activations_probe_count_mismatch(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="2 sites but the model has 3") as ei:
         p.prepare(sites)
     assert ei.value.option == "--activations"
+
+
+def test_random_probe_refuses_tokens_that_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the bound is the closed form T (3 * 8 nC + sites * 2 * 8 n^2): inputs of the widest site (draw, cast,
+    # RMSNorm-ed copy) plus each site's kept float64 logits and H_res
+    import hcdiag.probes as probes
+
+    sites = [_site("mhc", 0), _site("mhc", 1), _site("mhc", 2, n=2, c=40)]
+    per_token = 3 * 8 * max(N * C, 2 * 40) + 2 * 8 * (N * N + N * N + 2 * 2)
+    assert probes.random_probe_bytes(7, sites) == 7 * per_token
+    have = 1000 * per_token + per_token // 2
+    monkeypatch.setattr(probes, "physical_memory_bytes", lambda: have)
+    RandomProbe(tokens=1000).prepare(sites)  # fits: nothing raised
+    with pytest.raises(UsageError, match=r"--tokens 1001 needs .* use --tokens 1000 or fewer") as exc:
+        RandomProbe(tokens=1001).prepare(sites)
+    assert exc.value.option == "--tokens"
+
+
+def test_cli_refuses_tokens_that_do_not_fit_before_allocating() -> None:
+    # 10^12 tokens of [n, C] float64 would be petabytes: refused in one line, exit 2, before any draw
+    sample = Path(__file__).resolve().parent.parent / "samples" / "mhc.safetensors"
+    res = run_cli("stochasticity", str(sample), "--probe", "random", "--tokens", str(10**12))
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--tokens 1000000000000 needs" in lines[0] and "or fewer" in lines[0], lines
