@@ -20,6 +20,7 @@ class Convention(StrEnum):
     PAPER = "paper"  # exp start, columns then rows; exact paper rows (mHC Eq. 9)
     LOG = "log"  # log domain, lse over input axis then output axis; exact paper columns
     TRANSFORMERS = "transformers"  # softmax + eps start on comb = H_res^T; exact paper rows
+    TRANSFORMERS_SIGMOID = "transformers-sigmoid"  # earlier transformers DeepSeek-V4: sigmoid + eps start on comb
     LUCIDRAINS = "lucidrains"  # exp(l - max) on alpha = H_res^T, inputs then outputs; exact paper columns
 
 

@@ -625,12 +625,11 @@ def _sinkhorn_override(base: SinkhornSpec | None, iters: int | None, conv: Conve
     new_conv = conv if conv is not None else Convention(base.convention)
     if new_conv == Convention(base.convention):
         eps = base.eps
-    elif new_conv is Convention.TRANSFORMERS:
-        from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS
-
-        eps = TRANSFORMERS_DEFAULT_EPS  # the convention includes DeepSeek-V4's hc_eps
     else:
-        eps = 0.0  # only 'transformers' has an eps
+        from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, has_eps
+
+        # the transformers conventions include DeepSeek-V4's hc_eps; the others have none
+        eps = TRANSFORMERS_DEFAULT_EPS if has_eps(new_conv) else 0.0
     return SinkhornSpec(new_conv, iters if iters is not None else base.iters, eps=eps, source="cli")
 
 

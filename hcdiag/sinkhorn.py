@@ -15,6 +15,8 @@ name         start                 one iteration (on the tensor named)          
 paper        exp(logits)           H: columns, then rows (mHC Eq. 9)                    none  rows
 log          logits (log domain)   alpha: -lse over input axis, then output axis; exp   none  columns
 transformers softmax(comb) + eps   comb: iteration 1 columns only; then rows, columns   +eps  rows
+transformers sigmoid(comb) + eps   comb: rows, then columns (every iteration)           +eps  rows
+-sigmoid
 lucidrains   exp(alpha - max_in)   alpha: L1 over input axis, then output axis          clamp columns
 ============ ===================== ==================================================== ===== ==========
 
@@ -42,6 +44,7 @@ __all__ = [
     "check_finite",
     "eps_floor",
     "exact_axis",
+    "has_eps",
     "iters_to_tol",
     "iters_to_tol_detail",
     "parse_convention",
@@ -141,6 +144,19 @@ def _tf_step(c: torch.Tensor, k: int, eps: float) -> torch.Tensor:
     return c / (c.sum(dim=-2, keepdim=True) + eps)
 
 
+# transformers-sigmoid: the earlier transformers DeepSeek-V4 code (DeepseekV4HyperConnection._sinkhorn in
+# src/transformers/models/deepseek_v4/modular_deepseek_v4.py as stored in the search index, file id 53747464290;
+# the commit could not be pinned: `fetch` of huggingface/transformers was refused, 1.33 GB > 500 MB cap). On comb:
+# comb = sigmoid(comb_logits) + eps; iters x [comb /= comb.sum(-1) + eps; comb /= comb.sum(-2) + eps].
+# No transformers release on PyPI ships it (5.7.0 .. 5.24.0 have the softmax start): it was the draft-PR code.
+def _sig_start(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.sigmoid(_to_code(logits)) + eps
+
+
+def _sig_step(c: torch.Tensor, k: int, eps: float) -> torch.Tensor:
+    return _tf_step(c, 2, eps)  # every iteration is one (row, column) pair
+
+
 # lucidrains (hyper-connections 0.4.x `sinkhorn_knopps`): on alpha = H^T,
 # alpha = exp(alpha - alpha.amax(-2).detach()); iters x [l1norm(dim=-2), l1norm(dim=-1)] with
 # l1norm = F.normalize(p=1), i.e. t / max(sum|t|, 1e-12). The library casts to float32 first (and back
@@ -159,6 +175,7 @@ _CONVENTIONS: dict[Convention, _Impl] = {
     Convention.PAPER: _Impl(_paper_start, _paper_step, lambda m: m, "rows", has_eps=False),
     Convention.LOG: _Impl(_log_start, _log_step, _log_to_paper, "columns", has_eps=False),
     Convention.TRANSFORMERS: _Impl(_tf_start, _tf_step, _from_code, "rows", has_eps=True),
+    Convention.TRANSFORMERS_SIGMOID: _Impl(_sig_start, _sig_step, _from_code, "rows", has_eps=True),
     Convention.LUCIDRAINS: _Impl(_lr_start, _lr_step, _from_code, "columns", has_eps=False),
 }
 
@@ -208,7 +225,8 @@ def _prepare(logits: torch.Tensor, conv: Convention, eps: float) -> torch.Tensor
     if eps != 0 and not _CONVENTIONS[conv].has_eps:
         # refusing beats silently ignoring a value the user (or a config) asked for
         raise UsageError(
-            f"convention {conv.value!r} has no eps (got eps={eps!r}); only 'transformers' uses one",
+            f"convention {conv.value!r} has no eps (got eps={eps!r}); only "
+            f"{', '.join(repr(c.value) for c in _CONVENTIONS if _CONVENTIONS[c].has_eps)} use one",
             option="eps",
         )
     if logits.dtype in (torch.bfloat16, torch.float16):
@@ -539,9 +557,12 @@ class _Block:
 def _engine_orders(x: torch.Tensor, conv: Convention) -> _Orders | None:
     """The orders for the engine on ``x`` [..., n, n], or None where the reference loop must run instead:
     autograd recording (the engine works in place), a non-CPU device, an empty batch, sums it cannot match,
-    or paper-convention logits whose memory is not in row-major order (the reference's exp keeps that layout,
-    and torch's sums then add in another order)."""
+    paper-convention logits whose memory is not in row-major order (the reference's exp keeps that layout,
+    and torch's sums then add in another order), or transformers-sigmoid (float32 sigmoid differs by an ulp
+    between torch's vector and scalar tails, so a start computed per block is not the whole batch's start)."""
     if x.device.type != "cpu" or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if conv is Convention.TRANSFORMERS_SIGMOID:
         return None
     if conv is Convention.PAPER and not _row_major(x):
         return None
@@ -666,6 +687,11 @@ def _reference_sinkhorn(
 def project(logits: torch.Tensor, spec: SinkhornSpec) -> torch.Tensor:
     """H_res [..., n, n] (paper orientation) from paper-orientation logits [..., n, n] as ``spec`` says."""
     return sinkhorn(logits, spec.convention, spec.iters, eps=spec.eps).matrix
+
+
+def has_eps(convention: Convention | str) -> bool:
+    """Whether the convention takes an eps (transformers, transformers-sigmoid: DeepSeek-V4's ``hc_eps``)."""
+    return _CONVENTIONS[parse_convention(convention)].has_eps
 
 
 def exact_axis(convention: Convention | str) -> str:

@@ -45,7 +45,14 @@ from hcdiag.metrics import (
 )
 from hcdiag.model import LoadedModel, Site
 from hcdiag.probes import ProbeBase, make_probe, torch_dtype
-from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, exact_axis, iters_to_tol_detail, parse_convention, sinkhorn
+from hcdiag.sinkhorn import (
+    TRANSFORMERS_DEFAULT_EPS,
+    exact_axis,
+    has_eps,
+    iters_to_tol_detail,
+    parse_convention,
+    sinkhorn,
+)
 from hcdiag.site import SinkhornSpec, SiteModule, res_tensor_keys
 
 __all__ = [
@@ -383,7 +390,7 @@ def effective_spec(
         e, e_src = float(eps), "cli"
     elif conv is base_conv:
         e, e_src = float(base.eps), base_src("eps")
-    elif conv is Convention.TRANSFORMERS:
+    elif has_eps(conv):
         e, e_src = TRANSFORMERS_DEFAULT_EPS, "default"
     else:
         e, e_src = 0.0, "default"

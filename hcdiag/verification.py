@@ -47,9 +47,8 @@ The **fingerprint** asks which Sinkhorn choices reproduce the H_res the model us
 gives (site ``res_logits``) on S sampled tokens: start exp / exp - max / softmax + eps / sigmoid + eps, eps in the
 denominators or not, pass order (columns or rows first, in paper axes), orientation (on H or on H^T), exp or log
 domain, iterations 1..100. Candidates come from :func:`hcdiag.sinkhorn.sinkhorn` (conventions paper, log,
-transformers, lucidrains, each on the logits and on their transpose), plus one implemented here: the sigmoid start
-of the earlier transformers DeepSeek-V4 code (``comb = sigmoid(logits) + eps``, then K x (rows, columns) of comb,
-each division by sum + eps), which :mod:`hcdiag.sinkhorn` does not have (to integrate there later). In exact
+transformers, transformers-sigmoid (the earlier transformers DeepSeek-V4 start), lucidrains, each on the logits
+and on their transpose). In exact
 arithmetic the exp and log domains, and exp with or without the max subtracted, are the same map, so candidates
 are grouped into classes (start, pass order, eps); the report names the best candidate, the other members of its
 class (``equivalent``: told apart by rounding only), the runner-up (best candidate of another class or another
@@ -86,7 +85,6 @@ __all__ = [
     "Fingerprint",
     "SiteVerification",
     "VerifyReport",
-    "sigmoid_sinkhorn",
     "verify",
 ]
 
@@ -124,7 +122,7 @@ class Candidate:
     """One Sinkhorn candidate of the fingerprint: the family's choices, its iteration count and residual."""
 
     family: str  # e.g. "transformers", "paper (transposed)", "sigmoid (earlier transformers)"
-    convention: str  # hcdiag convention name, or "sigmoid"
+    convention: str  # hcdiag convention name
     transposed: bool  # run on the logits' transpose (the other orientation), result transposed back
     start: str
     eps: float
@@ -263,17 +261,6 @@ class VerifyReport:
 # Sinkhorn candidates
 
 
-def sigmoid_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> Iterator[tuple[int, torch.Tensor]]:
-    """The earlier transformers DeepSeek-V4 Sinkhorn, every iterate: comb = sigmoid(comb logits) + eps, then
-    ``iters`` x (rows, columns) of comb, each division by (sum + eps). logits [..., n, n] paper orientation
-    (comb = logits^T); yields (k, H_res after k iterations [..., n, n], paper orientation), k = 1..iters."""
-    comb = torch.sigmoid(logits.transpose(-1, -2)) + eps
-    for k in range(1, iters + 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-        yield k, comb.transpose(-1, -2)
-
-
 @dataclass(frozen=True)
 class _Family:
     name: str
@@ -290,10 +277,7 @@ class _Family:
         lg = logits.transpose(-1, -2) if self.transposed else logits
         back: Callable[[torch.Tensor], torch.Tensor] = (lambda m: m.transpose(-1, -2)) if self.transposed \
             else (lambda m: m)
-        if self.convention == "sigmoid":
-            for k, m in sigmoid_sinkhorn(lg, K, self.eps):
-                yield k, back(m)
-        elif self.eps:  # transformers: each k from scratch (the eps start cannot be restarted from a matrix)
+        if self.eps:  # transformers(-sigmoid): each k from scratch (an eps start cannot restart from a matrix)
             for k in range(1, K + 1):
                 yield k, back(sinkhorn(lg, self.convention, k, eps=self.eps).matrix)
         else:  # no eps: one iteration from log(H_k) is iteration k + 1 (the starts are scale invariant)
@@ -319,8 +303,8 @@ def _families(eps: float) -> list[_Family]:
                     ("exp", rc, False)),
             _Family("transformers" + suffix, Convention.TRANSFORMERS.value, t, "softmax + eps", cr, "exp", eps,
                     ("exp", cr, True)),
-            _Family("sigmoid (earlier transformers)" + suffix, "sigmoid", t, "sigmoid + eps", cr, "exp", eps,
-                    ("sigmoid", cr, True)),
+            _Family("sigmoid (earlier transformers)" + suffix, Convention.TRANSFORMERS_SIGMOID.value, t,
+                    "sigmoid + eps", cr, "exp", eps, ("sigmoid", cr, True)),
         ]
     return out
 

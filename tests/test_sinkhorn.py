@@ -61,6 +61,15 @@ def ref_transformers(logits: torch.Tensor, k: int, eps: float) -> torch.Tensor:
     return comb.transpose(-1, -2)
 
 
+def ref_transformers_sigmoid(logits: torch.Tensor, k: int, eps: float) -> torch.Tensor:
+    """The earlier transformers DeepSeek-V4 _sinkhorn on comb = H^T (sigmoid + eps start, k x (rows, columns))."""
+    comb = torch.sigmoid(logits.transpose(-1, -2).contiguous()) + eps
+    for _ in range(k):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb.transpose(-1, -2)
+
+
 def ref_log_kromhc(logits: torch.Tensor, k: int) -> torch.Tensor:
     """KromHC hyper_conn/mhc.py sinkhorn_knopps (log domain) on alpha = H^T; returns paper orientation."""
     a = logits.transpose(-1, -2).contiguous()
@@ -76,12 +85,14 @@ def ref_log_kromhc(logits: torch.Tensor, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [3, 4, 8])
 @pytest.mark.parametrize("convention", ALL)
 def test_converged_limit_matches_pot(convention: Convention, n: int) -> None:
-    """All four conventions converge to the unique doubly stochastic scaling diag(a) exp(L) diag(b)."""
+    """The exp-start conventions converge to the unique doubly stochastic scaling diag(a) exp(L) diag(b); the
+    sigmoid start to diag(a) sigmoid(L) diag(b), POT's projection of the log-kernel logsigmoid(L)."""
     from ot.batch import bregman_log_projection_batch
 
     logits = _logits(n, (6, n, n), scale=1.5)
     ones = np.ones((6, n))
-    pot = bregman_log_projection_batch(logits.numpy(), a=ones, b=ones, max_iter=20000, tol=1e-15)["T"]
+    kernel = F.logsigmoid(logits) if convention is Convention.TRANSFORMERS_SIGMOID else logits
+    pot = bregman_log_projection_batch(kernel.numpy(), a=ones, b=ones, max_iter=20000, tol=1e-15)["T"]
     res = sinkhorn(logits, convention, 5000, tol=1e-15)
     assert res.converged is True and res.iters_used < 5000
     np.testing.assert_allclose(res.matrix.numpy(), pot, rtol=0, atol=1e-10)
@@ -104,6 +115,15 @@ def test_transformers_equals_reference_loop(n: int, k: int, eps: float) -> None:
     logits = _logits(20 + n, (5, n, n), scale=2.0)
     out = sinkhorn(logits, "transformers", k, eps=eps).matrix
     torch.testing.assert_close(out, ref_transformers(logits, k, eps), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6, 1e-3])
+@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("n", [2, 4])
+def test_transformers_sigmoid_equals_reference_loop(n: int, k: int, eps: float) -> None:
+    logits = _logits(25 + n, (5, n, n), scale=2.0)
+    out = sinkhorn(logits, "transformers-sigmoid", k, eps=eps).matrix
+    torch.testing.assert_close(out, ref_transformers_sigmoid(logits, k, eps), rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])
@@ -187,6 +207,7 @@ def test_exact_axis_table() -> None:
         "paper": "rows",
         "log": "columns",
         "transformers": "rows",
+        "transformers-sigmoid": "rows",
         "lucidrains": "columns",
     }
     assert exact_axis("PAPER") == "rows"
@@ -333,6 +354,8 @@ def frozen_loop(logits: torch.Tensor, convention: str, iters: int, eps: float = 
         m = x.transpose(-1, -2).contiguous()
     elif convention == "transformers":
         m = torch.softmax(x.transpose(-1, -2).contiguous(), dim=-1) + eps
+    elif convention == "transformers-sigmoid":
+        m = torch.sigmoid(x.transpose(-1, -2).contiguous()) + eps
     else:
         a = x.transpose(-1, -2).contiguous()
         m = (a - a.amax(dim=-2, keepdim=True)).exp()
@@ -347,8 +370,8 @@ def frozen_loop(logits: torch.Tensor, convention: str, iters: int, eps: float = 
             m = m - torch.logsumexp(m, dim=-1, keepdim=True)
             yield k, m.exp().transpose(-1, -2)
             continue
-        if convention == "transformers":
-            if k > 1:
+        if convention in ("transformers", "transformers-sigmoid"):
+            if k > 1 or convention == "transformers-sigmoid":
                 m = m / (m.sum(dim=-1, keepdim=True) + eps)
             m = m / (m.sum(dim=-2, keepdim=True) + eps)
         else:
@@ -373,7 +396,7 @@ def frozen_iters_to_tol(logits: torch.Tensor, convention: str, tol: float, eps: 
 
 ENGINE_CASES = [
     (conv, eps) for conv in ("paper", "log", "lucidrains") for eps in (0.0,)
-] + [("transformers", eps) for eps in (0.0, 1e-6, 1e-3)]
+] + [(c, eps) for c in ("transformers", "transformers-sigmoid") for eps in (0.0, 1e-6, 1e-3)]
 
 
 @pytest.fixture

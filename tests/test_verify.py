@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hcdiag.capture import capture, read_activations
-from hcdiag.verification import TOLERANCE, TRANSPOSED, UNMIXED, sigmoid_sinkhorn, verify
+from hcdiag.verification import TOLERANCE, TRANSPOSED, UNMIXED, verify
 
 transformers = pytest.importorskip("transformers")
 from test_io_transformers import TINY_DSV4, _randomize_hc  # noqa: E402
@@ -232,7 +232,7 @@ def test_deepseek_v4_earlier_sigmoid_sinkhorn_is_fingerprinted(dsv4, tmp_path, m
     assert report.failing() == ["attn_0", "ffn_0", "attn_1", "ffn_1"]
     for s in report.sites:
         fp = s.fingerprint
-        assert (fp.best.convention, fp.best.transposed) == ("sigmoid", False), fp.best
+        assert (fp.best.convention, fp.best.transposed) == ("transformers-sigmoid", False), fp.best
         assert fp.best.residual < 1e-6 and fp.matches
         lo, hi = fp.iters_matching  # near convergence neighbouring counts match to rounding too
         assert lo <= 20 <= hi
@@ -241,16 +241,6 @@ def test_deepseek_v4_earlier_sigmoid_sinkhorn_is_fingerprinted(dsv4, tmp_path, m
         assert fp.layout.label == "transformers x20, eps 1e-06" and fp.layout.residual > 1e-3
         assert s.diagnosis == f"Sinkhorn {fp.best.label}" and fp.best.label.startswith("sigmoid (earlier")
     assert "sigmoid (earlier transformers) x" in report.verdict
-
-
-def test_sigmoid_sinkhorn_is_the_earlier_code() -> None:
-    """sigmoid_sinkhorn against the loop written out on comb (= H^T), as in the earlier transformers code."""
-    logits = torch.randn(5, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3
-    comb = torch.sigmoid(logits.mT) + 1e-6
-    for k, H in sigmoid_sinkhorn(logits, 7, 1e-6):
-        comb = comb / (comb.sum(-1, keepdim=True) + 1e-6)
-        comb = comb / (comb.sum(-2, keepdim=True) + 1e-6)
-        torch.testing.assert_close(H, comb.mT, rtol=0, atol=0, msg=f"iteration {k}")
 
 
 def test_old_activation_files_still_verify(dsv4, dsv4_acts, tmp_path) -> None:

@@ -42,6 +42,7 @@ from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site, TensorInfo
+from hcdiag.sinkhorn import has_eps
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
 __all__ = ["LAYOUT_FILE", "LayoutFileSite", "LayoutSpec", "parse_layout_file"]
@@ -610,7 +611,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             bounded(spec.iters, MAX_ITERS, "layout file [sinkhorn] iters", spec.path, override="--iters")
         if spec.sinkhorn_eps is not None:
             eps, eps_src = spec.sinkhorn_eps, "layout file"
-        elif conv == Convention.TRANSFORMERS:
+        elif has_eps(conv):
             eps, eps_src = 1e-6, "default (transformers hc_eps)"
         else:
             eps, eps_src = 0.0, "default"
