@@ -394,3 +394,85 @@ def test_forced_layout_and_unknown_layout(dsv4, tmp_path):
 def test_paths_are_strings(dsv4):
     _, root = dsv4
     assert load(str(root / "sharded")).path == str(Path(root / "sharded"))
+
+
+# ------------------------------------------------------------------ convention by transformers version
+
+
+def _sigmoid_start_forward(self, hidden_streams):
+    """DeepseekV4HyperConnection.forward as the earlier transformers code computed it (sigmoid start), in
+    float64: comb = sigmoid(logits) + eps, then hc_sinkhorn_iters x (rows, columns), + eps in each denominator."""
+    b, s = hidden_streams.shape[:2]
+    hc, eps = self.hc_mult, self.hc_eps
+    flat = hidden_streams.reshape(b, s, -1).double()
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.input_norm.eps)
+    pre_w, post_w, comb_w = torch.nn.functional.linear(flat, self.fn.double()).split([hc, hc, hc * hc], dim=-1)
+    pre_b, post_b, comb_b = self.base.double().split([hc, hc, hc * hc])
+    pre_s, post_s, comb_s = self.scale.double().unbind(0)
+    pre = torch.sigmoid(pre_w * pre_s + pre_b) + eps
+    post = torch.sigmoid(post_w * post_s + post_b) + eps
+    comb = torch.sigmoid(comb_w.view(b, s, hc, hc) * comb_s + comb_b.view(hc, hc)) + eps
+    for _ in range(self.hc_sinkhorn_iters):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return post, comb, (pre.unsqueeze(-1) * hidden_streams.double()).sum(dim=2)
+
+
+def _with_version(root: Path, dst: Path, version: str | None) -> Path:
+    """A copy of the sharded checkpoint whose config.json says ``transformers_version`` (None: key removed)."""
+    import shutil
+
+    shutil.copytree(root / "sharded", dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("transformers_version", None)
+    if version is not None:
+        cfg["transformers_version"] = version
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_pre_release_config_gets_the_sigmoid_start(dsv4, tmp_path, monkeypatch):
+    """transformers_version 5.8.0.dev0 (before the first release with DeepSeek-V4, whose code has the softmax
+    start): H_res equals the sigmoid-start module's comb^T (float64) within 1e-6, and the output says why."""
+    model, root = dsv4
+    loaded = load(_with_version(root, tmp_path / "old", "5.8.0.dev0"))
+    assert {s.module.sinkhorn.convention for s in loaded.sites} == {Convention.TRANSFORMERS_SIGMOID}
+    why = "config.json transformers_version 5.8.0.dev0 < 5.8.0, the first release with the softmax start"
+    assert loaded.settings_source["convention"].startswith(why)
+    assert any(note.startswith("convention: transformers-sigmoid (config.json") for note in loaded.notes)
+    monkeypatch.setattr(DeepseekV4HyperConnection, "forward", _sigmoid_start_forward)
+    worst = 0.0
+    for (_, lib), site in zip(_oracle(model, SETTINGS), loaded.sites, strict=True):
+        x = _streams(site.index + 5, 6, loaded.n, loaded.C)
+        with torch.no_grad():
+            _, comb, _ = lib(x)
+            _, _, res = site.module(x[0].double())
+        worst = max(worst, float((res - comb[0].transpose(-1, -2)).abs().max()))
+    assert worst < 1e-6
+    # and the 5.24 (softmax) matrices are visibly different: the test can fail
+    today = load(_with_version(root, tmp_path / "new", "5.24.0"))
+    x = _streams(5, 6, loaded.n, loaded.C)[0].double()
+    assert float((today.sites[0].module(x)[2] - loaded.sites[0].module(x)[2]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("version", "why"),
+    [
+        ("5.24.0", "layout (transformers; config.json transformers_version 5.24.0 >= 5.8.0: softmax start)"),
+        ("4.57.1", "layout (transformers; config.json transformers_version 4.57.1 predates"),
+        (None, "layout (transformers; installed transformers 5.24.0 >= 5.8.0"),
+    ],
+)
+def test_released_or_older_config_keeps_the_softmax_start(dsv4, tmp_path, version, why):
+    model, root = dsv4
+    loaded = load(_with_version(root, tmp_path / "ckpt", version))
+    assert {s.module.sinkhorn.convention for s in loaded.sites} == {Convention.TRANSFORMERS}
+    assert loaded.settings_source["convention"].startswith(why)
+    _check_against_library(loaded, _oracle(model, SETTINGS))  # the real 5.24 module
+
+
+def test_cli_convention_overrides_the_version(dsv4, tmp_path):
+    _, root = dsv4
+    loaded = load(_with_version(root, tmp_path / "old", "5.8.0.dev0"), options=LoadOptions(convention="transformers"))
+    assert {s.module.sinkhorn.convention for s in loaded.sites} == {Convention.TRANSFORMERS}
+    assert loaded.settings_source["convention"] == "cli (--convention)"

@@ -29,16 +29,19 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from packaging.version import InvalidVersion, Version
 
 from hcdiag.enums import Convention, Exactness, Form
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, main_prefix, register_layout
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site
+from hcdiag.sinkhorn import has_eps
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
 __all__ = [
@@ -327,9 +330,47 @@ def _settings(source: TensorSource, options: LoadOptions) -> _Settings:
     return _Settings(vals, src)
 
 
-def _convention(options: LoadOptions) -> tuple[Convention, str]:
+# The transformers release from which DeepSeek-V4's comb Sinkhorn starts from softmax + eps. Found from the PyPI
+# wheels (no git history here: `fetch` of huggingface/transformers was refused, 1.33 GB > the 500 MB cap):
+# 5.7.0 has no models/deepseek_v4; 5.8.0 (the first with it), 5.9.0, 5.10.1, 5.10.4, 5.16.1, 5.20.2, 5.22.2 and
+# 5.24.0 all start from `torch.softmax(comb...` and none from `torch.sigmoid(comb...`. The sigmoid start
+# (Convention.TRANSFORMERS_SIGMOID) was the code before the first release (the DeepSeek-V4 pull request), so
+# only a config written by a transformers 5 pre-release below 5.8.0 (e.g. 5.8.0.dev0) gets it. A 4.x version
+# predates any transformers DeepSeek-V4 code (DeepSeek's own release configs say 4.57.1) and keeps softmax.
+SOFTMAX_START_SINCE = Version("5.8.0")
+_SIGMOID_FROM = Version("5.0.0.dev0")
+
+
+def _library_version(top: dict[str, Any]) -> tuple[Version, str] | None:
+    """The transformers version that runs the checkpoint: config.json's ``transformers_version`` when present
+    and valid, else the installed transformers, else None."""
+    raw = top.get("transformers_version")
+    if raw is not None:
+        try:
+            return Version(str(raw)), f"config.json transformers_version {raw}"
+        except InvalidVersion:
+            pass
+    try:
+        v = version("transformers")
+    except PackageNotFoundError:
+        return None
+    return Version(v), f"installed transformers {v}"
+
+
+def _convention(options: LoadOptions, top: dict[str, Any], model_type: Any) -> tuple[Convention, str]:
     if options.convention is None:
-        return Convention.TRANSFORMERS, "layout (transformers)"
+        lib = _library_version(top) if model_type in (None, "deepseek_v4") else None
+        if lib is None:
+            return Convention.TRANSFORMERS, "layout (transformers)"
+        v, why = lib
+        if _SIGMOID_FROM <= v < SOFTMAX_START_SINCE:
+            return Convention.TRANSFORMERS_SIGMOID, (
+                f"{why} < {SOFTMAX_START_SINCE}, the first release with the softmax start "
+                "(the earlier DeepSeek-V4 code starts from sigmoid)"
+            )
+        if v < _SIGMOID_FROM:
+            return Convention.TRANSFORMERS, f"layout (transformers; {why} predates transformers' DeepSeek-V4 code)"
+        return Convention.TRANSFORMERS, f"layout (transformers; {why} >= {SOFTMAX_START_SINCE}: softmax start)"
     try:
         return Convention(str(options.convention)), "cli (--convention)"
     except ValueError:
@@ -373,7 +414,8 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     if prefix is None:
         raise InputError(f"{path}: no transformers mHC keys (layers.N.attn_hc.fn, layers.N.hc_attn_fn, ...)", path=path)
     st = _settings(source, options)
-    conv, conv_src = _convention(options)
+    top = source.config if isinstance(source.config, dict) else {}
+    conv, conv_src = _convention(options, top, st.values.get("model_type"))
     notes: list[str] = []
     for other in sorted(p for p in scan.groups if p != prefix):
         notes.append(
@@ -470,7 +512,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             spec = SinkhornSpec(
                 conv,
                 st.values["hc_sinkhorn_iters"],
-                st.values["hc_eps"] if conv == Convention.TRANSFORMERS else 0.0,
+                st.values["hc_eps"] if has_eps(conv) else 0.0,
                 spec_src,
             )
             module: SiteModule = TransformersMHCSite(
@@ -529,6 +571,10 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     if gaps:
         notes.append(f"no HC sites for blocks {gaps}: the depth composite skips them")
     if has_comb:
+        notes.append(f"convention: {conv.value} ({conv_src})")
+        if conv is Convention.TRANSFORMERS_SIGMOID:
+            notes.append("H_post is read as 2 sigmoid (transformers >= 5.8); the earlier code's sigmoid + eps "
+                         "is not reproduced: H_res and its Sinkhorn are")
         notes.append(
             "H_res = comb^T: transformers stores comb as [input stream, output stream] and the decoder "
             "layer applies comb^T; converted to paper convention"
