@@ -1144,6 +1144,31 @@ def _model_stack(
     return stack, specs_used
 
 
+def _recorded_warning(sites: list[Any], probe: Any, stack: torch.Tensor) -> str | None:
+    """With H_res recorded by the model (``--probe activations``): one line naming the site where the
+    recomputation differs most from the recorded matrices, if any site differs by more than float32 rounding
+    of the recomputed matrix (stochasticity's threshold); else None."""
+    from hcdiag.stochasticity import recorded_mismatch_cause, recorded_tolerance
+
+    over: list[tuple[float, float, Any]] = []
+    for site, H in zip(sites, stack[:, 0], strict=True):
+        rec = probe.recorded_h_res(site)
+        if rec is None or rec.shape != H.shape:
+            continue
+        diff, tol = float((H - rec.to(torch.float64)).abs().max()), recorded_tolerance(H)
+        if diff > tol:
+            over.append((diff, tol, site))
+    if not over:
+        return None
+    diff, tol, site = max(over, key=lambda t: t[0])
+    exactness = Exactness(getattr(site.module, "exactness", Exactness.UNCONSTRAINED)).value
+    return (
+        f"recomputed H_res differs from the model's recorded one by up to {diff:.2g} at {len(over)} site(s) "
+        f"(worst {site.name}), above float32 rounding of the recomputed matrix ({tol:.2g}): the gains below are "
+        f"not the model's; {recorded_mismatch_cause(exactness)}"
+    )
+
+
 def gain_from_model(
     model: Any,
     *,
@@ -1206,10 +1231,11 @@ def gain_from_model(
     if len(uniq_specs) > 1:
         vnotes.append(f"{name}: sites use different Sinkhorn settings")
     overflow = _overflow_note(name, curves, dt)
+    recorded = _recorded_warning(sites, probe, stack)
     result = VariantGain(
         name, "/".join(exactness), "ok", sinkhorn=sk_first, curves=curves, token_mean_curves=tm, heatmaps=heat,
         heatmap_seed=0, notes=tuple(vnotes), elapsed_s=time.perf_counter() - t_start,
-        warnings=(overflow,) if overflow else (),
+        warnings=tuple(w for w in (overflow, recorded) if w),
         stack=stack if keep_stacks else None,
     )
     probe_dict = probe.to_dict() if hasattr(probe, "to_dict") else {"kind": str(probe)}

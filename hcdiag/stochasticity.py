@@ -353,6 +353,21 @@ def rounding_bound(dtype: torch.dtype, n: int) -> float:
     return 8.0 * n * torch.finfo(dtype).eps
 
 
+def recorded_tolerance(H: torch.Tensor) -> float:
+    """How far a recomputed H_res [..., n, n] may sit from the model's recorded (float32) one by rounding alone:
+    float32 rounding of the matrix, scaled by its largest entry when that exceeds 1."""
+    H64 = H.to(torch.float64)
+    scale = max(1.0, _f(H64.abs().max())) if bool(torch.isfinite(H64).all()) else 1.0
+    return rounding_bound(torch.float32, H.shape[-1]) * scale
+
+
+def recorded_mismatch_cause(exactness: str) -> str:
+    """The likely cause when a recomputed H_res differs from the recorded one, by the site's exactness value."""
+    if exactness == Exactness.SINKHORN.value:
+        return "check --convention and --iters (the checkpoint does not store them)"
+    return "check the layout's options (e.g. --hc-tanh / --no-hc-tanh for hyper-connections HC sites)"
+
+
 def effective_spec(
     module_spec: SinkhornSpec | None,
     *,
@@ -581,8 +596,7 @@ def _analyze_site(
         if rec.shape == H.shape:
             H64 = H.to(torch.float64)
             extra["recorded_diff"] = _f((H64 - rec).abs().max())
-            scale = max(1.0, _f(H64.abs().max())) if bool(torch.isfinite(H64).all()) else 1.0
-            extra["recorded_tol"] = rounding_bound(torch.float32, n) * scale
+            extra["recorded_tol"] = recorded_tolerance(H64)
     extra.update(_pre_post(m, x, n))
     if exactness is not Exactness.UNCONSTRAINED:
         extra["perm_distance"] = _perm_distance(H)
@@ -879,11 +893,7 @@ def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -
     rec = [r for r in rows if r.recorded_diff is not None and r.recorded_diff > (r.recorded_tol or 0.0)]
     if rec:
         r = max(rec, key=lambda r: r.recorded_diff or 0.0)
-        cause = (
-            "check --convention and --iters (the checkpoint does not store them)"
-            if r.exactness == Exactness.SINKHORN.value
-            else "check the layout's options (e.g. --hc-tanh / --no-hc-tanh for hyper-connections HC sites)"
-        )
+        cause = recorded_mismatch_cause(r.exactness)
         out.append(
             f"recomputed H_res differs from the model's recorded one by up to {r.recorded_diff:.2g} at {len(rec)} "
             f"site(s) (worst {r.name}), above float32 rounding of the recomputed matrix "

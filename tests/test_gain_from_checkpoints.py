@@ -127,3 +127,44 @@ def test_from_model_with_mixed_stream_counts_is_refused_by_name():
     with pytest.raises(InputError) as err:
         gain_from_model(dataclasses.replace(model, sites=tuple(sites)))
     assert "4 at attn_0" in str(err.value) and "6 at ffn_0" in str(err.value)
+
+
+def test_from_with_recorded_h_res_warns_when_the_recomputation_differs(tmp_path):
+    """--probe activations: the recomputation is compared with the H_res the real DeepSeek-V4 modules recorded.
+    As stored (20 iterations) no warning; with --iters 3 one warning line names the site where the library's own
+    3-iteration matrices differ most from the recorded ones, and the likely cause."""
+    pytest.importorskip("transformers")
+    from test_io_transformers import TINY_DSV4, _oracle, _randomize_hc
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from hcdiag.capture import capture, read_activations
+
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**TINY_DSV4)).eval()
+    _randomize_hc(model, 3)
+    model.save_pretrained(tmp_path / "dsv4")
+    acts = tmp_path / "acts.safetensors"
+    ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture(model, acts):
+        model(ids)
+
+    def warnings(*extra):
+        p = run_cli("gain-sweep", "--from", tmp_path / "dsv4", "--probe", "activations", "--activations", acts,
+                    "--json", *extra)
+        assert p.returncode == 0, p.stderr
+        return [w for w in json.loads(p.stdout)["variants"][0]["warnings"] if "recorded one" in w]
+
+    assert warnings() == []
+    # independently: the library module at 3 iterations on the recorded inputs, against the recorded H_res
+    diffs = {}
+    for (name, lib), site in zip(_oracle(model, dict(hc_sinkhorn_iters=3)), read_activations(acts), strict=True):
+        kind, layer = name.split("_")
+        assert site.name == f"model.layers.{layer}.{kind}_hc"
+        with torch.no_grad():
+            _, comb, _ = lib(site.x.unsqueeze(0))
+        diffs[name] = float((comb[0].transpose(-1, -2).double() - site.h_res.double()).abs().max())
+    worst = max(diffs, key=diffs.__getitem__)
+    assert diffs[worst] > 1e-3
+    (line,) = warnings("--iters", "3")
+    assert f"worst {worst})" in line and "--convention and --iters" in line and "\n" not in line, line
+    assert f"up to {diffs[worst]:.2g}" in line, line
