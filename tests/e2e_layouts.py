@@ -139,47 +139,29 @@ def _transformers_case(d: Path, model: nn.Module, layers: nn.ModuleList, *, comb
 
 
 def deepseek_v4(d: Path) -> Case:
+    from test_io_transformers import TINY_DSV4
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-    cfg = DeepseekV4Config(
-        vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, q_lora_rank=16, num_experts_per_tok=1, n_routed_experts=2,
-        n_shared_experts=1, hc_mult=4, o_groups=1, o_lora_rank=16, index_n_heads=2, index_head_dim=8, index_topk=4,
-        num_nextn_predict_layers=0, sliding_window=8,
-    )  # fmt: skip
     torch.manual_seed(0)
-    model = DeepseekV4ForCausalLM(cfg)
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**dict(TINY_DSV4, num_hidden_layers=2)))
     return _transformers_case(d, model, model.model.layers, comb=True)
 
 
 def glm5_next(d: Path) -> Case:
+    from test_io_transformers import TINY_GLM5
     from transformers import Glm5NextTextConfig, Glm5NextTextModel
 
-    cfg = Glm5NextTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1, kv_lora_rank=8,
-        q_lora_rank=8, qk_rope_head_dim=0, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2, index_head_dim=8,
-        index_topk=16, index_kpool=4, linear_head_dim=8, linear_num_heads=2, hc_mult=3, hc_sinkhorn_iters=5,
-        hc_eps=2e-6, rms_norm_eps=1e-5, pad_token_id=0,
-    )  # fmt: skip
     torch.manual_seed(0)
-    model = Glm5NextTextModel(cfg)
+    model = Glm5NextTextModel(Glm5NextTextConfig(**TINY_GLM5))
     return _transformers_case(d, model, model.layers, comb=True)
 
 
-_HY_TEXT = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=2, head_dim=16, n_routed_experts=2, num_experts_per_tok=1,
-    kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2,
-    index_head_dim=8, index_topk=4, hc_mult=4, hc_magnitude=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
-
-
 def hy_v4(d: Path) -> Case:
+    from test_io_transformers import TINY_HY
     from transformers import HYV4Config, HYV4Model
 
     torch.manual_seed(0)
-    model = HYV4Model(HYV4Config(**_HY_TEXT))
+    model = HYV4Model(HYV4Config(**TINY_HY))
     return _transformers_case(d, model, model.layers, comb=False)
 
 
@@ -188,8 +170,10 @@ def hy_v4_vl(d: Path) -> Case:
     from transformers.models.hy_v4_vl.modeling_hy_v4_vl import HYV4VLTextModel
 
     torch.manual_seed(0)
+    from test_io_transformers import TINY_HY
+
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}  # sums to qk_rope_head_dim / 2
-    model = HYV4VLTextModel(HYV4VLTextConfig(**_HY_TEXT, rope_parameters=rope))
+    model = HYV4VLTextModel(HYV4VLTextConfig(**TINY_HY, rope_parameters=rope))
     return _transformers_case(d, model, model.layers, comb=False)
 
 

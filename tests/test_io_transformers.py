@@ -40,6 +40,21 @@ TINY_DSV4 = dict(
     num_nextn_predict_layers=0, sliding_window=8,
 )  # fmt: skip
 # non-default settings, so that reading them from config.json is visible in the numbers
+# GLM-5-Next at n = 3 with non-default Sinkhorn settings; HY-V4 (no comb: H_res = I)
+TINY_GLM5 = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1, kv_lora_rank=8,
+    q_lora_rank=8, qk_rope_head_dim=0, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2, index_head_dim=8,
+    index_topk=16, index_kpool=4, linear_head_dim=8, linear_num_heads=2, hc_mult=3, hc_sinkhorn_iters=5,
+    hc_eps=2e-6, rms_norm_eps=1e-5, pad_token_id=0,
+)  # fmt: skip
+TINY_HY = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=16, n_routed_experts=2, num_experts_per_tok=1,
+    kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2,
+    index_head_dim=8, index_topk=4, hc_mult=4, hc_magnitude=1.5, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+)  # fmt: skip
 SETTINGS = dict(hc_sinkhorn_iters=7, hc_eps=1e-5, rms_norm_eps=1e-5)
 DEFAULTS = dict(hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6)  # what hcdiag assumes without config
 
@@ -302,13 +317,7 @@ def test_inspect_counts_match_registry_and_module(dsv4):
 
 def test_glm5_next_matches_library(tmp_path):
     torch.manual_seed(0)
-    cfg = Glm5NextTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1, kv_lora_rank=8,
-        q_lora_rank=8, qk_rope_head_dim=0, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2, index_head_dim=8,
-        index_topk=16, index_kpool=4, linear_head_dim=8, linear_num_heads=2, hc_mult=3, hc_sinkhorn_iters=5,
-        hc_eps=2e-6, rms_norm_eps=1e-5, pad_token_id=0,
-    )  # fmt: skip
+    cfg = Glm5NextTextConfig(**TINY_GLM5)
     model = Glm5NextTextModel(cfg).eval()
     _randomize_hc(model, 2)
     model.save_pretrained(tmp_path)
@@ -320,13 +329,7 @@ def test_glm5_next_matches_library(tmp_path):
 
 def test_hy_v4_is_identity_residual(tmp_path):
     torch.manual_seed(0)
-    cfg = HYV4Config(
-        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=16, n_routed_experts=2, num_experts_per_tok=1,
-        kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2,
-        index_head_dim=8, index_topk=4, hc_mult=4, hc_magnitude=1.5, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )  # fmt: skip
+    cfg = HYV4Config(**TINY_HY)
     model = HYV4Model(cfg).eval()
     _randomize_hc(model, 3)
     model.save_pretrained(tmp_path)

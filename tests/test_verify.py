@@ -21,7 +21,7 @@ from hcdiag.capture import capture, read_activations
 from hcdiag.verification import TOLERANCE, TRANSPOSED, UNMIXED, verify
 
 transformers = pytest.importorskip("transformers")
-from test_io_transformers import TINY_DSV4, _randomize_hc  # noqa: E402
+from test_io_transformers import TINY_DSV4, TINY_GLM5, TINY_HY, _randomize_hc  # noqa: E402
 from transformers import (  # noqa: E402
     DeepseekV4Config,
     DeepseekV4ForCausalLM,
@@ -263,13 +263,7 @@ def test_old_activation_files_still_verify(dsv4, dsv4_acts, tmp_path) -> None:
 
 
 def _glm_config() -> Glm5NextTextConfig:
-    return Glm5NextTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1, kv_lora_rank=8,
-        q_lora_rank=8, qk_rope_head_dim=0, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2, index_head_dim=8,
-        index_topk=16, index_kpool=4, linear_head_dim=8, linear_num_heads=2, hc_mult=3, hc_sinkhorn_iters=5,
-        hc_eps=2e-6, rms_norm_eps=1e-5, pad_token_id=0,
-    )  # fmt: skip
+    return Glm5NextTextConfig(**TINY_GLM5)
 
 
 def test_glm5_next_conforms_then_flags_a_transposed_comb(tmp_path, monkeypatch) -> None:
@@ -300,13 +294,7 @@ def test_glm5_next_conforms_then_flags_a_transposed_comb(tmp_path, monkeypatch) 
 
 def test_hy_v4_identity_residual_checks_pre_and_post(tmp_path) -> None:
     torch.manual_seed(0)
-    cfg = HYV4Config(
-        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=16, n_routed_experts=2, num_experts_per_tok=1,
-        kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, index_n_heads=2,
-        index_head_dim=8, index_topk=4, hc_mult=4, hc_magnitude=1.5, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )  # fmt: skip
+    cfg = HYV4Config(**TINY_HY)
     model = HYV4Model(cfg).eval()
     _randomize_hc(model, 3)
     model.save_pretrained(tmp_path / "ckpt")
