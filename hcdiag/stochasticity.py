@@ -364,7 +364,8 @@ def recorded_tolerance(H: torch.Tensor) -> float:
 def recorded_mismatch_cause(exactness: str) -> str:
     """The likely cause when a recomputed H_res differs from the recorded one, by the site's exactness value."""
     if exactness == Exactness.SINKHORN.value:
-        return "check --convention and --iters (the checkpoint does not store them)"
+        return ("check --convention and --iters: the model may run another Sinkhorn than the one its checkpoint "
+                "or config states (or states none)")
     return "check the layout's options (e.g. --hc-tanh / --no-hc-tanh for hyper-connections HC sites)"
 
 
