@@ -69,6 +69,18 @@ def main_prefix(groups: Mapping[str, Sized]) -> str | None:
     return max(groups, key=lambda p: (len(groups[p]), -len(p)))
 
 
+def drop_layers_beyond(
+    groups: Mapping[tuple[int, str], Any], layers: int | None, what: str
+) -> tuple[dict[tuple[int, str], Any], str | None]:
+    """Sites keyed by (block, kind) without the blocks at or past ``layers`` (config's num_hidden_layers; None
+    keeps all), and the note naming those dropped (``what`` says what such layers are: MTP, draft, ...)."""
+    kept = {k: v for k, v in groups.items() if layers is None or k[0] < layers}
+    beyond = sorted({b for b, _ in groups} - {b for b, _ in kept})
+    if not beyond:
+        return kept, None
+    return kept, f"ignored HC keys of layers {beyond} (beyond num_hidden_layers={layers}: {what})"
+
+
 def register_layout(layout: Layout) -> Layout:
     _LAYOUTS[layout.name] = layout
     return layout

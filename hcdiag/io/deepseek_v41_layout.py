@@ -35,7 +35,15 @@ from typing import Any
 
 from hcdiag.enums import Convention
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, main_prefix, register_layout
+from hcdiag.io.base import (
+    Layout,
+    LoadOptions,
+    TensorSource,
+    drop_layers_beyond,
+    dtype_summary,
+    main_prefix,
+    register_layout,
+)
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
 from hcdiag.io.transformers_layout import TransformersMHCSite
 from hcdiag.model import LoadedModel, Site
@@ -165,12 +173,8 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     hc_eps, _ = _setting(cfg, "hc_eps", where, path, integer=False)
     spec, sk_src = _spec(cfg, where, options, path)
     notes: list[str] = []
-    groups = sites_keys[prefix]
-    if layers is not None:
-        beyond = sorted({b for b, _ in groups if b >= layers})
-        if beyond:
-            notes.append(f"ignored HC keys of layers {beyond} (beyond num_hidden_layers={layers}: DSpark draft layers)")
-            groups = {k: v for k, v in groups.items() if k[0] < layers}
+    groups, dropped = drop_layers_beyond(sites_keys[prefix], layers, "DSpark draft layers")
+    notes += [dropped] if dropped else []
     if not groups:
         raise InputError(f"{path}: no DeepSeek-V4.1 mHC sites within num_hidden_layers={layers}", path=path)
     sites: list[Site] = []

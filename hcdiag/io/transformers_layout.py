@@ -38,7 +38,7 @@ from packaging.version import InvalidVersion, Version
 
 from hcdiag.enums import Convention, Exactness, Form
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, main_prefix, register_layout
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, drop_layers_beyond, main_prefix, register_layout
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site
 from hcdiag.sinkhorn import has_eps
@@ -422,13 +422,9 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             f"ignored {len(scan.groups[other])} HC sites under {other or '(no prefix)'!r}; "
             f"read those under {prefix or '(no prefix)'!r}"
         )
-    sites_keys = scan.groups[prefix]
     n_layers = st.values.get("num_hidden_layers")
-    if n_layers is not None:
-        extra = sorted({b for b, _ in sites_keys if b >= n_layers})
-        if extra:
-            notes.append(f"ignored HC keys of layers {extra} (beyond num_hidden_layers={n_layers}: MTP layers)")
-            sites_keys = {k: v for k, v in sites_keys.items() if k[0] < n_layers}
+    sites_keys, dropped = drop_layers_beyond(scan.groups[prefix], n_layers, "MTP layers")
+    notes += [dropped] if dropped else []
     if not sites_keys:
         raise InputError(f"{path}: no transformers mHC sites within num_hidden_layers={n_layers}", path=path)
 
