@@ -27,6 +27,28 @@ class HCOutput(NamedTuple):
     res: torch.Tensor
 
 
+class SiteEval(NamedTuple):
+    """One evaluation of a site on tokens (:meth:`SiteModule.evaluate`): H_pre [..., n], H_post [..., n], the
+    H_res logits (:meth:`SiteModule.res_logits`' output, None where the site has none) and H_res [..., n, n]
+    itself where it came at no extra cost (None only when ``logits`` is given: project them)."""
+
+    pre: torch.Tensor
+    post: torch.Tensor
+    logits: torch.Tensor | None
+    res: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LinearRead:
+    """How a site reads its input, when it does so only through z = RMSNorm(vec(x)) W^T: ``weight`` W [k, nC]
+    (in the site's dtype) and the unweighted RMSNorm's ``eps``, RMSNorm(v) = v rsqrt(mean(v^2) + eps) over the
+    nC entries of vec(x). Then H_pre, H_post and H_res are functions of z alone
+    (:meth:`SiteModule.evaluate_read`), which lets a probe draw z directly (:mod:`hcdiag.probes`)."""
+
+    weight: torch.Tensor
+    eps: float
+
+
 @dataclass(frozen=True)
 class SinkhornSpec:
     """How a Sinkhorn site projects its logits, and where each setting came from."""
@@ -83,6 +105,24 @@ class SiteModule(torch.nn.Module):
         if all(t.dtype == dtype for t in floats):
             return self
         return copy.deepcopy(self).to(dtype)
+
+    def evaluate(self, x: torch.Tensor) -> SiteEval:
+        """H_pre, H_post and the H_res logits (or H_res) of x [..., n, C] in one call: what a command that needs
+        all three asks for. This default calls :meth:`res_logits` and :meth:`forward`; a site that normalises and
+        projects x once for all three overrides it."""
+        logits = self.res_logits(x)
+        out = self.forward(x)
+        return SiteEval(out.pre, out.post, logits, out.res)
+
+    def linear_read(self) -> LinearRead | None:
+        """W and eps where this site reads x only through z = RMSNorm(vec(x)) W^T (:class:`LinearRead`), else
+        None (the default: no such structure is claimed)."""
+        return None
+
+    def evaluate_read(self, z: torch.Tensor) -> SiteEval:
+        """:meth:`evaluate` from the read values z = RMSNorm(vec(x)) W^T [..., k] instead of x, for a site whose
+        :meth:`linear_read` is not None: ``evaluate_read(z(x)) == evaluate(x)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear read")
 
     def res_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """Pre-projection logits that H_res is computed from, for x [..., n, C].

@@ -42,7 +42,7 @@ from hcdiag.io.base import Layout, LoadOptions, TensorSource, drop_layers_beyond
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site
 from hcdiag.sinkhorn import has_eps
-from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+from hcdiag.site import HCOutput, LinearRead, SinkhornSpec, SiteEval, SiteModule
 
 __all__ = [
     "DEFAULT_HC_EPS",
@@ -111,11 +111,21 @@ class _TransformersSiteBase(SiteModule):
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
         return F.linear(flat, self.fn)
 
-    def _logits(self, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-        """x [..., n, C] -> the mixes split by ``sizes`` (pre, post[, comb]), each times its scale plus its
-        slice of base."""
-        mixes = self._mixes(x).split(sizes, dim=-1)
-        return [w * s + b for w, b, s in zip(mixes, self.base.split(sizes), self.scale.unbind(0), strict=True)]
+    def _logits(self, mixes: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """mixes [..., rows of fn] (:meth:`_mixes`) -> split by ``sizes`` (pre, post[, comb]), each times its
+        scale plus its slice of base, in the buffers' dtype."""
+        if mixes.shape[-1] != self.fn.shape[0]:
+            raise ValueError(f"expected read values [..., {self.fn.shape[0]}], got {list(mixes.shape)}")
+        parts = mixes.to(self.fn.dtype).split(sizes, dim=-1)
+        return [w * s + b for w, b, s in zip(parts, self.base.split(sizes), self.scale.unbind(0), strict=True)]
+
+    def linear_read(self) -> LinearRead:
+        """Every output is a function of RMSNorm(vec(x)) fn^T: W = fn [rows, nC], eps = rms_norm_eps."""
+        return LinearRead(self.fn, self.norm_eps)
+
+    def evaluate(self, x: torch.Tensor) -> SiteEval:
+        """H_pre, H_post and the H_res logits (or H_res) from one RMSNorm + projection of x [..., n, C]."""
+        return self.evaluate_read(self._mixes(x))
 
     def extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, norm_eps={self.norm_eps}, hc_eps={self.hc_eps}"
@@ -148,16 +158,19 @@ class TransformersMHCSite(_TransformersSiteBase):
         super().__init__(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps)
         self.sinkhorn = sinkhorn or SinkhornSpec(Convention.TRANSFORMERS, DEFAULT_ITERS, hc_eps, "default")
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate_read(self, z: torch.Tensor) -> SiteEval:
+        """mixes z [..., (n+2)n] -> H_pre, H_post [..., n] and the comb logits in paper orientation [..., n, n]."""
         n = self.n
-        pre, post, comb = self._logits(x, [n, n, n * n])
+        pre, post, comb = self._logits(z, [n, n, n * n])
         # comb logits [..., input, output] (code orientation); paper orientation is the transpose
         comb = comb.unflatten(-1, (n, n))
-        return torch.sigmoid(pre) + self.hc_eps, 2 * torch.sigmoid(post), comb.transpose(-1, -2)
+        return SiteEval(torch.sigmoid(pre) + self.hc_eps, 2 * torch.sigmoid(post), comb.transpose(-1, -2), None)
 
     def res_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., n, C] -> comb logits transposed to paper orientation [..., n, n] (row = output stream)."""
-        return self._split(x)[2]
+        logits = self.evaluate(x).logits
+        assert logits is not None
+        return logits
 
     def res_from_logits(self, logits: torch.Tensor, spec: SinkhornSpec | None = None) -> torch.Tensor:
         """H_res [..., n, n] = comb^T after the transformers Sinkhorn (softmax + eps start, eps denominators)."""
@@ -169,7 +182,8 @@ class TransformersMHCSite(_TransformersSiteBase):
 
     def forward(self, x: torch.Tensor) -> HCOutput:
         """x [..., n, C] -> H_pre [..., n], H_post [..., n], H_res [..., n, n] (paper convention)."""
-        pre, post, logits = self._split(x)
+        pre, post, logits, _ = self.evaluate(x)
+        assert logits is not None
         return HCOutput(pre, post, self.res_from_logits(logits))
 
 
@@ -207,12 +221,18 @@ class TransformersIHCSite(_TransformersSiteBase):
         """H_res = I broadcast over ``logits``' leading dims."""
         return self._eye(logits.shape[:-2], logits)
 
-    def forward(self, x: torch.Tensor) -> HCOutput:
-        """x [..., n, C] -> H_pre, H_post [..., n]; H_res = I [..., n, n]."""
-        pre_l, post_l = self._logits(x, [self.n, self.n])
+    def evaluate_read(self, z: torch.Tensor) -> SiteEval:
+        """mixes z [..., 2n] -> H_pre, H_post [..., n]; no logits; H_res = I [..., n, n]."""
+        pre_l, post_l = self._logits(z, [self.n, self.n])
         pre = torch.sigmoid(pre_l) + self.hc_eps
         post = self.magnitude * torch.sigmoid(post_l) + self.hc_eps
-        return HCOutput(pre, post, self._eye(pre.shape[:-1], pre))
+        return SiteEval(pre, post, None, self._eye(pre.shape[:-1], pre))
+
+    def forward(self, x: torch.Tensor) -> HCOutput:
+        """x [..., n, C] -> H_pre, H_post [..., n]; H_res = I [..., n, n]."""
+        pre, post, _, res = self.evaluate(x)
+        assert res is not None
+        return HCOutput(pre, post, res)
 
 
 # ------------------------------------------------------------------------------------------------------------
