@@ -312,6 +312,13 @@ def _refuse_given(ctx: typer.Context, names: tuple[str, ...], why: str, fix: str
             raise UsageError(f"{opt} does not apply {why}; {fix or 'drop ' + opt}", opt)
 
 
+def _refuse_fig_without_plot(ctx: typer.Context, plot: bool) -> None:
+    """--fig-format / --fig-size say how figures are written: without --plot there are none."""
+    if not plot:
+        _refuse_given(ctx, ("fig_format", "fig_size"), "without --plot (no figures are written)",
+                      "add --plot, or drop the figure option")
+
+
 #: gain-sweep options of the synthetic stack, and those of a checkpoint (--from)
 _SYNTHETIC_ONLY = ("layers", "variants", "n", "C", "init", "logit_scale", "seeds", "kron_factors")
 _FROM_ONLY = ("probe", "activations", "layout", "layout_file", "state_key", "trust_pickle", "temperature",
@@ -393,6 +400,7 @@ def stochasticity_cmd(
 
     _stdout_check(as_json, csv_path)
     _quiet(quiet)
+    _refuse_fig_without_plot(ctx, plot)
     if tol <= 0:
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
     probe_obj = _probe(ctx, probe, activations, tokens, seed)
@@ -486,6 +494,7 @@ def gain_sweep_cmd(
 
     _stdout_check(as_json, csv_path)
     _quiet(quiet)
+    _refuse_fig_without_plot(ctx, plot)
     read_line: str | None = None
     if from_ckpt is not None:
         _refuse_given(ctx, _SYNTHETIC_ONLY, "with --from (the checkpoint fixes its sites, n, C and weights)")
@@ -718,6 +727,7 @@ def _track_table(report) -> None:
     "    hcdiag track runs/lightning/checkpoints/ --probe random --tokens 64 --json > track.json\n\n" + EPILOG_EXIT,
 )
 def track_cmd(
+    ctx: typer.Context,
     runs: Annotated[list[str], typer.Argument(
         metavar="RUN...", help="Run directories (checkpoint-STEP/ subdirectories, *.ckpt / *.pt / *.safetensors "
         "files), checkpoints, or quoted globs.")],
@@ -741,6 +751,8 @@ def track_cmd(
     csv_path: CsvOpt = None,
     output_dir: OutDirOpt = None,
     plot: PlotOpt = False,
+    fig_format: FigFormatOpt = FigFormat.PNG,
+    fig_size: FigSizeOpt = None,
     layout: LayoutOpt = None,
     layout_file: LayoutFileOpt = None,
     state_key: StateKeyOpt = None,
@@ -750,6 +762,7 @@ def track_cmd(
     """HC diagnostics of every checkpoint of a training run, one row per checkpoint, in step order."""
     _stdout_check(as_json, csv_path)
     _quiet(quiet)
+    _refuse_fig_without_plot(ctx, plot)
     from hcdiag.track import CACHE_NAME, plot_track, track_run
 
     if probe == Probe.ACTIVATIONS:
@@ -768,12 +781,7 @@ def track_cmd(
                        cache_in_checkpoint=cache_in_checkpoint, jobs=jobs, progress=progress)
     doc = report.to_dict()
     if plot:
-        from hcdiag.fileio import ensure_dir
-
-        files = plot_track(report, ensure_dir(output_dir or Path("hcdiag-out")))
-        doc["plots"] = [str(f) for f in files]
-        if not quiet:
-            _stderr("plots: " + ", ".join(str(f) for f in files))
+        _plots(plot_track, report, output_dir, doc, fig_format, fig_size)
     if not _outputs(doc, report.csv_rows(), name="track", as_json=as_json, csv_path=csv_path,
                     output_dir=output_dir):
         _track_table(report)

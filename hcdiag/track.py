@@ -42,6 +42,7 @@ from typing import Any
 
 from hcdiag.enums import DType, Probe
 from hcdiag.errors import InputError, UsageError
+from hcdiag.plot_common import FigOptions
 
 __all__ = [
     "CACHE_NAME",
@@ -683,22 +684,20 @@ def track_run(
 # Figure
 
 
-def plot_track(report: TrackReport, out_dir: Path, fmt: str = "png") -> list[Path]:
+def plot_track(report: TrackReport, out_dir: Path, opts: FigOptions | None = None) -> list[Path]:
     """``track.<fmt>``: each metric of :data:`CHECKPOINT_METRICS` against step (log y where the metric is an
     error, range or distance whose positive values span a decade), loss and grad norm beside them when the run
-    recorded them. Written atomically; matplotlib is imported here."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    recorded them. Written atomically in ``opts``' format and size (:mod:`hcdiag.plot_common`, as every figure);
+    matplotlib is imported there."""
+    from hcdiag.plot_common import new_figure, save
 
-    from hcdiag.fileio import atomic_write
-
+    opts = opts or FigOptions()
     entries = report.entries
     steps = [e["step"] for e in entries]
     panels = list(CHECKPOINT_METRICS) + [k for k in ("loss", "grad_norm") if report.training.get(k)]
     cols = 3
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4.0 * cols, 2.6 * rows), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure((4.0 * cols, 2.6 * rows), opts)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, name in zip(axes, panels, strict=False):
         if name in CHECKPOINT_METRICS:
@@ -722,7 +721,5 @@ def plot_track(report: TrackReport, out_dir: Path, fmt: str = "png") -> list[Pat
         ax.set_visible(False)
     probe = entries[0]["probe_description"] if entries else ""
     fig.suptitle(f"HC diagnostics over {len(entries)} checkpoints (probe {probe})", fontsize=10)
-    meta = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else {}
-    out = atomic_write(out_dir / f"track.{fmt}", lambda tmp: fig.savefig(tmp, format=fmt, metadata=meta),
-                       option="--output-dir")
+    out = save(fig, out_dir, "track", opts)
     return [out]

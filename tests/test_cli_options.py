@@ -40,3 +40,10 @@ def test_probe_options_need_their_probe(command, opt):
 def test_the_same_options_with_their_probe_run():
     assert run_cli("stochasticity", MHC, "--probe", "random", "--tokens", "5", "--seed", "1").returncode == 0
     assert run_cli("gain-sweep", "--layers", "2", "--seeds", "2", "--tokens", "2").returncode == 0
+
+
+@pytest.mark.parametrize("command", [["stochasticity", MHC], ["gain-sweep", "--layers", "2"],
+                                     ["track", MHC]], ids=lambda c: c[0])
+@pytest.mark.parametrize("opt", [["--fig-format", "svg"], ["--fig-size", "8x5"]], ids=lambda o: o[0])
+def test_figure_options_need_plot(command, opt):
+    _one_line_usage_error(run_cli(*command, *opt), opt[0])

@@ -205,6 +205,15 @@ def test_csv_long_form_and_plot(run, tmp_path):
     assert len(got) == 1 and float(got[0]["value"]) == site["col_err_max"]
 
 
+def test_plot_in_the_figure_format_and_size_asked(run, tmp_path):
+    out, _, _ = run
+    p = run_cli("track", out / "run", "-o", tmp_path / "o", "--plot", "--fig-format", "svg", "--fig-size", "7x4")
+    assert p.returncode == 0, p.stderr
+    svg = (tmp_path / "o" / "track.svg").read_text()
+    assert 'width="504pt" height="288pt"' in svg  # 7 x 4 inches at 72 pt per inch
+    assert not (tmp_path / "o" / "track.png").exists()
+
+
 def test_steps_from_entries_metadata_and_names(tmp_path):
     assert checkpoint_step(SAMPLES / "mhc_trainloop.pt") == (300, "checkpoint (step)")
     assert checkpoint_step(SAMPLES / "mhc.safetensors", {"training": json.dumps({"steps": 300})}) == (
