@@ -128,6 +128,27 @@ COLUMNS: dict[str, dict[str, str]] = {
         "res_tensors": "JSON list of the checkpoint tensors that make H_res",
         "worst_error": "max of row_err_max and col_err_max; empty for unconstrained sites",
     },
+    "verify": {
+        "index": "0-based site index in depth order",
+        "name": "site name (attn_0, ffn_0, ...)",
+        "conforms": "true when every check the site has is within the tolerance (JSON tolerance; default 64 x "
+        "float32 eps = 7.6e-6)",
+        "update_model": "rel(H_res x + H_post^T F, x_{l+1}) = ||a - b||_F / ||b||_F with the matrices the model "
+        "produced (mHC Eq. 3); empty where the update was not recorded",
+        "update_recomputed": "the same residual with the H_res, H_post the checkpoint's parameters give under the "
+        "layout's convention; empty where the update was not recorded",
+        "branch_input": "rel(H_pre x, branch input) with the recomputed H_pre; empty where the module did not "
+        "return its branch input",
+        "h_res": "rel(recomputed H_res, the model's H_res); empty where the module did not expose it",
+        "h_post": "rel(recomputed H_post, the model's H_post); empty where the module did not expose it",
+        "diagnosis": "for a site that does not conform: the first diagnosis whose residual reaches the tolerance "
+        "(transposed mix, H_res = I, split order, iteration count, ...); empty otherwise",
+        "fingerprint": "the Sinkhorn candidate (family, iterations) that best reproduces the model's H_res; empty "
+        "without a fingerprint",
+        "fingerprint_residual": "rel(H_candidate, H_model) of that candidate",
+        "runner_up": "the best candidate of another class or iteration count",
+        "runner_up_residual": "rel(H_candidate, H_model) of the runner-up",
+    },
     "gain-sweep": GAIN_CURVE_COLUMNS,
     "track": {
         "step": "training step of the checkpoint",

@@ -21,7 +21,7 @@ from cli_runner import run_cli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 MHC = SAMPLES / "mhc.safetensors"
-COMMANDS = ("params", "stochasticity", "gain-sweep", "inspect", "verify", "variants")
+COMMANDS = ("params", "stochasticity", "gain-sweep", "inspect", "verify", "track", "variants")
 
 
 @pytest.fixture()
@@ -147,7 +147,21 @@ def test_stochasticity_csv_holds_every_site_and_says_what_each_column_means(tmp_
 
 
 @pytest.mark.parametrize("args", [["params", "--n", "4", "--C", "64"], ["variants"], ["inspect", MHC],
-                                  ["stochasticity", MHC], ["gain-sweep", "--from", MHC]], ids=lambda a: a[0])
+                                  ["gain-sweep", "--from", MHC], ["track", MHC]], ids=lambda a: a[0])
+def test_every_csv_column_is_described(tmp_path, args):
+    p = run_cli(*args, "--csv", tmp_path / "x.csv")
+    assert p.returncode == 0, p.stderr
+    header = next(csv.reader((tmp_path / "x.csv").open()))
+    meta = json.loads((tmp_path / "x.csv-metadata.json").read_text())
+    described = {c["name"]: c["dc:description"] for c in meta["tableSchema"]["columns"]}
+    assert list(described) == header
+    vague = [c for c, d in described.items() if not d or "see the field of the same name" in d]
+    assert not vague, f"describe these {args[0]} columns in hcdiag/columns.py COLUMNS: {vague}"
+
+
+@pytest.mark.parametrize("args", [["params", "--n", "4", "--C", "64"], ["variants"], ["inspect", MHC],
+                                  ["stochasticity", MHC], ["gain-sweep", "--from", MHC], ["track", MHC]],
+                         ids=lambda a: a[0])
 def test_csv_dash_writes_the_csv_to_stdout_and_nothing_else(tmp_path, args):
     p = run_cli(*args, "--csv", "-")
     assert p.returncode == 0, p.stderr

@@ -167,6 +167,10 @@ def test_cli_table_csv_and_usage_errors(dsv4, dsv4_acts, tmp_path) -> None:
     assert [(row["name"], row["conforms"]) for row in rows] == [(n, "True") for n in ("attn_0", "ffn_0", "attn_1",
                                                                                       "ffn_1")]
     assert all(float(row["update_recomputed"]) < 1e-6 and row["fingerprint"] == "" for row in rows)
+    meta = json.loads((tmp_path / "v.csv-metadata.json").read_text())
+    described = {c["name"]: c["dc:description"] for c in meta["tableSchema"]["columns"]}
+    assert list(described) == list(rows[0])
+    assert not [c for c, d in described.items() if "see the field of the same name" in d], described
     for args in (["--activations", tmp_path / "missing.safetensors"], ["--activations", dsv4_acts, "--tol", "0"]):
         r = run_cli("verify", ckpt, *args)
         assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
