@@ -26,6 +26,7 @@ error of a finite number of iterations sits in the other axis.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ __all__ = [
     "has_eps",
     "iters_to_tol",
     "iters_to_tol_detail",
+    "one_thread",
     "parse_convention",
     "project",
     "sinkhorn",
@@ -271,7 +273,7 @@ _Op = tuple[_Ref, _Ref, "_Ref | None"]  # dst = a + b (b None: dst = a, a copy)
 _MAX_N = 16  # up to here every cascade of SumKernel is a plain left-to-right sum (it changes order past 16)
 _DIRECT_N = 4  # up to here every order torch uses is the plain left-to-right one: one torch.sum does it
 _BLOCK_ELEMS = 1 << 17  # entries per block (512 KiB of float32): ops big enough to amortise their call, in L2
-_SERIAL_ELEMS = (1 << 15) - 1  # entries per block with intra-op threads: below torch's grain, every op serial
+_SEARCH_ELEMS = 1 << 19  # iters_to_tol's blocks: its per-iteration bookkeeping ops, not the data, set the cost
 _CYCLE_EVERY = 16  # iters_to_tol compares the state of iteration 16 j with those of 16 j + 1, 16 j + 2
 _GIVE_UP_MARGIN = 1.25  # iters_to_tol gives a matrix up only if even its optimistic estimate exceeds this x cap
 
@@ -475,7 +477,8 @@ class _Block:
         self.conv, self.n, self.b = conv, n, b
         self.x = buf(n, n, b) if x is None else x
         self.e = buf(n, n, b) if conv is Convention.LOG else None
-        self.s0, self.s1, self.m = buf(n, b), buf(n, b), buf(n, b)
+        self.s01, self.m = buf(2 * n, b), buf(n, b)
+        self.s0, self.s1 = self.s01[:n], self.s01[n:]  # one buffer, so that worst_error reduces both at once
         self.orders = orders
         regs = buf(*orders.registers(), n, b)
         src = self.e if self.e is not None else self.x
@@ -488,9 +491,12 @@ class _Block:
         self.paper_rows_axis = 1 if conv is Convention.PAPER else 0
 
     def load(self, logits: torch.Tensor, eps: float) -> None:
-        """State after start, from paper-orientation logits [b, n, n] (the same ops as the _*_start functions)."""
+        """State after start, from paper-orientation logits [b, n, n] (the same ops as the _*_start functions);
+        transformers-sigmoid: from its start state [b, n, n] (code orientation), see :func:`_whole_start`."""
         x = self.x
-        if self.conv is Convention.PAPER:
+        if self.conv is Convention.TRANSFORMERS_SIGMOID:
+            x.copy_(logits.permute(1, 2, 0))
+        elif self.conv is Convention.PAPER:
             x.copy_(logits.permute(1, 2, 0)).exp_()
         elif self.conv is Convention.LOG:
             x.copy_(logits.permute(2, 1, 0))
@@ -506,8 +512,8 @@ class _Block:
         if conv is Convention.PAPER:
             x.div_(self.sum0().unsqueeze(0))
             x.div_(self.sum1().unsqueeze(1))
-        elif conv is Convention.TRANSFORMERS:
-            if k > 1:
+        elif conv in (Convention.TRANSFORMERS, Convention.TRANSFORMERS_SIGMOID):
+            if k > 1 or conv is Convention.TRANSFORMERS_SIGMOID:
                 x.div_(self._plus_eps(self.sum1(), eps).unsqueeze(1))
             x.div_(self._plus_eps(self.sum0(), eps).unsqueeze(0))
         elif conv is Convention.LUCIDRAINS:
@@ -543,6 +549,14 @@ class _Block:
         for axis, out in ((rows, row_out), (cols, col_out)):
             torch.amax(by_axis[axis]().sub_(1).abs_(), dim=0, out=out)
 
+    def worst_error(self, out: torch.Tensor) -> None:
+        """Per matrix max(row error, column error) -> out [b]: the larger of :meth:`errors`' two, bit for bit
+        (a max of the same values), in one reduction over both axes' sums."""
+        self.paper_matrix()
+        self.sum0()
+        self.sum1()
+        torch.amax(self.s01.sub_(1).abs_(), dim=0, out=out)
+
     def paper_into(self, out: torch.Tensor) -> None:
         """The paper-orientation matrices [b, n, n] into ``out``."""
         src = self.paper_matrix()
@@ -554,15 +568,20 @@ class _Block:
         return _Block(self.conv, self.n, x.shape[2], x.dtype, self.orders, x=x)
 
 
+def _whole_start(flat: torch.Tensor, conv: Convention, eps: float) -> torch.Tensor:
+    """What the blocks load from: the logits [B, n, n], or for transformers-sigmoid its start state computed on
+    the whole batch at once, at the caller's thread count, as the reference does (torch's float32 sigmoid
+    differs by an ulp between its vector loop and the scalar tail of each parallel chunk, so only the same
+    tensor, split the same way, gives the same bits)."""
+    return _sig_start(flat, eps) if conv is Convention.TRANSFORMERS_SIGMOID else flat
+
+
 def _engine_orders(x: torch.Tensor, conv: Convention) -> _Orders | None:
     """The orders for the engine on ``x`` [..., n, n], or None where the reference loop must run instead:
     autograd recording (the engine works in place), a non-CPU device, an empty batch, sums it cannot match,
     paper-convention logits whose memory is not in row-major order (the reference's exp keeps that layout,
-    and torch's sums then add in another order), or transformers-sigmoid (float32 sigmoid differs by an ulp
-    between torch's vector and scalar tails, so a start computed per block is not the whole batch's start)."""
+    and torch's sums then add in another order)."""
     if x.device.type != "cpu" or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled()):
-        return None
-    if conv is Convention.TRANSFORMERS_SIGMOID:
         return None
     if conv is Convention.PAPER and not _row_major(x):
         return None
@@ -576,11 +595,35 @@ def _row_major(x: torch.Tensor) -> bool:
 
 
 def _block_width(n: int, total: int) -> int:
-    """Matrices per block. With intra-op threads every op stays below torch's parallel grain (32768 entries):
-    the engine is many small ops, and past the grain each one pays a fork/join (measured on 2 shared cores:
-    4-5x slower than one thread); on one thread, larger blocks amortise each op's call."""
-    elems = _BLOCK_ELEMS if torch.get_num_threads() == 1 else _SERIAL_ELEMS
-    return max(1, min(total, elems // (n * n)))
+    """Matrices per block of :func:`sinkhorn` (the engine runs on one thread, see :func:`one_thread`)."""
+    return max(1, min(total, _BLOCK_ELEMS // (n * n)))
+
+
+def _search_width(n: int, total: int) -> int:
+    """Matrices per block of :func:`iters_to_tol_detail`: 4x :func:`_block_width`'s entries. Each iteration of the
+    search is some 15 small ops whatever the block (step, errors, stops), so larger blocks pay them fewer times
+    (measured, 352K 4 x 4 float64 at DeepSeek-V4's settings: 1.9 s at 2^15 entries, 1.1 s at 2^17, 0.6 s at 2^19)."""
+    return max(1, min(total, _SEARCH_ELEMS // (n * n)))
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the duration (restored after; nothing changes where it already is 1).
+
+    The engine is many small ops on cache-sized blocks. With intra-op threads each op that crosses torch's
+    parallel grain pays a fork/join, and on a shared machine a barrier waits for a descheduled thread; below the
+    grain the blocks get 4x smaller. Measured (2 shared cores, iters_to_tol on 352K 4 x 4 float64 matrices):
+    2 threads 2.1x the time of one thread at equal blocks. The engine's bits do not depend on it (its ops are
+    elementwise or reductions that torch splits by outputs; tests: engine on one thread == reference on two)."""
+    prev = torch.get_num_threads()
+    if prev == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -622,12 +665,30 @@ def sinkhorn(
     if orders is None:
         return _reference_sinkhorn(x, _CONVENTIONS[conv], eps, iters, tol, record)
     n, lead = x.shape[-1], x.shape[:-2]
-    flat = x.reshape(-1, n, n)
-    B = flat.shape[0]
+    src = _whole_start(x.reshape(-1, n, n), conv, eps)
+    B = src.shape[0]
     out = torch.empty(B, n, n, dtype=x.dtype)
-    track = record or tol is not None
     rows = torch.empty(iters if record else 1, B, dtype=x.dtype)
     cols = torch.empty_like(rows)
+    with one_thread():
+        k, converged = _engine_run(src, conv, orders, eps, iters, tol, record, out, rows, cols)
+    return SinkhornResult(
+        matrix=out.reshape(*lead, n, n),
+        iters_used=k,
+        converged=converged,
+        row_err_history=rows[:k].reshape(k, *lead) if record else None,
+        col_err_history=cols[:k].reshape(k, *lead) if record else None,
+    )
+
+
+def _engine_run(
+    src: torch.Tensor, conv: Convention, orders: _Orders, eps: float, iters: int, tol: float | None, record: bool,
+    out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+) -> tuple[int, bool | None]:
+    """sinkhorn's engine loop over blocks: matrices into ``out`` [B, n, n], errors into rows / cols [k, B] with
+    ``record`` (else [1, B] scratch where ``tol`` needs them); returns (iterations run, converged)."""
+    B, n = src.shape[0], src.shape[-1]
+    track = record or tol is not None
     # with tol the whole batch stops at one iteration, so it is one block; otherwise cache-sized blocks
     width = B if tol is not None else _block_width(n, B)
     converged: bool | None = None if tol is None else False
@@ -636,8 +697,8 @@ def sinkhorn(
     for lo in range(0, B, width):
         hi = min(B, lo + width)
         if blk is None or blk.b != hi - lo:
-            blk = _Block(conv, n, hi - lo, x.dtype, orders)
-        blk.load(flat[lo:hi], eps)
+            blk = _Block(conv, n, hi - lo, src.dtype, orders)
+        blk.load(src[lo:hi], eps)
         for k in range(1, iters + 1):
             blk.step(k, eps)
             if track:
@@ -647,13 +708,7 @@ def sinkhorn(
                     converged = True
                     break
         blk.paper_into(out[lo:hi])
-    return SinkhornResult(
-        matrix=out.reshape(*lead, n, n),
-        iters_used=k,
-        converged=converged,
-        row_err_history=rows[:k].reshape(k, *lead) if record else None,
-        col_err_history=cols[:k].reshape(k, *lead) if record else None,
-    )
+    return k, converged
 
 
 def _reference_sinkhorn(
@@ -802,12 +857,14 @@ def iters_to_tol_detail(
     if orders is None:
         cost = _reference_iters_to_tol(flat, _CONVENTIONS[conv], eps, tol, max_iters, iters)
     else:
-        width = _block_width(n, B)
-        for lo in range(0, B, width):
-            hi = min(B, lo + width)
-            blk = _Block(conv, n, hi - lo, x.dtype, orders)
-            blk.load(flat[lo:hi], eps)
-            cost += _block_iters_to_tol(blk, eps, tol, max_iters, iters[lo:hi], estimate[lo:hi], rate[lo:hi])
+        src = _whole_start(flat, conv, eps)
+        width = _search_width(n, B)
+        with one_thread():
+            for lo in range(0, B, width):
+                hi = min(B, lo + width)
+                blk = _Block(conv, n, hi - lo, x.dtype, orders)
+                blk.load(src[lo:hi], eps)
+                cost += _block_iters_to_tol(blk, eps, tol, max_iters, iters[lo:hi], estimate[lo:hi], rate[lo:hi])
     return ItersToTol(iters.reshape(lead), estimate.reshape(lead), rate.reshape(lead), None, cost)
 
 
@@ -838,27 +895,28 @@ def _block_iters_to_tol(
     where = torch.arange(blk.b)  # position in ``out`` of each block column
     alive = torch.ones(blk.b, dtype=torch.bool)
     watch = _RateWatch(blk.b, tol, blk.x.dtype, blk.n)
-    r = torch.empty(blk.b, dtype=blk.x.dtype)
-    c = torch.empty_like(r)
+    err = torch.empty(blk.b, dtype=blk.x.dtype)  # max(row, col) error: both <= tol iff it is (NaN: neither)
+    stop = torch.empty(blk.b, dtype=torch.bool)
     snap: torch.Tensor | None = None  # state at iteration k0, compared at k0 + 1 and k0 + 2
     repeats = torch.zeros(blk.b, dtype=torch.bool)
-    cost = 0
+    cost, live = 0, blk.b
     for k in range(1, max_iters + 1):
         blk.step(k, eps)
         cost += blk.b
-        blk.errors(r, c)
-        stop = (r <= tol) & (c <= tol) & alive
-        if bool(stop.any()):
+        blk.worst_error(err)
+        torch.le(err, tol, out=stop).logical_and_(alive)  # compared in the block's dtype, as errors() were
+        changed = bool(stop.any())
+        if changed:
             out[where[stop]] = k
-            alive &= ~stop
-        watch.record(k, r, c)
+            alive.logical_xor_(stop)  # stop is within alive
+        watch.record(k, err)
         if snap is not None:  # k = k0 + 1 or k0 + 2
             repeats |= torch.eq(blk.x, snap).flatten(0, 1).all(0)
             if k % _CYCLE_EVERY == 2:
                 settled = repeats & alive
                 estimate[where[settled]] = math.inf
                 alive &= ~settled
-                snap = None
+                snap, changed = None, True
         elif k % _CYCLE_EVERY == 0 and k >= _CYCLE_EVERY:
             snap = blk.x.clone()
             repeats.zero_()
@@ -868,13 +926,15 @@ def _block_iters_to_tol(
             if bool(slow.any()):
                 estimate[where[slow]], rate[where[slow]] = est[slow], rt[slow]
                 alive &= ~slow
-        live = int(alive.sum())
+                changed = True
+        if changed:
+            live = int(alive.sum())
         if live == 0:
             break
         if 2 * live <= blk.b and snap is None:
             keep = alive.nonzero().squeeze(1)
             blk, where, alive, watch = blk.keep(keep), where[keep], alive[keep], watch.keep(keep)
-            r, c, repeats = r[keep], c[keep], repeats[keep]
+            err, stop, repeats = err[keep], stop[keep], repeats[keep]
     else:
         est, rt, _ = watch.model()
         estimate[where[alive]], rate[where[alive]] = est[alive], rt[alive]
@@ -921,9 +981,10 @@ class _RateWatch:
         w.k = self.k
         return w
 
-    def record(self, k: int, r: torch.Tensor, c: torch.Tensor) -> None:
+    def record(self, k: int, worst: torch.Tensor) -> None:
+        """The error max(row, col) [b] after iteration k."""
         self.k = k
-        self.hist[k % len(self.hist)].copy_(torch.maximum(r, c))
+        self.hist[k % len(self.hist)].copy_(worst)
 
     def ready(self) -> bool:
         return self.k >= self._FIRST
