@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from hcdiag import __version__
-from hcdiag.enums import Convention, DType, FigFormat, Form, Probe
+from hcdiag.enums import Convention, Draw, DType, FigFormat, Form, Probe
 from hcdiag.errors import HcdiagError, UsageError
 
 #: ``hcdiag gain-sweep`` without --init / --logit-scale: N(0, 0.2^2) on every site's static H_res logits / weights
@@ -108,6 +108,10 @@ ConvOpt = Annotated[
     typer.Option("--convention", help="Sinkhorn convention (default: the checkpoint's, else `paper`).",
                  case_sensitive=False),
 ]
+DrawOpt = Annotated[Draw, typer.Option(
+    "--draw", help="How --probe random draws a site's tokens: projected draws RMSNorm(x) W^T directly for sites "
+    "that read x only through it (transformers-family; same distribution, far less work), full draws x [T, n, C]; "
+    "auto: projected where nC >= 32 k.")]
 LayoutOpt = Annotated[str | None, typer.Option("--layout", help="Force a checkpoint layout (see `hcdiag inspect`).")]
 LayoutFileOpt = Annotated[
     Path | None, typer.Option("--layout-file", help="TOML/JSON file describing an unknown checkpoint layout.")
@@ -182,20 +186,23 @@ def _record_reading(doc: dict, model) -> str:
             f"only ({model.layout} layout)")
 
 
-def _probe(ctx: typer.Context, probe: Probe, activations: Path | None, tokens: int, seed: int):
+def _probe(ctx: typer.Context, probe: Probe, activations: Path | None, tokens: int, seed: int,
+           draw: Draw = Draw.AUTO):
     """The probe object for --probe/--activations/--tokens/--seed (UsageError naming the option, also for an
     option the chosen probe does not use)."""
     from hcdiag.probes import make_probe
 
     if probe != Probe.RANDOM:
-        _refuse_given(ctx, ("tokens", "seed"), f"to --probe {probe.value} (they set the random probe's tokens)")
+        _refuse_given(ctx, ("tokens", "seed", "draw"),
+                      f"to --probe {probe.value} (they set the random probe's tokens)")
     if probe != Probe.ACTIVATIONS:
         _refuse_given(ctx, ("activations",), f"to --probe {probe.value}",
                       "drop --activations, or add --probe activations to use it")
 
     if probe == Probe.ACTIVATIONS and activations is None:
         raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)", "--activations")
-    return make_probe(probe, tokens=tokens, seed=seed, activations=str(activations) if activations else None)
+    return make_probe(probe, tokens=tokens, seed=seed, activations=str(activations) if activations else None,
+                      draw=draw.value)
 
 
 def _plots(plot, report, output_dir: Path | None, doc: dict, fig_format: FigFormat, fig_size: str | None) -> None:
@@ -321,7 +328,7 @@ def _refuse_fig_without_plot(ctx: typer.Context, plot: bool) -> None:
 
 #: gain-sweep options of the synthetic stack, and those of a checkpoint (--from)
 _SYNTHETIC_ONLY = ("layers", "variants", "n", "C", "init", "logit_scale", "seeds", "kron_factors")
-_FROM_ONLY = ("probe", "activations", "layout", "layout_file", "state_key", "trust_pickle", "temperature",
+_FROM_ONLY = ("probe", "draw", "activations", "layout", "layout_file", "state_key", "trust_pickle", "temperature",
               "hc_tanh")
 
 
@@ -370,6 +377,7 @@ def stochasticity_cmd(
     ] = None,
     tokens: Annotated[int, typer.Option("--tokens", help="Synthetic tokens for --probe random.", min=1)] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --probe random.")] = 0,
+    draw: DrawOpt = Draw.AUTO,
     iters: IterOpt = None,
     convention: ConvOpt = None,
     dtype: Annotated[DType, typer.Option("--dtype", help="Precision of the computation.")] = DType.FLOAT64,
@@ -403,7 +411,7 @@ def stochasticity_cmd(
     _refuse_fig_without_plot(ctx, plot)
     if tol <= 0:
         raise UsageError(f"--tol {tol} must be positive, e.g. 1e-6", "--tol")
-    probe_obj = _probe(ctx, probe, activations, tokens, seed)
+    probe_obj = _probe(ctx, probe, activations, tokens, seed, draw)
     model = _load(ckpt, layout, layout_file, iters, convention, trust_pickle, state_key, temperature, hc_tanh)
     report = analyze_stochasticity(model, probe=probe_obj, iters=iters, convention=convention, dtype=dtype, tol=tol)
     for w in report.warnings:
@@ -470,6 +478,7 @@ def gain_sweep_cmd(
         Path | None, typer.Option("--from", help="Use a real checkpoint's sites instead of a synthetic stack.")
     ] = None,
     probe: Annotated[Probe, typer.Option("--probe", help="With --from: stream inputs.")] = Probe.STATIC,
+    draw: DrawOpt = Draw.AUTO,
     activations: Annotated[Path | None, typer.Option("--activations", help="Activation file for --probe activations.")]
     = None,
     every: Annotated[int | None, typer.Option("--every", help="Table rows every k sites (default: ~12 rows).")]
@@ -501,7 +510,7 @@ def gain_sweep_cmd(
     else:
         _refuse_given(ctx, _FROM_ONLY, "without --from CKPT (a synthetic stack has no checkpoint to read)")
     if from_ckpt is not None:
-        probe_obj = _probe(ctx, probe, activations, tokens, seed)
+        probe_obj = _probe(ctx, probe, activations, tokens, seed, draw)
         model = _load(from_ckpt, layout, layout_file, iters, convention, trust_pickle, state_key, temperature,
                       hc_tanh)
         report = gain_from_model(

@@ -39,6 +39,14 @@ class Probe(StrEnum):
     ACTIVATIONS = "activations"  # recorded stream inputs, one [T, n, C] tensor per site
 
 
+class Draw(StrEnum):
+    """How the random probe draws a site's tokens (``--draw``; :mod:`hcdiag.probes`)."""
+
+    AUTO = "auto"  # projected where the site reads x through RMSNorm(vec x) W^T and nC >= 32 k, else full
+    PROJECTED = "projected"  # z = RMSNorm(vec x) W^T drawn directly (same distribution, k + 1 numbers per token)
+    FULL = "full"  # x [T, n, C] drawn and the site's forward run on it
+
+
 class DType(StrEnum):
     FLOAT64 = "float64"
     FLOAT32 = "float32"

@@ -1104,11 +1104,12 @@ def _model_stack(
     specs_used: list[dict[str, Any] | None] = []
     for site in sites:
         m = site.module.in_dtype(torch.float64)
-        x = probe.inputs(site, DType.FLOAT64)
         with torch.no_grad():
-            z = m.res_logits(x)
+            ev = probe.evaluate(site, m, DType.FLOAT64)  # one evaluation (or the probe's projected draw)
+            z = ev.logits
             sk = _sinkhorn_override(m.sinkhorn, iters, conv)
-            H = m.forward(x).res if z is None else m.res_from_logits(z, sk)
+            H = ev.res if z is None else m.res_from_logits(z, sk)  # SiteEval: res is None only with logits
+        assert H is not None
         H = H.detach().to(torch.float64)
         if H.ndim == 2:
             H = H.unsqueeze(0)
@@ -1238,7 +1239,7 @@ def gain_from_model(
         warnings=tuple(w for w in (overflow, recorded) if w),
         stack=stack if keep_stacks else None,
     )
-    probe_dict = probe.to_dict() if hasattr(probe, "to_dict") else {"kind": str(probe)}
+    probe_dict = probe.to_dict(sites) if hasattr(probe, "to_dict") else {"kind": str(probe)}
     inputs: dict[str, Any] = {
         "source": "checkpoint",
         "path": str(model.path),
@@ -1257,7 +1258,7 @@ def gain_from_model(
         "settings_source": dict(model.settings_source),
     }
     notes = _report_notes(dt, T, 1, False)[:2]
-    notes.append(f"probe: {probe.describe()}")
+    notes.append(f"probe: {probe.describe(sites)}")
     if T > 1:
         notes.append(
             f"tokens = {T}: curves = mean over tokens of per-token composite metrics (token t at every site), "

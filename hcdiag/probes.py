@@ -26,6 +26,24 @@ x' = RMSNorm(vec(x)) (mHC Eq. 7), so its doubly-stochastic error and gain depend
     tokens are identical across dtypes, platforms and torch versions, and different sites see independent
     draws (different layers see different stream states).
 
+    Two ways to draw them (``draw``; the JSON's probe dict states which was used as ``"draw"``):
+
+    ``full``
+        x [T, n, C] as above, then the site's own forward (RMSNorm and projection of T x nC values).
+    ``projected``
+        For a site that reads x only through z = RMSNorm(vec(x)) W^T, W [k, nC] (:meth:`SiteModule.linear_read`;
+        the transformers-family sites, k = (n+2)n), z is drawn directly, exactly in distribution: with the thin
+        QR W^T = Q R, g = vec(x) Q ~ N(0, I_k) and ||vec(x)||^2 = ||g||^2 + s with s ~ chi^2(nC - k) independent
+        of g (the part of x orthogonal to W's rows), so z = (g R) rsqrt((||g||^2 + s) / nC + eps) is distributed
+        as RMSNorm(vec(x)) W^T for x ~ N(0, I): T (k + 1) random numbers and T k^2 work instead of T nC and
+        T nC k. Per token, g [k] and then s come from the same PCG64 stream (seed, site index), in float64;
+        z is computed in float64 (R from the site's W in its compute dtype) and cast. The drawn numbers differ
+        from ``full``'s (same distribution, other samples). Student-t (``df``) is not rotation invariant, so it
+        is always drawn ``full``, as is every site without a linear read.
+    ``auto`` (the default)
+        ``projected`` where it saves work, nC >= :data:`AUTO_MIN_RATIO` x k (DeepSeek-V4-Flash: nC = 16384,
+        k = 24), else ``full`` (tiny models, where the full draw costs about as much).
+
 ``activations FILE``
     Recorded stream inputs per site (:func:`hcdiag.capture.read_activations`: ``sites.{i}.x`` [T, n, C] and
     the model's own ``sites.{i}.h_res`` [T, n, n]). Captured sites are matched to the model's sites by name
@@ -43,11 +61,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from hcdiag.enums import DType, Probe
+from hcdiag.enums import Draw, DType, Probe
 from hcdiag.errors import InputError, UsageError
 from hcdiag.model import Site
+from hcdiag.site import LinearRead, SiteEval, SiteModule
 
 __all__ = [
+    "AUTO_MIN_RATIO",
+    "DRAWS",
     "ActivationsProbe",
     "ProbeBase",
     "RandomProbe",
@@ -84,6 +105,12 @@ def _site_shape(site: Site) -> tuple[int, int]:
     return int(site.module.n), int(site.module.C)
 
 
+#: the random probe's ways to draw (see the module docstring)
+DRAWS = tuple(d.value for d in Draw)
+#: ``auto`` draws ``projected`` where nC >= AUTO_MIN_RATIO x k (the full route costs about nC / k times more)
+AUTO_MIN_RATIO = 32
+
+
 @dataclass(frozen=True)
 class ProbeBase:
     """What every probe offers: ``inputs(site, dtype) -> x [T, n, C]``, a description, a JSON dict."""
@@ -96,14 +123,26 @@ class ProbeBase:
     def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
         raise NotImplementedError
 
+    def evaluate(self, site: Site, module: SiteModule, dtype: DType | str | torch.dtype = DType.FLOAT64) -> SiteEval:
+        """``module`` (``site``'s module in the compute dtype ``dtype``) evaluated once on this probe's tokens
+        (:meth:`SiteModule.evaluate`): what the analyses use, so a probe may skip building x."""
+        return module.evaluate(self.inputs(site, dtype))
+
+    def site_tokens(self, site: Site) -> int:
+        """T: how many tokens :meth:`inputs` / :meth:`evaluate` give for ``site`` (subclasses answer without
+        building them)."""
+        return int(self.inputs(site).shape[0])
+
     def recorded_h_res(self, site: Site) -> torch.Tensor | None:
         """The model's own H_res for these inputs, [T, n, n] paper convention, when the probe recorded it."""
         return None
 
-    def describe(self) -> str:
+    def describe(self, sites: list[Site] | None = None) -> str:
+        """One line for reports; ``sites``: the analysed sites, where the description depends on them."""
         raise NotImplementedError
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, sites: list[Site] | None = None) -> dict[str, Any]:
+        """JSON-able settings; ``sites`` as for :meth:`describe`."""
         raise NotImplementedError
 
 
@@ -117,67 +156,133 @@ class StaticProbe(ProbeBase):
     def tokens(self) -> int:
         return 1
 
+    def site_tokens(self, site: Site) -> int:
+        return 1
+
     def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
         n, C = _site_shape(site)
         return torch.zeros(1, n, C, dtype=torch_dtype(dtype))
 
-    def describe(self) -> str:
+    def describe(self, sites: list[Site] | None = None) -> str:
         return "static (x = 0: bias logits alone)"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, sites: list[Site] | None = None) -> dict[str, Any]:
         return {"kind": self.kind.value, "tokens": 1}
 
 
 @dataclass(frozen=True)
 class RandomProbe(ProbeBase):
-    """T synthetic tokens, x ~ N(0, 1) i.i.d. per entry (Student-t(df) with ``df``), seeded per site."""
+    """T synthetic tokens, x ~ N(0, 1) i.i.d. per entry (Student-t(df) with ``df``), seeded per site; drawn
+    ``full`` or ``projected`` as ``draw`` says (see the module docstring)."""
 
     tokens: int = 256
     seed: int = 0
     df: float | None = None
+    draw_mode: str = "auto"
 
     kind: ClassVar[Probe] = Probe.RANDOM
 
-    def draw(self, site_index: int, n: int, C: int) -> np.ndarray:
-        """The float64 tokens [T, n, C] of site ``site_index`` (PCG64 seeded by (seed, site_index))."""
+    def _rng(self, site_index: int) -> np.random.Generator:
         seq = np.random.SeedSequence([self.seed % 2**64, site_index])
-        rng = np.random.Generator(np.random.PCG64(seq))
+        return np.random.Generator(np.random.PCG64(seq))
+
+    def draw(self, site_index: int, n: int, C: int) -> np.ndarray:
+        """The float64 tokens [T, n, C] of site ``site_index`` (PCG64 seeded by (seed, site_index)): the
+        ``full`` draw."""
+        rng = self._rng(site_index)
         if self.df is None:
             return rng.standard_normal((self.tokens, n, C))
         return rng.standard_t(self.df, (self.tokens, n, C))
+
+    def draw_projected(self, site_index: int, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``projected`` draw of site ``site_index`` for a read of ``k`` of ``width`` = nC dimensions:
+        g [T, k] ~ N(0, 1) and then s [T] ~ chi^2(width - k), float64, from PCG64 seeded by (seed, site_index)."""
+        rng = self._rng(site_index)
+        g = rng.standard_normal((self.tokens, k))
+        return g, rng.chisquare(width - k, self.tokens)
+
+    def site_tokens(self, site: Site) -> int:
+        return self.tokens
+
+    def site_draw(self, site: Site) -> str:
+        """``projected`` or ``full``: how this probe draws ``site``'s tokens (the module docstring says when)."""
+        read = site.module.linear_read() if self.df is None and self.draw_mode != "full" else None
+        if read is None:
+            return "full"
+        k, width = (int(d) for d in read.weight.shape)
+        if k >= width or (self.draw_mode == "auto" and width < AUTO_MIN_RATIO * k):
+            return "full"
+        return "projected"
+
+    def read_values(self, site_index: int, read: LinearRead) -> torch.Tensor:
+        """z [T, k] float64 distributed as RMSNorm(vec(x)) W^T for the ``full`` draw's x (exact: see the
+        module docstring), from :meth:`draw_projected`."""
+        W = read.weight.detach().to(torch.float64)
+        k, width = W.shape
+        R = torch.linalg.qr(W.T, mode="reduced").R  # W^T = Q R, Q [nC, k] orthonormal columns
+        g_np, s_np = self.draw_projected(site_index, k, width)
+        g, s = torch.from_numpy(g_np), torch.from_numpy(s_np)
+        mean_sq = (g.square().sum(-1) + s) / width  # ||vec(x)||^2 / nC
+        return (g @ R) * torch.rsqrt(mean_sq + read.eps).unsqueeze(-1)
+
+    def evaluate(self, site: Site, module: SiteModule, dtype: DType | str | torch.dtype = DType.FLOAT64) -> SiteEval:
+        if self.site_draw(site) == "full":
+            return module.evaluate(self.inputs(site, dtype))
+        read = module.linear_read()
+        assert read is not None
+        return module.evaluate_read(self.read_values(site.index, read).to(torch_dtype(dtype)))
 
     def prepare(self, sites: list[Site]) -> None:
         """Refuse (UsageError naming --tokens) a token count whose arrays would not fit in this machine's
         memory, before anything is drawn: see :func:`random_probe_bytes`."""
         if not sites:
             return
-        need = random_probe_bytes(self.tokens, sites)
+        need = random_probe_bytes(self.tokens, sites, self)
         have = physical_memory_bytes()
         if have is None or need <= have:
             return
-        per_token = random_probe_bytes(1, sites)
+        per_token = random_probe_bytes(1, sites, self)
         limit = max(1, have // per_token)
         n, C = max((_site_shape(s) for s in sites), key=lambda nc: nc[0] * nc[1])
         raise UsageError(
             f"--tokens {self.tokens} needs about {need / 2**30:.1f} GiB ({per_token / 1024:.0f} KiB per token: "
-            f"float64 [T, n={n}, C={C}] inputs, their cast and RMSNorm-ed copies, plus results of {len(sites)} sites), "
-            f"more than this machine's {have / 2**30:.1f} GiB; use --tokens {limit} or fewer",
+            f"the inputs of the widest site (n={n}, C={C}; {self._draws_text(sites)}), plus results of "
+            f"{len(sites)} sites), more than this machine's {have / 2**30:.1f} GiB; use --tokens {limit} or fewer",
             "--tokens",
         )
 
     def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
+        """The ``full`` draw as x [T, n, C] in ``dtype`` (whatever :meth:`site_draw` says)."""
         n, C = _site_shape(site)
         return torch.from_numpy(self.draw(site.index, n, C)).to(torch_dtype(dtype))
 
-    def describe(self) -> str:
-        dist = "N(0, 1)" if self.df is None else f"Student-t(df={self.df:g})"
-        return f"random ({self.tokens} tokens, seed {self.seed}, x ~ {dist})"
+    def _draw_summary(self, sites: list[Site]) -> str:
+        kinds = {self.site_draw(s) for s in sites}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
-    def to_dict(self) -> dict[str, Any]:
+    def _draws_text(self, sites: list[Site]) -> str:
+        return {"full": "drawn full", "projected": "drawn projected"}.get(self._draw_summary(sites),
+                                                                           "drawn projected or full")
+
+    def describe(self, sites: list[Site] | None = None) -> str:
+        dist = "N(0, 1)" if self.df is None else f"Student-t(df={self.df:g})"
+        how = ""
+        if sites:
+            summary = self._draw_summary(sites)
+            how = {"full": "", "projected": ", drawn as RMSNorm(x) fn^T"}.get(
+                summary, ", drawn as RMSNorm(x) fn^T where a site allows")
+        return f"random ({self.tokens} tokens, seed {self.seed}, x ~ {dist}{how})"
+
+    def to_dict(self, sites: list[Site] | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind.value, "tokens": self.tokens, "seed": self.seed,
                              "distribution": "normal" if self.df is None else "student-t"}
         if self.df is not None:
             d["df"] = self.df
+        d["draw_mode"] = self.draw_mode
+        if sites:
+            d["draw"] = self._draw_summary(sites)
+            if d["draw"] == "mixed":
+                d["draw_projected_sites"] = [s.name for s in sites if self.site_draw(s) == "projected"]
         return d
 
 
@@ -245,6 +350,9 @@ class ActivationsProbe(ProbeBase):
     def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
         return self._match(site).x.to(torch_dtype(dtype))
 
+    def site_tokens(self, site: Site) -> int:
+        return int(self._match(site).x.shape[0])
+
     def captured(self, site: Site) -> Any:
         """The :class:`hcdiag.capture.CapturedSite` recorded for ``site`` (matched as :meth:`prepare` says)."""
         return self._match(site)
@@ -253,26 +361,40 @@ class ActivationsProbe(ProbeBase):
         h = getattr(self._match(site), "h_res", None)
         return None if h is None else h.to(torch.float64)
 
-    def describe(self) -> str:
+    def describe(self, sites: list[Site] | None = None) -> str:
         return f"activations ({Path(self.path).name}, {self.tokens} tokens)"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, sites: list[Site] | None = None) -> dict[str, Any]:
         return {"kind": self.kind.value, "path": self.path, "tokens": self.tokens}
 
 
-def random_probe_bytes(tokens: int, sites: list[Site]) -> int:
-    """Peak bytes of a random-probe analysis of ``tokens`` tokens over ``sites``, estimated before any draw.
+def _input_bytes(site: Site, probe: RandomProbe) -> int:
+    """Bytes per token of one site's inputs: ``full`` x [n, C] drawn, cast and RMSNorm-ed (3 x 8 per entry);
+    ``projected`` g [k] and s, z and its cast (4 x 8 per read value, plus one)."""
+    if probe.site_draw(site) == "projected":
+        read = site.module.linear_read()
+        assert read is not None
+        return 4 * 8 * (int(read.weight.shape[0]) + 1)
+    n, C = _site_shape(site)
+    return 3 * 8 * n * C
 
-    Sites are analysed one after another, so the inputs count once, for the widest site: the float64 draw
-    [T, n, C], a copy in the compute dtype and the RMSNorm-ed copy (3 x 8 bytes per entry, float64 bounding the
-    others). Every site keeps its logits and H_res [T, n, n] float64 until the batched iterations search (2 x 8
-    bytes per entry per site). Start-up, the HC tensors and torch's temporaries of the [T, n, n] work are
-    measured separately (bench/bench_production.py: the estimate is compared with the peak RSS there).
+
+def random_probe_bytes(tokens: int, sites: list[Site], probe: RandomProbe | None = None) -> int:
+    """Peak bytes of a random-probe analysis of ``tokens`` tokens over ``sites``, estimated before any draw;
+    ``probe`` says how each site is drawn (default: ``RandomProbe()``, draw ``auto``).
+
+    Sites are analysed one after another, so the inputs count once, for the widest site: a ``full`` draw holds
+    the float64 x [T, n, C], a copy in the compute dtype and the RMSNorm-ed copy (3 x 8 bytes per entry, float64
+    bounding the others); a ``projected`` one g [T, k], s [T] and z [T, k] with its cast. Every site keeps its
+    logits and H_res [T, n, n] float64 until the batched iterations search (2 x 8 bytes per entry per site).
+    Start-up, the HC tensors and torch's temporaries of the [T, n, n] work are measured separately
+    (bench/bench_production.py: the estimate is compared with the peak RSS there).
     """
+    use = probe if probe is not None else RandomProbe()
     T = int(tokens)
-    widest = max(n * C for n, C in (_site_shape(s) for s in sites))
+    widest = max(_input_bytes(s, use) for s in sites)
     kept = sum(2 * 8 * n * n for n, _ in (_site_shape(s) for s in sites))
-    return T * (3 * 8 * widest + kept)
+    return T * (widest + kept)
 
 
 def physical_memory_bytes() -> int | None:
@@ -290,12 +412,14 @@ def make_probe(
     seed: int = 0,
     activations: str | Path | None = None,
     df: float | None = None,
+    draw: str = "auto",
 ) -> StaticProbe | RandomProbe | ActivationsProbe:
-    """The probe named by ``kind``. ``tokens`` / ``seed`` / ``df`` apply to ``random``; ``activations`` (a
-    file written by :mod:`hcdiag.capture`) is required by ``activations`` and ignored otherwise.
+    """The probe named by ``kind``. ``tokens`` / ``seed`` / ``df`` / ``draw`` (``auto``, ``projected`` or
+    ``full``: see the module docstring) apply to ``random``; ``activations`` (a file written by
+    :mod:`hcdiag.capture`) is required by ``activations`` and ignored otherwise.
 
     Raises UsageError (one line, naming the option) for tokens < 1, a missing or unreadable activations file,
-    or df <= 0.
+    df <= 0 or an unknown draw.
     """
     try:
         kind = Probe(str(kind).strip().lower())
@@ -313,7 +437,9 @@ def make_probe(
             raise UsageError(f"--seed must be an integer, got {seed!r}", "--seed")
         if df is not None and not (isinstance(df, int | float) and df > 0 and np.isfinite(df)):
             raise UsageError(f"df must be a positive number of degrees of freedom, got {df!r}", "--df")
-        return RandomProbe(tokens=tokens, seed=seed, df=None if df is None else float(df))
+        if draw not in DRAWS:
+            raise UsageError(f"draw {draw!r} is unknown; choose one of: {', '.join(DRAWS)}", "--draw")
+        return RandomProbe(tokens=tokens, seed=seed, df=None if df is None else float(df), draw_mode=draw)
     if activations is None:
         raise UsageError("--probe activations needs --activations FILE (written by hcdiag.capture)",
                          "--activations")

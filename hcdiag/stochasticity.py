@@ -53,7 +53,7 @@ from hcdiag.sinkhorn import (
     parse_convention,
     sinkhorn,
 )
-from hcdiag.site import SinkhornSpec, SiteModule, res_tensor_keys
+from hcdiag.site import SinkhornSpec, SiteEval, SiteModule, res_tensor_keys
 
 __all__ = [
     "CURVE_ITERS",
@@ -512,7 +512,9 @@ def _check_logits(logits: torch.Tensor, site: Site, path: str, probe: str) -> No
 
 def _analyze_site(
     site: Site,
-    x: torch.Tensor,
+    m: SiteModule,
+    ev: SiteEval,
+    T: int,
     tdtype: torch.dtype,
     *,
     iters: int | None,
@@ -524,10 +526,10 @@ def _analyze_site(
     recorded: torch.Tensor | None,
     sources: dict[str, str] | None = None,
 ) -> _SiteWork:
+    """One site's row from ``ev``: ``m`` (its module in ``tdtype``) evaluated once on the probe's T tokens."""
     module = site.module
     exactness = Exactness(getattr(module, "exactness", Exactness.UNCONSTRAINED))
-    m = module.in_dtype(tdtype)
-    n, T = int(module.n), int(x.shape[0])
+    n = int(module.n)
     base: dict[str, Any] = dict(
         index=site.index, name=site.name, variant=site.variant, exactness=exactness.value, n=n, tokens=T
     )
@@ -536,7 +538,7 @@ def _analyze_site(
     spec: SinkhornSpec | None = None
     with torch.no_grad():
         if exactness is Exactness.SINKHORN:
-            logits = m.res_logits(x)
+            logits = ev.logits
             if logits is None or logits.shape[-2:] != (n, n):
                 shape = None if logits is None else tuple(logits.shape)
                 raise InputError(
@@ -555,7 +557,7 @@ def _analyze_site(
             H = m.res_from_logits(logits, spec)
             # [T, p, n, n]: p proposals whose projections the site averages (lucidrains
             # num_dynamic_alpha_proposals); per token the widest proposal's range
-            proposals = logits.ndim > x.ndim
+            proposals = logits.ndim > 3  # tokens [T, n, C] give logits [T, n, n]
             lr = logit_range(logits).flatten(1).amax(-1) if proposals else logit_range(logits)
             lp = percentiles(lr, (50,))
             extra = dict(
@@ -574,12 +576,15 @@ def _analyze_site(
             # a mean of projections has no single logit matrix to iterate: no curve, no iterations-to-tol
             logits_keep = None if proposals else logits.detach()
         else:
-            logits = m.res_logits(x) if exactness is Exactness.EXACT else None
+            logits = ev.logits if exactness is Exactness.EXACT else None
             if logits is not None:
                 _check_logits(logits, site, path, probe_name)
                 H = m.res_from_logits(logits)
-            else:
-                H = m(x).res
+            elif ev.res is not None:
+                H = ev.res
+            else:  # SiteEval gives H_res or its logits
+                assert ev.logits is not None
+                H = m.res_from_logits(ev.logits)
             H = (H.expand(T, n, n) if H.ndim == 2 else H).detach()  # a parameter's view keeps requires_grad
             if exactness is Exactness.UNCONSTRAINED:
                 _check_logits(H, site, path, probe_name)
@@ -598,7 +603,7 @@ def _analyze_site(
             H64 = H.to(torch.float64)
             extra["recorded_diff"] = _f((H64 - rec).abs().max())
             extra["recorded_tol"] = recorded_tolerance(H64)
-    extra.update(_pre_post(m, x, n))
+    extra.update(_pre_post(ev, n))
     if exactness is not Exactness.UNCONSTRAINED:
         extra["perm_distance"] = _perm_distance(H)
     extra["temperature"] = getattr(module, "temperature", None)
@@ -621,11 +626,9 @@ def _perm_distance(H: torch.Tensor) -> float | None:
     return _f((H64 - P).abs().max())
 
 
-def _pre_post(m: SiteModule, x: torch.Tensor, n: int) -> dict[str, tuple[float, ...]]:
-    """Token means of the site's H_pre and H_post [n] on the probe's tokens x [T, n, C]."""
-    with torch.no_grad():
-        out = m(x)
-    pre, post = (t.detach().to(torch.float64).reshape(-1, n).mean(0) for t in (out.pre, out.post))
+def _pre_post(ev: SiteEval, n: int) -> dict[str, tuple[float, ...]]:
+    """Token means of the site's H_pre and H_post [n] on the probe's tokens (``ev``: one evaluation)."""
+    pre, post = (t.detach().to(torch.float64).reshape(-1, n).mean(0) for t in (ev.pre, ev.post))
     return {"h_pre_mean": tuple(float(v) for v in pre), "h_post_mean": tuple(float(v) for v in post)}
 
 
@@ -1044,14 +1047,18 @@ def analyze_stochasticity(
     if not isinstance(probe, ProbeBase):
         probe = make_probe(probe, tokens=tokens, seed=seed)
     probe.prepare(model.sites)
-    desc = probe.describe()
+    desc = probe.describe(model.sites)
     works: list[_SiteWork] = []
     for site in model.sites:
-        x = probe.inputs(site, tdtype)
+        m = site.module.in_dtype(tdtype)
+        with torch.no_grad():
+            ev = probe.evaluate(site, m, tdtype)  # one RMSNorm + projection (or projected draw) per site
         works.append(
             _analyze_site(
                 site,
-                x,
+                m,
+                ev,
+                probe.site_tokens(site),
                 tdtype,
                 iters=iters,
                 convention=convention,
@@ -1095,7 +1102,7 @@ def analyze_stochasticity(
         works,
         path=model.path,
         layout=model.layout,
-        probe=probe.to_dict(),
+        probe=probe.to_dict(model.sites),
         probe_description=desc,
         tdtype=tdtype,
         source_dtype=model.source_dtype,

@@ -34,6 +34,8 @@ class Case:
     activations: Path
     args: tuple[str, ...] = ()  # extra CLI arguments the layout needs (--layout-file ...)
     sites: list[dict] | None = None  # filled by the matrix test from the first inspect --json
+    # transformers-family sites: the library module's fn [k, nC] of site ``index`` (what the layer reads x through)
+    read_weight: Callable[[int], torch.Tensor] | None = None
 
 
 def _perturb(m: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
@@ -135,7 +137,7 @@ def _transformers_case(d: Path, model: nn.Module, layers: nn.ModuleList, *, comb
     ids = torch.arange(6).reshape(1, 6) % 60 + 1
     with capture(model, acts), torch.no_grad():
         model(input_ids=ids, use_cache=False)
-    return Case(d / "ckpt", oracle, acts)
+    return Case(d / "ckpt", oracle, acts, read_weight=lambda i: libs[i].fn.detach().double())
 
 
 def deepseek_v4(d: Path) -> Case:
