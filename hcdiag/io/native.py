@@ -584,56 +584,83 @@ def _kind_block(name: str, index: int) -> tuple[str, int]:
     return "other", index
 
 
-def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+@dataclass(frozen=True)
+class _Stated:
+    """What a native file's metadata states about its sites (all None without ``format=hcdiag``)."""
+
+    native: bool = False
+    variant: str | None = None
+    n: int | None = None
+    C: int | None = None
+    form: Form | None = None
+    factors: tuple[int, ...] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.variant is not None and self.n is not None and self.C is not None
+
+
+def _check_version(meta: Mapping[str, str], path: str) -> None:
+    version = _meta_int(meta, "format_version", path)
+    if version is not None and version > FORMAT_VERSION:
+        raise InputError(
+            f"{path} is hcdiag native format_version {version}; this hcdiag reads up to {FORMAT_VERSION}: "
+            "upgrade hcdiag",
+            path=path,
+        )
+
+
+def _meta_variant(meta: Mapping[str, str], path: str) -> str | None:
     from hcdiag import registry
 
-    path = source.path
-    meta = dict(source.metadata or {})
-    native = _is_native_meta(meta)
-    prefix, site_keys = _hc_keys(source)
-    settings: dict[str, str] = {}
-    notes: list[str] = []
+    if "variant" not in meta:
+        return None
+    variant = str(meta["variant"])
+    try:
+        registry.get(variant)
+    except UsageError:
+        known = ", ".join(registry.names())
+        raise InputError(
+            f"metadata variant={variant!r} in {path} is not a registry variant; use one of: {known}", path=path
+        ) from None
+    return variant
 
-    if native:
-        version = _meta_int(meta, "format_version", path)
-        if version is not None and version > FORMAT_VERSION:
-            raise InputError(
-                f"{path} is hcdiag native format_version {version}; this hcdiag reads up to "
-                f"{FORMAT_VERSION}: "
-                "upgrade hcdiag",
-                path=path,
-            )
-    variant = str(meta["variant"]) if native and "variant" in meta else None
-    if variant is not None:
-        try:
-            registry.get(variant)
-        except UsageError:
-            known = ", ".join(registry.names())
-            raise InputError(
-                f"metadata variant={variant!r} in {path} is not a registry variant; use one of: {known}",
-                path=path,
-            ) from None
-    n = _meta_int(meta, "n", path) if native else None
-    C = _meta_int(meta, "C", path) if native else None
+
+def _meta_form(meta: Mapping[str, str], path: str) -> Form | None:
+    if "form" not in meta:
+        return None
+    try:
+        return Form(str(meta["form"]))
+    except ValueError:
+        raise InputError(
+            f"metadata form={meta['form']!r} in {path} is not one of: code, paper; fix the metadata", path=path
+        ) from None
+
+
+def _stated(meta: Mapping[str, str], path: str) -> _Stated:
+    """The metadata's variant, n, C, form and KromHC factors, each checked (and n, n * C bounded)."""
+    if not _is_native_meta(meta):
+        return _Stated()
+    _check_version(meta, path)
+    variant = _meta_variant(meta, path)
+    n = _meta_int(meta, "n", path)
+    C = _meta_int(meta, "C", path)
     if n is not None:
         bounded(n, MAX_STREAMS, "metadata n (streams)", path)
     if C is not None:
         bounded(n * C if n is not None else C, MAX_STREAM_WIDTH, "metadata n * C (stream entries per token)", path)
-    form: Form | None = None
-    if native and "form" in meta:
-        try:
-            form = Form(str(meta["form"]))
-        except ValueError:
-            raise InputError(
-                f"metadata form={meta['form']!r} in {path} is not one of: code, paper; fix the metadata",
-                path=path,
-            ) from None
-    factors = _parse_factors(meta["kron_factors"], path) if native and "kron_factors" in meta else None
+    form = _meta_form(meta, path)
+    factors = _parse_factors(meta["kron_factors"], path) if "kron_factors" in meta else None
+    return _Stated(True, variant, n, C, form, factors)
 
+
+def _named_sites(
+    meta: Mapping[str, str], native: bool, site_keys: Mapping[int, Mapping[str, str]], prefix: str, path: str
+) -> tuple[list[str], str | None]:
+    """The site names in depth order, and the note when they are assumed; InputError for no sites or a stored
+    site past the named ones."""
     names, names_src = _site_names(meta, native, sorted(site_keys), path)
     L = len(names)
-    if names_src == "assumed" and L:
-        notes.append("no hcdiag metadata: site names assume attn/ffn alternation (attn_0, ffn_0, ...)")
     if L == 0:
         raise InputError(
             f"no HC sites in {path}: no hc.sites.N.* keys and no metadata sites list; save with "
@@ -647,120 +674,156 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             "the metadata sites/blocks",
             path=path,
         )
-    infos: dict[int, dict[str, TensorInfo]] = {
-        i: {p: source.info(k) for p, k in site_keys.get(i, {}).items()} for i in range(L)
+    note = "no hcdiag metadata: site names assume attn/ffn alternation (attn_0, ffn_0, ...)"
+    return names, note if names_src == "assumed" else None
+
+
+def _stated_matches(
+    stated: _Stated, infos: Mapping[int, Mapping[str, TensorInfo]], meta: Mapping[str, str], path: str
+) -> tuple[dict[int, SiteMatch], dict[str, str]]:
+    """Every site as the complete metadata states it (the form, if not stated, from the first stored site's
+    keys), and where each setting came from."""
+    from hcdiag import registry
+
+    variant, n, C = stated.variant, stated.n, stated.C
+    assert variant is not None and n is not None and C is not None
+    try:
+        factors = registry.get(variant).validate(n, C, stated.factors)
+    except UsageError as exc:
+        raise InputError(f"metadata of {path} does not describe a valid {variant} site: {exc}", path=path) from None
+    form, form_src = stated.form, "metadata"
+    if form is None:
+        form, form_src = _fitting_form(variant, n, C, factors, infos)
+    settings = {"variant": "metadata", "n": "metadata", "C": "metadata", "form": form_src}
+    if factors is not None:
+        settings["kron_factors"] = "metadata" if "kron_factors" in meta else "default"
+    return {i: SiteMatch(variant, form, n, C, factors) for i in infos}, settings
+
+
+def _fitting_form(
+    variant: str, n: int, C: int, factors: tuple[int, ...] | None, infos: Mapping[int, Mapping[str, TensorInfo]]
+) -> tuple[Form, str]:
+    """No form in the metadata: the one whose keys fit (paper form has no norm_weight); code if both."""
+    stored = next((site for site in infos.values() if site), None)
+    if stored is not None:
+        have = {p: tuple(t.shape) for p, t in stored.items()}
+        for f in (Form.CODE, Form.PAPER):
+            got = _meta_shapes(variant, n, C, f, factors, {})
+            if got is not None and got == have:
+                return f, "inferred"
+    return Form.CODE, "default"
+
+
+def _identified_matches(
+    stated: _Stated, infos: Mapping[int, Mapping[str, TensorInfo]], prefix: str, path: str
+) -> tuple[dict[int, SiteMatch], dict[str, str], str]:
+    """Every site identified from its key set and shapes (within what the metadata states), where each setting
+    came from, and the note naming what was found."""
+    empty = [i for i, site in infos.items() if not site]
+    if empty:
+        raise InputError(
+            f"site {prefix}{PREFIX}{empty[0]}.* in {path} has no tensors, so its variant and sizes cannot be "
+            "identified; add hcdiag metadata (variant, n, C)",
+            path=path,
+        )
+    matches = _identify_all(infos, stated.variant, stated.n, stated.C, stated.form, path, prefix)
+    settings = {
+        "variant": "metadata" if stated.variant else "inferred",
+        "n": "metadata" if stated.n is not None else "inferred",
+        "C": "metadata" if stated.C is not None else "inferred",
+        "form": "metadata" if stated.form else "inferred",
     }
+    found = sorted({f"{m.variant} (form {m.form.value})" for m in matches.values()})
+    return matches, settings, "identified from key set and shapes: " + ", ".join(found)
 
-    # ---- which variant / n / C / form each site is
-    matches: dict[int, SiteMatch] = {}
-    complete = variant is not None and n is not None and C is not None
-    if complete:
-        assert variant is not None and n is not None and C is not None
-        spec = registry.get(variant)
-        try:
-            factors = spec.validate(n, C, factors)
-        except UsageError as exc:
-            raise InputError(f"metadata of {path} does not describe a valid {variant} site: {exc}", path=path) from None
-        form_src = "metadata"
-        if form is None:
-            # no form in the metadata: the one whose keys fit (paper form has no norm_weight); code if both
-            form, form_src = Form.CODE, "default"
-            stored = next((infos[i] for i in range(L) if infos[i]), None)
-            if stored is not None:
-                for f in (Form.CODE, Form.PAPER):
-                    got = _meta_shapes(variant, n, C, f, factors, {})
-                    if got is not None and got == {p: tuple(t.shape) for p, t in stored.items()}:
-                        form, form_src = f, "inferred"
-                        break
-        for i in range(L):
-            matches[i] = SiteMatch(variant, form, n, C, factors)
-        settings.update(variant="metadata", n="metadata", C="metadata", form=form_src)
-        if factors is not None:
-            settings["kron_factors"] = "metadata" if "kron_factors" in meta else "default"
+
+def _build_site(
+    source: TensorSource,
+    i: int,
+    name: str,
+    match: SiteMatch,
+    keys: Mapping[str, str],
+    infos: Mapping[str, TensorInfo],
+    prefix: str,
+    sk_spec: SinkhornSpec,
+    shapes_cache: dict,
+) -> Site:
+    """Site i: its stored keys and shapes checked, then its registry module built in float64 and loaded."""
+    from hcdiag import registry
+
+    mt, path = match, source.path
+    # the stored keys and shapes are checked against a meta-device build first: metadata that states a huge n
+    # or C is refused here, before a real module of that size is allocated
+    expected = _meta_shapes(mt.variant, mt.n, mt.C, mt.form, mt.kron_factors, shapes_cache)
+    if expected is not None:
+        _check_site_keys(i, infos, expected, prefix, mt.variant, mt.n, mt.C, path)
+    try:
+        module = registry.get(mt.variant).build(
+            mt.n, mt.C, layer_index=i, form=mt.form, kron_factors=mt.kron_factors, dtype=torch.float64
+        )
+    except UsageError as exc:
+        raise InputError(f"cannot build site {i} ({mt.variant}) of {path}: {exc}", path=path) from None
+    target = module.state_dict()
+    _check_site_keys(i, infos, {k: tuple(v.shape) for k, v in target.items()}, prefix, mt.variant, mt.n, mt.C, path)
+    state = {p: source.get(k, dtype=torch.float64 if target[p].is_floating_point() else None) for p, k in keys.items()}
+    module.load_state_dict(state, strict=True)
+    if getattr(module, "sinkhorn", None) is not None:
+        module.sinkhorn = sk_spec
+    module.eval()
+    kind, block = _kind_block(name, i)
+    return Site(i, name, block, kind, mt.variant, module, [infos[p] for p in sorted(infos)])
+
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    path = source.path
+    meta = dict(source.metadata or {})
+    prefix, site_keys = _hc_keys(source)
+    stated = _stated(meta, path)
+    names, names_note = _named_sites(meta, stated.native, site_keys, prefix, path)
+    notes = [names_note] if names_note else []
+    infos = {i: {p: source.info(k) for p, k in site_keys.get(i, {}).items()} for i in range(len(names))}
+    if stated.complete:
+        matches, settings = _stated_matches(stated, infos, meta, path)
     else:
-        empty = [i for i in range(L) if not infos[i]]
-        if empty:
-            raise InputError(
-                f"site {prefix}{PREFIX}{empty[0]}.* in {path} has no tensors, so its variant and sizes "
-                "cannot be "
-                "identified; add hcdiag metadata (variant, n, C)",
-                path=path,
-            )
-        matches = _identify_all({i: infos[i] for i in range(L)}, variant, n, C, form, path, prefix)
-        src = "metadata" if variant else "inferred"
-        settings.update(
-            variant=src,
-            n="metadata" if n is not None else "inferred",
-            C="metadata" if C is not None else "inferred",
-            form="metadata" if form else "inferred",
-        )
-        notes.append(
-            "identified from key set and shapes: "
-            + ", ".join(sorted({f"{m.variant} (form {m.form.value})" for m in matches.values()}))
-        )
-
-    n_all = {m.n for m in matches.values()}
-    C_all = {m.C for m in matches.values()}
-    n_final, C_final = n_all.pop(), C_all.pop()
-
-    # ---- Sinkhorn settings
-    sk_spec, sk_src = _sinkhorn_settings(meta, options, native, path)
-
-    # ---- build and load
-    sites: list[Site] = []
-    loaded: list[TensorInfo] = []
+        matches, settings, found = _identified_matches(stated, infos, prefix, path)
+        notes.append(found)
+    sk_spec, sk_src = _sinkhorn_settings(meta, options, stated.native, path)
     shapes_cache: dict = {}
-    for i in range(L):
-        mt = matches[i]
-        spec = registry.get(mt.variant)
-        # the stored keys and shapes are checked against a meta-device build first: metadata that states a
-        # huge n or C is refused here, before a real module of that size is allocated
-        expected = _meta_shapes(mt.variant, mt.n, mt.C, mt.form, mt.kron_factors, shapes_cache)
-        if expected is not None:
-            _check_site_keys(i, infos[i], expected, prefix, mt.variant, mt.n, mt.C, path)
-        try:
-            module = spec.build(
-                mt.n, mt.C, layer_index=i, form=mt.form, kron_factors=mt.kron_factors, dtype=torch.float64
-            )
-        except UsageError as exc:
-            raise InputError(f"cannot build site {i} ({mt.variant}) of {path}: {exc}", path=path) from None
-        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        _check_site_keys(i, infos[i], expected, prefix, mt.variant, mt.n, mt.C, path)
-        target = module.state_dict()
-        state = {}
-        for p, key in site_keys.get(i, {}).items():
-            want = torch.float64 if target[p].is_floating_point() else None
-            state[p] = source.get(key, dtype=want)
-            loaded.append(infos[i][p])
-        module.load_state_dict(state, strict=True)
-        if getattr(module, "sinkhorn", None) is not None:
-            module.sinkhorn = sk_spec
-        module.eval()
-        name = names[i]
-        kind, block = _kind_block(name, i)
-        sites.append(Site(i, name, block, kind, mt.variant, module, [infos[i][p] for p in sorted(infos[i])]))
-
+    sites = [
+        _build_site(source, i, name, matches[i], site_keys.get(i, {}), infos[i], prefix, sk_spec, shapes_cache)
+        for i, name in enumerate(names)
+    ]
     if any(getattr(s.module, "sinkhorn", None) is not None for s in sites):
         settings.update(sk_src)
     notes.append("native layout stores each registry module's own state_dict: no transpose at load")
+    return _native_model(source, meta, sites, matches[0], settings, notes)
 
-    # keys that look like HC tensors (hc, mhc, static_alpha, ...) but are not hc.sites.N.param (e.g. hc.head.*)
-    from hcdiag.io.source import looks_hc  # lazy: source imports nothing of ours, but keep import order free
 
-    unmatched = [source.info(k) for k in source.keys() if not _KEY_RE.match(k) and looks_hc(k)]
+def _native_model(
+    source: TensorSource,
+    meta: dict[str, str],
+    sites: list[Site],
+    first: SiteMatch,
+    settings: dict[str, str],
+    notes: list[str],
+) -> LoadedModel:
+    """The LoadedModel; as unmatched, the keys that look like HC tensors (hc, mhc, static_alpha, ...) but are not
+    hc.sites.N.param (e.g. hc.head.*)."""
+    from hcdiag.io.load import unmatched_hc_keys  # lazy: load imports every layout
+
     return LoadedModel(
-        path=path,
+        path=source.path,
         layout="native",
         layout_reason=_detect(source) or "forced with --layout native",
         sites=sites,
-        n=n_final,
-        C=C_final,
+        n=first.n,
+        C=first.C,
         metadata=meta,
         settings_source=settings,
         bytes_read=source.bytes_read,
         bytes_total=source.bytes_total,
-        source_dtype=dtype_summary(loaded),
-        unmatched_keys=unmatched,
+        source_dtype=dtype_summary(t for s in sites for t in s.tensors),
+        unmatched_keys=unmatched_hc_keys(source, [k for k in source.keys() if _KEY_RE.match(k)]),
         notes=notes,
     )
 
