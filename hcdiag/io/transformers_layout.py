@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -38,9 +37,25 @@ from packaging.version import InvalidVersion, Version
 
 from hcdiag.enums import Convention, Exactness, Form
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, drop_layers_beyond, main_prefix, register_layout
-from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
-from hcdiag.model import LoadedModel, Site
+from hcdiag.io import reader
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.limits import MAX_STREAMS
+from hcdiag.io.reader import (
+    KeyScan,
+    Settings,
+    SiteDims,
+    assemble,
+    depth_order,
+    drop_layers_beyond,
+    found,
+    gaps_note,
+    other_prefix_notes,
+    read_settings,
+    refuse_quantised,
+    require_parts,
+    sub_config,
+)
+from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.sinkhorn import has_eps
 from hcdiag.site import HCOutput, LinearRead, SinkhornSpec, SiteEval, SiteModule
 
@@ -63,12 +78,11 @@ DEFAULT_HC_MAGNITUDE = 2.0  # HYV4Config.hc_magnitude
 
 _SITE_RE = re.compile(
     r"^(?P<prefix>(?:.*\.)?)layers\.(?P<block>\d+)\.(?:"
-    r"(?P<k1>attn|ffn|mlp)_hc\.(?P<p1>fn|base|scale)"
-    r"|(?:hc_pre\.)?hc_(?P<k2>attn|ffn|mlp)(?:_layer\.hc)?_(?P<p2>fn|base|scale)"
+    r"(?P<kind1>attn|ffn|mlp)_hc\.(?P<part1>fn|base|scale)"
+    r"|(?:hc_pre\.)?hc_(?P<kind2>attn|ffn|mlp)(?:_layer\.hc)?_(?P<part2>fn|base|scale)"
     r")$"
 )
 _HEAD_RE = re.compile(r"(?:^|\.)hc_head(?:\.hc_head_|\.hc_|_)(?:fn|base|scale)$")
-_KIND = {"attn": "attn", "ffn": "ffn", "mlp": "ffn"}
 _PARTS = ("fn", "base", "scale")
 
 
@@ -236,118 +250,52 @@ class TransformersIHCSite(_TransformersSiteBase):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# key scanning
+# key scanning and detection
 
 
-@dataclass
-class _Scan:
-    # prefix -> (block, kind) -> part -> key
-    groups: dict[str, dict[tuple[int, str], dict[str, str]]] = field(default_factory=dict)
-    head: list[str] = field(default_factory=list)
-    style: dict[str, str] = field(default_factory=dict)  # prefix -> an example key with N for the block
-
-
-def scan_keys(keys: list[str]) -> _Scan:
-    """Group the keys that follow a transformers mHC naming by model prefix, block and sub-layer kind."""
-    scan = _Scan()
-    for key in keys:
-        m = _SITE_RE.match(key)
-        if m:
-            prefix = m.group("prefix")
-            kind = _KIND[m.group("k1") or m.group("k2")]
-            part = m.group("p1") or m.group("p2")
-            site = scan.groups.setdefault(prefix, {}).setdefault((int(m.group("block")), kind), {})
-            site.setdefault(part, key)
-            if prefix not in scan.style:
-                s, e = m.span("block")
-                scan.style[prefix] = key[:s] + "N" + key[e:]
-        elif _HEAD_RE.search(key):
-            scan.head.append(key)
-    return scan
+def scan_keys(keys: list[str]) -> KeyScan:
+    """Group the keys that follow a transformers mHC naming by model prefix, block and sub-layer kind; the
+    hc_head tensors are ``side["head"]``."""
+    return reader.scan_keys(keys, _SITE_RE, side={"head": _HEAD_RE})
 
 
 def _detect(source: TensorSource) -> str | None:
     scan = scan_keys(source.keys())
-    prefix = main_prefix(scan.groups)
+    prefix = scan.main()
     if prefix is None:
         return None
     sites = scan.groups[prefix]
-    blocks = {b for b, _ in sites}
     style = re.sub(r"(attn|ffn|mlp)", "{attn,ffn}", scan.style[prefix], count=1)
     style = re.sub(r"(fn|base|scale)$", "{fn,base,scale}", style)
-    return f"found {len(sites)} HC sites in {len(blocks)} blocks named {style}"
+    return found(len(sites), "HC sites", style, blocks=len({b for b, _ in sites}))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # settings
 
-
-def _hc_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    """The (sub-)config that holds hc_mult: top level, or text_config / language_config / ... of a VLM."""
-    if not isinstance(config, dict):
-        return {}, ""
-    if "hc_mult" in config:
-        return config, "config.json"
-    for name, sub in config.items():
-        if isinstance(sub, dict) and "hc_mult" in sub:
-            return sub, f"config.json:{name}"
-    return config, "config.json"
-
-
-def _number(cfg: dict[str, Any], key: str, where: str, path: str, kind: type) -> Any:
-    value = cfg[key]
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer() and value >= 1
-    else:
-        ok = ok and math.isfinite(value) and value >= 0
-    if not ok:
-        raise InputError(f"{path}: {where} {key}={value!r} is not a valid {kind.__name__}; fix config.json", path=path)
-    return kind(value)
+#: config.json settings: (integer, default); hc_mult's (sub-)config holds them, else the top level
+_WANTED: dict[str, tuple[bool, Any]] = {
+    "hc_sinkhorn_iters": (True, DEFAULT_ITERS),
+    "hc_eps": (False, DEFAULT_HC_EPS),
+    "rms_norm_eps": (False, DEFAULT_RMS_NORM_EPS),
+    "hc_magnitude": (False, DEFAULT_HC_MAGNITUDE),
+    "hc_mult": (True, None),
+    "hidden_size": (True, None),
+    "num_hidden_layers": (True, None),
+}
 
 
-@dataclass
-class _Settings:
-    values: dict[str, Any]
-    source: dict[str, str]
+def _settings(source: TensorSource, options: LoadOptions) -> Settings:
+    st = read_settings(source.config, source.path, _WANTED, marker="hc_mult", names=None, top_fallback=True)
+    st.take_iters(options, "hc_sinkhorn_iters")
+    st.bound("hc_mult", MAX_STREAMS, " (streams n)")
+    cfg, _ = sub_config(source.config, marker="hc_mult", names=None)
+    st.values["model_type"] = cfg.get("model_type") or _top(source).get("model_type")
+    return st
 
 
-def _settings(source: TensorSource, options: LoadOptions) -> _Settings:
-    cfg, where = _hc_config(source.config)
-    top = source.config if isinstance(source.config, dict) else {}
-    vals: dict[str, Any] = {}
-    src: dict[str, str] = {}
-    defaults = {
-        "hc_sinkhorn_iters": (int, DEFAULT_ITERS),
-        "hc_eps": (float, DEFAULT_HC_EPS),
-        "rms_norm_eps": (float, DEFAULT_RMS_NORM_EPS),
-        "hc_magnitude": (float, DEFAULT_HC_MAGNITUDE),
-        "hc_mult": (int, None),
-        "hidden_size": (int, None),
-        "num_hidden_layers": (int, None),
-    }
-    for key, (kind, default) in defaults.items():
-        if key in cfg:
-            vals[key] = _number(cfg, key, where, source.path, kind)
-            src[key] = f"{where} ({key})"
-        elif key in top:
-            vals[key] = _number(top, key, "config.json", source.path, kind)
-            src[key] = f"config.json ({key})"
-        elif default is not None:
-            vals[key] = default
-            src[key] = f"default ({key}={default})"
-    if options.iters is None and ("hc_sinkhorn_iters" in cfg or "hc_sinkhorn_iters" in top):
-        bounded(vals["hc_sinkhorn_iters"], MAX_ITERS, f"{src['hc_sinkhorn_iters'].split(' (')[0]} hc_sinkhorn_iters",
-                source.path, override="--iters")
-    if "hc_mult" in vals:
-        bounded(vals["hc_mult"], MAX_STREAMS, "config.json hc_mult (streams n)", source.path)
-    if options.iters is not None:
-        if isinstance(options.iters, bool) or not isinstance(options.iters, int) or options.iters < 1:
-            raise UsageError(f"--iters {options.iters!r} must be an integer >= 1", option="--iters")
-        vals["hc_sinkhorn_iters"] = options.iters
-        src["hc_sinkhorn_iters"] = "cli (--iters)"
-    vals["model_type"] = cfg.get("model_type") or top.get("model_type")
-    return _Settings(vals, src)
+def _top(source: TensorSource) -> dict[str, Any]:
+    return source.config if isinstance(source.config, dict) else {}
 
 
 # The transformers release from which DeepSeek-V4's comb Sinkhorn starts from softmax + eps. Found from the PyPI
@@ -400,8 +348,16 @@ def _convention(options: LoadOptions, top: dict[str, Any], model_type: Any) -> t
         ) from None
 
 
+def _spec(st: Settings, options: LoadOptions, conv: Convention) -> SinkhornSpec:
+    if options.iters is not None or options.convention is not None:
+        where = "cli"
+    else:
+        where = "config" if st.stated("hc_sinkhorn_iters") else "default"
+    return SinkhornSpec(conv, st.values["hc_sinkhorn_iters"], st.values["hc_eps"] if has_eps(conv) else 0.0, where)
+
+
 # ------------------------------------------------------------------------------------------------------------
-# loading
+# one site
 
 
 def _infer_n(rows: int, scale_len: int) -> int | None:
@@ -413,225 +369,154 @@ def _infer_n(rows: int, scale_len: int) -> int | None:
     return None
 
 
-def _gaps(blocks: list[int], shown: int = 8) -> str:
-    """The missing block numbers between the first and the last of ``blocks`` (sorted), as text: at most
-    ``shown`` of them and a count, never the whole range (a key may name block 10^8)."""
-    missing: list[int] = []
-    total = 0
-    for a, b in zip(blocks, blocks[1:], strict=False):  # consecutive pairs
-        total += b - a - 1
-        missing.extend(range(a + 1, min(b, a + 1 + shown - len(missing))))
-    if not total:
-        return ""
-    more = f" and {total - len(missing):,} more" if total > len(missing) else ""
-    return "[" + ", ".join(map(str, missing)) + "]" + more
+def _site_shape(source: TensorSource, parts: dict[str, str], name: str, st: Settings) -> tuple[list[TensorInfo], int]:
+    """The site's infos (fn, base, scale) and n, checked against each other and config.json's hc_mult."""
+    path = source.path
+    require_parts(path, "HC", name, parts, _PARTS)
+    infos = [source.info(parts[p]) for p in _PARTS]
+    refuse_quantised(path, infos)
+    fn_i, base_i, scale_i = infos
+    if len(fn_i.shape) != 2 or len(base_i.shape) != 1 or len(scale_i.shape) != 1:
+        raise InputError(
+            f"{path}: {fn_i.key} {list(fn_i.shape)}, {base_i.key} {list(base_i.shape)}, {scale_i.key} "
+            f"{list(scale_i.shape)}: expected fn [rows, nC], base [rows], scale [3] (or [2] for HY-V4)",
+            path=path,
+        )
+    rows, s_len = fn_i.shape[0], scale_i.shape[0]
+    if s_len not in (2, 3):
+        raise InputError(
+            f"{path}: {scale_i.key} has {s_len} entries; expected 3 (pre, post, comb) or 2 (HY-V4: pre, post)",
+            path=path,
+        )
+    n_cfg = st.get("hc_mult")
+    n = n_cfg if n_cfg is not None else _infer_n(rows, s_len)
+    if n is None or rows != ((n + 2) * n if s_len == 3 else 2 * n):
+        how = f"hc_mult={n_cfg} from config.json" if n_cfg is not None else "no n solves it"
+        raise InputError(
+            f"{path}: {fn_i.key} has {rows} rows, not (n+2)n (or 2n for HY-V4) with {how}; "
+            "check hc_mult or write a layout file (--layout-file)",
+            path=path,
+        )
+    if base_i.shape[0] != rows:
+        raise InputError(f"{path}: {base_i.key} has {base_i.shape[0]} entries, {fn_i.key} has {rows} rows", path=path)
+    return infos, n
+
+
+def _site_C(fn: TensorInfo, n: int, st: Settings, path: str) -> int:
+    """C = columns of fn / n, checked against config.json's hidden_size."""
+    cols = fn.shape[1]
+    if cols % n:
+        raise InputError(f"{path}: {fn.key} has {cols} columns, not a multiple of n={n}", path=path)
+    C, C_cfg = cols // n, st.get("hidden_size")
+    if C_cfg is not None and C != C_cfg:
+        raise InputError(
+            f"{path}: {fn.key} has {cols} columns = n*C with C={C}, but config hidden_size={C_cfg}", path=path
+        )
+    return C
+
+
+def _module(source: TensorSource, infos: list[TensorInfo], n: int, C: int, st: Settings,
+            spec: SinkhornSpec) -> SiteModule:
+    """The site module: DeepSeek-V4 / GLM-5-Next mHC (scale [3]) or HY-V4 iHC (scale [2])."""
+    fn, base, scale = (source.get(i.key) for i in infos)
+    norm_eps, hc_eps = st.values["rms_norm_eps"], st.values["hc_eps"]
+    if infos[2].shape[0] == 3:
+        return TransformersMHCSite(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn=spec)
+    return TransformersIHCSite(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps,
+                               magnitude=st.values["hc_magnitude"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the model
+
+
+def _sources(st: Settings, sites: list[Site], conv_src: str) -> dict[str, str]:
+    fn_key = sites[0].tensors[0].key
+    out = {
+        "n": st.source["hc_mult"] if "hc_mult" in st.values else f"inferred from {fn_key} shape",
+        "C": st.source["hidden_size"] if "hidden_size" in st.values else f"inferred from {fn_key} shape (columns / n)",
+    }
+    if any(s.variant == "mhc" for s in sites):
+        out.update(convention=conv_src, iters=st.source["hc_sinkhorn_iters"], eps=st.source["hc_eps"])
+    else:
+        out["convention"] = "not applicable (H_res = I: HY-V4 sites have no comb)"
+        out["hc_magnitude"] = st.source["hc_magnitude"]
+    out.update(hc_eps=st.source["hc_eps"], rms_norm_eps=st.source["rms_norm_eps"])
+    return out
+
+
+def _notes(sites: list[Site], conv: Convention, conv_src: str) -> list[str]:
+    notes = [note] if (note := gaps_note(sites)) else []
+    if not any(s.variant == "mhc" for s in sites):
+        return [*notes, "HY-V4 hyper-connections: no comb, H_res = I at every site (identity residual)"]
+    notes.append(f"convention: {conv.value} ({conv_src})")
+    if conv is Convention.TRANSFORMERS_SIGMOID:
+        notes.append("H_post is read as 2 sigmoid (transformers >= 5.8); the earlier code's sigmoid + eps "
+                     "is not reproduced: H_res and its Sinkhorn are")
+    notes.append(
+        "H_res = comb^T: transformers stores comb as [input stream, output stream] and the decoder "
+        "layer applies comb^T; converted to paper convention"
+    )
+    return notes
+
+
+def _head(source: TensorSource, scan: KeyScan, prefix: str, metadata: dict[str, Any]) -> list[str]:
+    """The hc_head note (and its shapes in ``metadata``), if the model prefix has one."""
+    head = [m.string for m in scan.side["head"] if m.string.startswith(prefix) or not prefix]
+    if not head:
+        return []
+    metadata["hc_head"] = ", ".join(f"{k} {list(source.info(k).shape)}" for k in head)
+    return [f"hc_head ({len(head)} tensors) collapses the n streams before the final norm: "
+            "not a residual site, not counted"]
+
+
+def _mtp(unmatched: list[TensorInfo]) -> list[str]:
+    mtp = [t.key for t in unmatched if re.search(r"(?:^|\.)mtp", t.key)]
+    if not mtp:
+        return []
+    return [f"{len(mtp)} HC tensors of multi-token-prediction modules (e.g. {mtp[0]}) are not sites of "
+            "the residual stack: listed as unmatched"]
+
+
+def _fn_dtype(sites: list[Site]) -> str:
+    """The stored dtype of the sites' fn tensors, "mixed (...)" when they differ."""
+    dtypes = sorted({s.tensors[0].dtype for s in sites})
+    return dtypes[0] if len(dtypes) == 1 else "mixed (" + ", ".join(dtypes) + ")"
 
 
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     path = source.path
     scan = scan_keys(source.keys())
-    prefix = main_prefix(scan.groups)
+    prefix = scan.main()
     if prefix is None:
         raise InputError(f"{path}: no transformers mHC keys (layers.N.attn_hc.fn, layers.N.hc_attn_fn, ...)", path=path)
     st = _settings(source, options)
-    top = source.config if isinstance(source.config, dict) else {}
-    conv, conv_src = _convention(options, top, st.values.get("model_type"))
-    notes: list[str] = []
-    for other in sorted(p for p in scan.groups if p != prefix):
-        notes.append(
-            f"ignored {len(scan.groups[other])} HC sites under {other or '(no prefix)'!r}; "
-            f"read those under {prefix or '(no prefix)'!r}"
-        )
-    n_layers = st.values.get("num_hidden_layers")
-    sites_keys, dropped = drop_layers_beyond(scan.groups[prefix], n_layers, "MTP layers")
+    conv, conv_src = _convention(options, _top(source), st.get("model_type"))
+    notes = other_prefix_notes(scan.groups, prefix, "HC sites")
+    sites_keys, dropped = drop_layers_beyond(scan.groups[prefix], st.get("num_hidden_layers"), "MTP layers")
     notes += [dropped] if dropped else []
     if not sites_keys:
-        raise InputError(f"{path}: no transformers mHC sites within num_hidden_layers={n_layers}", path=path)
-
-    n_cfg, C_cfg = st.values.get("hc_mult"), st.values.get("hidden_size")
-    if options.iters is not None or options.convention is not None:
-        spec_src = "cli"
-    elif st.source["hc_sinkhorn_iters"].startswith("config"):
-        spec_src = "config"
-    else:
-        spec_src = "default"
-    n = C = None
-    settings_source: dict[str, str] = {}
+        raise InputError(f"{path}: no transformers mHC sites within num_hidden_layers={st.get('num_hidden_layers')}",
+                         path=path)
+    spec, dims = _spec(st, options, conv), SiteDims(path)
     sites: list[Site] = []
-    dtypes: set[str] = set()
-    used: set[str] = set()
-    for block, kind in sorted(sites_keys, key=lambda bk: (bk[0], 0 if bk[1] == "attn" else 1)):
-        parts = sites_keys[(block, kind)]
-        missing = [p for p in _PARTS if p not in parts]
-        if missing:
-            have = ", ".join(parts[p] for p in _PARTS if p in parts)
-            raise InputError(
-                f"{path}: HC site {kind}_{block} is incomplete: has {have} but no {', '.join(missing)} "
-                "(missing shard or renamed key?)",
-                path=path,
-            )
-        infos = {p: source.info(parts[p]) for p in _PARTS}
-        fn_i, base_i, scale_i = infos["fn"], infos["base"], infos["scale"]
-        for info in infos.values():
-            if info.dtype.startswith(("float8", "float4", "float6", "int", "uint", "bool")):
-                # a quantised HC tensor needs its scale_inv companion applied: refuse rather than misread
-                raise InputError(
-                    f"{path}: {info.key} is stored as {info.dtype}; hcdiag reads HC tensors in float32 / "
-                    "bfloat16 / float16 / float64 only: dequantise the checkpoint first",
-                    path=path,
-                )
-        if len(fn_i.shape) != 2 or len(base_i.shape) != 1 or len(scale_i.shape) != 1:
-            raise InputError(
-                f"{path}: {fn_i.key} {list(fn_i.shape)}, {base_i.key} {list(base_i.shape)}, {scale_i.key} "
-                f"{list(scale_i.shape)}: expected fn [rows, nC], base [rows], scale [3] (or [2] for HY-V4)",
-                path=path,
-            )
-        rows, cols = fn_i.shape
-        s_len = scale_i.shape[0]
-        if s_len not in (2, 3):
-            raise InputError(
-                f"{path}: {scale_i.key} has {s_len} entries; expected 3 (pre, post, comb) or 2 (HY-V4: pre, post)",
-                path=path,
-            )
-        site_n = n_cfg if n_cfg is not None else _infer_n(rows, s_len)
-        want_rows = None if site_n is None else ((site_n + 2) * site_n if s_len == 3 else 2 * site_n)
-        if site_n is None or rows != want_rows:
-            how = f"hc_mult={n_cfg} from config.json" if n_cfg is not None else "no n solves it"
-            raise InputError(
-                f"{path}: {fn_i.key} has {rows} rows, not (n+2)n (or 2n for HY-V4) with {how}; "
-                "check hc_mult or write a layout file (--layout-file)",
-                path=path,
-            )
-        if base_i.shape[0] != rows:
-            raise InputError(
-                f"{path}: {base_i.key} has {base_i.shape[0]} entries, {fn_i.key} has {rows} rows", path=path
-            )
-        if cols % site_n:
-            raise InputError(f"{path}: {fn_i.key} has {cols} columns, not a multiple of n={site_n}", path=path)
-        site_C = cols // site_n
-        if C_cfg is not None and site_C != C_cfg:
-            raise InputError(
-                f"{path}: {fn_i.key} has {cols} columns = n*C with C={site_C}, but config hidden_size={C_cfg}",
-                path=path,
-            )
-        if n is None:
-            n, C = site_n, site_C
-        elif (site_n, site_C) != (n, C):
-            raise InputError(
-                f"{path}: {fn_i.key} implies n={site_n}, C={site_C}; earlier sites had n={n}, C={C}",
-                path=path,
-            )
-        fn, base, scale = (source.get(parts[p]) for p in _PARTS)
-        dtypes.add(fn_i.dtype)
-        used.update(parts.values())
-        if s_len == 3:
-            spec = SinkhornSpec(
-                conv,
-                st.values["hc_sinkhorn_iters"],
-                st.values["hc_eps"] if has_eps(conv) else 0.0,
-                spec_src,
-            )
-            module: SiteModule = TransformersMHCSite(
-                fn,
-                base,
-                scale,
-                n=site_n,
-                C=site_C,
-                norm_eps=st.values["rms_norm_eps"],
-                hc_eps=st.values["hc_eps"],
-                sinkhorn=spec,
-            )
-            variant = "mhc"
-        else:
-            module = TransformersIHCSite(
-                fn,
-                base,
-                scale,
-                n=site_n,
-                C=site_C,
-                norm_eps=st.values["rms_norm_eps"],
-                hc_eps=st.values["hc_eps"],
-                magnitude=st.values["hc_magnitude"],
-            )
-            variant = "ihc"
-        sites.append(
-            Site(
-                index=len(sites),
-                name=f"{kind}_{block}",
-                block=block,
-                kind=kind,
-                variant=variant,
-                module=module,
-                tensors=[infos[p] for p in _PARTS],
-            )
-        )
+    for block, kind in depth_order(sites_keys):
+        infos, n = _site_shape(source, sites_keys[(block, kind)], f"{kind}_{block}", st)
+        C = _site_C(infos[0], n, st, path)
+        dims.add(n, C, infos[0].key)
+        module = _module(source, infos, n, C, st, spec)
+        variant = "mhc" if isinstance(module, TransformersMHCSite) else "ihc"
+        sites.append(Site(len(sites), f"{kind}_{block}", block, kind, variant, module, infos))
+    notes += _notes(sites, conv, conv_src)
+    metadata: dict[str, Any] = {"family": st.get("model_type") or "transformers mHC"}
+    notes += _head(source, scan, prefix, metadata)
+    used = {i.key for s in sites for i in s.tensors} | {m.string for m in scan.side["head"]}
+    from hcdiag.io.load import unmatched_hc_keys  # lazy: load imports the layouts
 
-    assert n is not None and C is not None
-    fn_key = sites[0].tensors[0].key
-    settings_source["n"] = st.source["hc_mult"] if n_cfg is not None else f"inferred from {fn_key} shape"
-    settings_source["C"] = (
-        st.source["hidden_size"] if C_cfg is not None else f"inferred from {fn_key} shape (columns / n)"
-    )
-    has_comb = any(s.variant == "mhc" for s in sites)
-    if has_comb:
-        settings_source["convention"] = conv_src
-        settings_source["iters"] = st.source["hc_sinkhorn_iters"]
-        settings_source["eps"] = st.source["hc_eps"]
-    else:
-        settings_source["convention"] = "not applicable (H_res = I: HY-V4 sites have no comb)"
-        settings_source["hc_magnitude"] = st.source["hc_magnitude"]
-    settings_source["hc_eps"] = st.source["hc_eps"]
-    settings_source["rms_norm_eps"] = st.source["rms_norm_eps"]
-
-    gaps = _gaps(sorted({s.block for s in sites}))
-    if gaps:
-        notes.append(f"no HC sites for blocks {gaps}: the depth composite skips them")
-    if has_comb:
-        notes.append(f"convention: {conv.value} ({conv_src})")
-        if conv is Convention.TRANSFORMERS_SIGMOID:
-            notes.append("H_post is read as 2 sigmoid (transformers >= 5.8); the earlier code's sigmoid + eps "
-                         "is not reproduced: H_res and its Sinkhorn are")
-        notes.append(
-            "H_res = comb^T: transformers stores comb as [input stream, output stream] and the decoder "
-            "layer applies comb^T; converted to paper convention"
-        )
-    else:
-        notes.append("HY-V4 hyper-connections: no comb, H_res = I at every site (identity residual)")
-
-    metadata: dict[str, Any] = {"family": st.values.get("model_type") or "transformers mHC"}
-    head = [k for k in scan.head if k.startswith(prefix) or not prefix]
-    if head:
-        shapes = ", ".join(f"{k} {list(source.info(k).shape)}" for k in head)
-        metadata["hc_head"] = shapes
-        notes.append(
-            f"hc_head ({len(head)} tensors) collapses the n streams before the final norm: "
-            "not a residual site, not counted"
-        )
-    used.update(scan.head)  # every hc_head tensor is recognised, whichever prefix it sits under
-
-    from hcdiag.io.load import unmatched_hc_keys
-
-    unmatched = unmatched_hc_keys(source, used)
-    mtp = [t.key for t in unmatched if re.search(r"(?:^|\.)mtp", t.key)]
-    if mtp:
-        notes.append(
-            f"{len(mtp)} HC tensors of multi-token-prediction modules (e.g. {mtp[0]}) are not sites of "
-            "the residual stack: listed as unmatched"
-        )
-
-    return LoadedModel(
-        path=path,
-        layout="transformers",
-        layout_reason="",
-        sites=sites,
-        n=n,
-        C=C,
-        metadata=metadata,
-        settings_source=settings_source,
-        source_dtype=dtypes.pop() if len(dtypes) == 1 else "mixed (" + ", ".join(sorted(dtypes)) + ")",
-        unmatched_keys=unmatched,
-        notes=notes,
-    )
+    unmatched = unmatched_hc_keys(source, used)  # every hc_head tensor is recognised, whichever its prefix
+    return assemble(source, "transformers", sites, settings=_sources(st, sites, conv_src),
+                    notes=notes + _mtp(unmatched), unmatched=unmatched, metadata=metadata,
+                    source_dtype=_fn_dtype(sites))
 
 
 TRANSFORMERS = register_layout(
