@@ -8,7 +8,7 @@ priority order; ``--layout NAME`` forces one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,25 +60,6 @@ class Layout:
 
 
 _LAYOUTS: dict[str, Layout] = {}
-
-
-def main_prefix(groups: Mapping[str, Sized]) -> str | None:
-    """The key prefix with the most sites (the shortest among equals): the model itself, not a draft / MTP copy."""
-    if not groups:
-        return None
-    return max(groups, key=lambda p: (len(groups[p]), -len(p)))
-
-
-def drop_layers_beyond(
-    groups: Mapping[tuple[int, str], Any], layers: int | None, what: str
-) -> tuple[dict[tuple[int, str], Any], str | None]:
-    """Sites keyed by (block, kind) without the blocks at or past ``layers`` (config's num_hidden_layers; None
-    keeps all), and the note naming those dropped (``what`` says what such layers are: MTP, draft, ...)."""
-    kept = {k: v for k, v in groups.items() if layers is None or k[0] < layers}
-    beyond = sorted({b for b, _ in groups} - {b for b, _ in kept})
-    if not beyond:
-        return kept, None
-    return kept, f"ignored HC keys of layers {beyond} (beyond num_hidden_layers={layers}: {what})"
 
 
 def register_layout(layout: Layout) -> Layout:

@@ -35,16 +35,9 @@ from typing import Any
 
 from hcdiag.enums import Convention
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import (
-    Layout,
-    LoadOptions,
-    TensorSource,
-    drop_layers_beyond,
-    dtype_summary,
-    main_prefix,
-    register_layout,
-)
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
+from hcdiag.io.reader import drop_layers_beyond, main_prefix
 from hcdiag.io.transformers_layout import TransformersMHCSite
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import SinkhornSpec

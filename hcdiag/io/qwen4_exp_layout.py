@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 from hcdiag.enums import Exactness
 from hcdiag.errors import InputError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, main_prefix, register_layout
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
 from hcdiag.io.limits import MAX_STREAMS, bounded
+from hcdiag.io.reader import main_prefix
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
