@@ -15,7 +15,7 @@ name         start                 one iteration (on the tensor named)          
 paper        exp(logits)           H: columns, then rows (mHC Eq. 9)                    none  rows
 log          logits (log domain)   alpha: -lse over input axis, then output axis; exp   none  columns
 transformers softmax(comb) + eps   comb: iteration 1 columns only; then rows, columns   +eps  rows
-transformers sigmoid(comb) + eps   comb: rows, then columns (every iteration)           +eps  rows
+transformers sigmoid(H) + eps      H: rows, then columns (every iteration)              +eps  columns
 -sigmoid
 lucidrains   exp(alpha - max_in)   alpha: L1 over input axis, then output axis          clamp columns
 ============ ===================== ==================================================== ===== ==========
@@ -150,9 +150,11 @@ def _tf_step(c: torch.Tensor, k: int, eps: float) -> torch.Tensor:
 # src/transformers/models/deepseek_v4/modular_deepseek_v4.py as stored in the search index, file id 53747464290;
 # the commit could not be pinned: `fetch` of huggingface/transformers was refused, 1.33 GB > 500 MB cap). On comb:
 # comb = sigmoid(comb_logits) + eps; iters x [comb /= comb.sum(-1) + eps; comb /= comb.sum(-2) + eps].
+# Its layer applies torch.matmul(comb, residual): output stream i = sum_j comb[i, j] x_j, so comb IS paper H_res
+# (unlike 5.8.0 and later, which apply comb^T): no transpose, and the last (column) pass makes paper columns exact.
 # No transformers release on PyPI ships it (5.7.0 .. 5.24.0 have the softmax start): it was the draft-PR code.
 def _sig_start(logits: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.sigmoid(_to_code(logits)) + eps
+    return torch.sigmoid(logits.contiguous()) + eps  # contiguous: the reference's comb logits are a fresh tensor
 
 
 def _sig_step(c: torch.Tensor, k: int, eps: float) -> torch.Tensor:
@@ -177,7 +179,7 @@ _CONVENTIONS: dict[Convention, _Impl] = {
     Convention.PAPER: _Impl(_paper_start, _paper_step, lambda m: m, "rows", has_eps=False),
     Convention.LOG: _Impl(_log_start, _log_step, _log_to_paper, "columns", has_eps=False),
     Convention.TRANSFORMERS: _Impl(_tf_start, _tf_step, _from_code, "rows", has_eps=True),
-    Convention.TRANSFORMERS_SIGMOID: _Impl(_sig_start, _sig_step, _from_code, "rows", has_eps=True),
+    Convention.TRANSFORMERS_SIGMOID: _Impl(_sig_start, _sig_step, lambda m: m, "columns", has_eps=True),
     Convention.LUCIDRAINS: _Impl(_lr_start, _lr_step, _from_code, "columns", has_eps=False),
 }
 
@@ -487,12 +489,13 @@ class _Block:
         if conv is Convention.LUCIDRAINS:  # the p=1 norm's order for the steps, torch.sum's for the errors
             self.norm0 = _Sum(src, 0, self.s0, regs, orders.fold)
             self.norm1 = _Sum(src, 1, self.s1, regs, orders.fold)
-        # paper rows are state axis 1 for paper (H itself), axis 0 for the code-orientation conventions
-        self.paper_rows_axis = 1 if conv is Convention.PAPER else 0
+        # paper rows are state axis 1 for paper and transformers-sigmoid (H itself), axis 0 for the
+        # code-orientation conventions
+        self.paper_rows_axis = 1 if conv in _PAPER_STATE else 0
 
     def load(self, logits: torch.Tensor, eps: float) -> None:
         """State after start, from paper-orientation logits [b, n, n] (the same ops as the _*_start functions);
-        transformers-sigmoid: from its start state [b, n, n] (code orientation), see :func:`_whole_start`."""
+        transformers-sigmoid: from its start state [b, n, n] (paper orientation), see :func:`_whole_start`."""
         x = self.x
         if self.conv is Convention.TRANSFORMERS_SIGMOID:
             x.copy_(logits.permute(1, 2, 0))
@@ -560,12 +563,16 @@ class _Block:
     def paper_into(self, out: torch.Tensor) -> None:
         """The paper-orientation matrices [b, n, n] into ``out``."""
         src = self.paper_matrix()
-        out.copy_(src.permute(2, 0, 1) if self.conv is Convention.PAPER else src.permute(2, 1, 0))
+        out.copy_(src.permute(2, 0, 1) if self.conv in _PAPER_STATE else src.permute(2, 1, 0))
 
     def keep(self, cols: torch.Tensor) -> _Block:
         """A block of only the matrices ``cols`` (indices into this block), carrying their state."""
         x = self.x.index_select(2, cols)
         return _Block(self.conv, self.n, x.shape[2], x.dtype, self.orders, x=x)
+
+
+#: conventions whose engine state is the paper matrix itself (the others loop on its transpose)
+_PAPER_STATE = (Convention.PAPER, Convention.TRANSFORMERS_SIGMOID)
 
 
 def _whole_start(flat: torch.Tensor, conv: Convention, eps: float) -> torch.Tensor:

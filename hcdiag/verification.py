@@ -304,7 +304,7 @@ def _families(eps: float) -> list[_Family]:
             _Family("transformers" + suffix, Convention.TRANSFORMERS.value, t, "softmax + eps", cr, "exp", eps,
                     ("exp", cr, True)),
             _Family("sigmoid (earlier transformers)" + suffix, Convention.TRANSFORMERS_SIGMOID.value, t,
-                    "sigmoid + eps", cr, "exp", eps, ("sigmoid", cr, True)),
+                    "sigmoid + eps", rc, "exp", eps, ("sigmoid", rc, True)),
         ]
     return out
 

@@ -436,7 +436,9 @@ def _with_version(root: Path, dst: Path, version: str | None) -> Path:
 
 def test_pre_release_config_gets_the_sigmoid_start(dsv4, tmp_path, monkeypatch):
     """transformers_version 5.8.0.dev0 (before the first release with DeepSeek-V4, whose code has the softmax
-    start): H_res equals the sigmoid-start module's comb^T (float64) within 1e-6, and the output says why."""
+    start): H_res equals the earlier code's comb itself (its layer applies torch.matmul(comb, residual); this
+    test asserted comb^T before, the 5.8.0+ orientation, which the earlier code never used) and H_post its
+    sigmoid + eps, float64 within 1e-6, and the output says why."""
     model, root = dsv4
     loaded = load(_with_version(root, tmp_path / "old", "5.8.0.dev0"))
     assert {s.module.sinkhorn.convention for s in loaded.sites} == {Convention.TRANSFORMERS_SIGMOID}
@@ -448,9 +450,9 @@ def test_pre_release_config_gets_the_sigmoid_start(dsv4, tmp_path, monkeypatch):
     for (_, lib), site in zip(_oracle(model, SETTINGS), loaded.sites, strict=True):
         x = _streams(site.index + 5, 6, loaded.n, loaded.C)
         with torch.no_grad():
-            _, comb, _ = lib(x)
-            _, _, res = site.module(x[0].double())
-        worst = max(worst, float((res - comb[0].transpose(-1, -2)).abs().max()))
+            post, comb, _ = lib(x)
+            _, got_post, res = site.module(x[0].double())
+        worst = max(worst, float((res - comb[0]).abs().max()), float((got_post - post[0]).abs().max()))
     assert worst < 1e-6
     # and the 5.24 (softmax) matrices are visibly different: the test can fail
     today = load(_with_version(root, tmp_path / "new", "5.24.0"))

@@ -62,12 +62,13 @@ def ref_transformers(logits: torch.Tensor, k: int, eps: float) -> torch.Tensor:
 
 
 def ref_transformers_sigmoid(logits: torch.Tensor, k: int, eps: float) -> torch.Tensor:
-    """The earlier transformers DeepSeek-V4 _sinkhorn on comb = H^T (sigmoid + eps start, k x (rows, columns))."""
-    comb = torch.sigmoid(logits.transpose(-1, -2).contiguous()) + eps
+    """The earlier transformers DeepSeek-V4 _sinkhorn (sigmoid + eps start, k x (rows, columns)) on comb, which its
+    layer applies as torch.matmul(comb, residual): comb = paper H, no transpose."""
+    comb = torch.sigmoid(logits) + eps
     for _ in range(k):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return comb.transpose(-1, -2)
+    return comb
 
 
 def ref_log_kromhc(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -207,7 +208,7 @@ def test_exact_axis_table() -> None:
         "paper": "rows",
         "log": "columns",
         "transformers": "rows",
-        "transformers-sigmoid": "rows",
+        "transformers-sigmoid": "columns",
         "lucidrains": "columns",
     }
     assert exact_axis("PAPER") == "rows"
@@ -354,8 +355,8 @@ def frozen_loop(logits: torch.Tensor, convention: str, iters: int, eps: float = 
         m = x.transpose(-1, -2).contiguous()
     elif convention == "transformers":
         m = torch.softmax(x.transpose(-1, -2).contiguous(), dim=-1) + eps
-    elif convention == "transformers-sigmoid":
-        m = torch.sigmoid(x.transpose(-1, -2).contiguous()) + eps
+    elif convention == "transformers-sigmoid":  # on comb = paper H (the earlier code applies comb @ x)
+        m = torch.sigmoid(x.contiguous()) + eps
     else:
         a = x.transpose(-1, -2).contiguous()
         m = (a - a.amax(dim=-2, keepdim=True)).exp()
@@ -374,6 +375,9 @@ def frozen_loop(logits: torch.Tensor, convention: str, iters: int, eps: float = 
             if k > 1 or convention == "transformers-sigmoid":
                 m = m / (m.sum(dim=-1, keepdim=True) + eps)
             m = m / (m.sum(dim=-2, keepdim=True) + eps)
+            if convention == "transformers-sigmoid":
+                yield k, m
+                continue
         else:
             m = F.normalize(m, p=1, dim=-2, eps=1e-12)
             m = F.normalize(m, p=1, dim=-1, eps=1e-12)

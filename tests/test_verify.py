@@ -236,7 +236,10 @@ def test_deepseek_v4_earlier_sigmoid_sinkhorn_is_fingerprinted(dsv4, tmp_path, m
     assert report.failing() == ["attn_0", "ffn_0", "attn_1", "ffn_1"]
     for s in report.sites:
         fp = s.fingerprint
-        assert (fp.best.convention, fp.best.transposed) == ("transformers-sigmoid", False), fp.best
+        # the earlier code's Sinkhorn inside the 5.24 module, whose layer applies comb^T: the sigmoid convention
+        # (defined on comb = H, as the earlier layer applied comb itself) on the transpose, i.e. columns then rows
+        assert (fp.best.convention, fp.best.transposed) == ("transformers-sigmoid", True), fp.best
+        assert fp.best.order == "columns, rows"
         assert fp.best.residual < 1e-6 and fp.matches
         lo, hi = fp.iters_matching  # near convergence neighbouring counts match to rounding too
         assert lo <= 20 <= hi
@@ -244,7 +247,7 @@ def test_deepseek_v4_earlier_sigmoid_sinkhorn_is_fingerprinted(dsv4, tmp_path, m
         assert min(r for f, (_, r) in fp.by_family.items() if f.startswith("transformers")) > 1e-3
         assert fp.layout.label == "transformers x20, eps 1e-06" and fp.layout.residual > 1e-3
         assert s.diagnosis == f"Sinkhorn {fp.best.label}" and fp.best.label.startswith("sigmoid (earlier")
-    assert "sigmoid (earlier transformers) x" in report.verdict
+    assert "sigmoid (earlier transformers) (transposed) x" in report.verdict
 
 
 def test_old_activation_files_still_verify(dsv4, dsv4_acts, tmp_path) -> None:

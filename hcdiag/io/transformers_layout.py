@@ -7,6 +7,7 @@ Checked against transformers 5.24 (``models/deepseek_v4/modeling_deepseek_v4.py`
 ``transformers/conversion_mapping.py``. Per site (one sub-layer), keys in the converted checkpoints::
 
     <prefix>layers.N.attn_hc.{fn,base,scale}   <prefix>layers.N.ffn_hc.{fn,base,scale}
+    <prefix>layers.N.attn_hc.hc_{fn,base,scale}   <prefix>layers.N.mlp_hc.hc_*   (earlier DeepSeek-V4 code)
     <prefix>hc_head.{hc_fn,hc_base,hc_scale}   (DeepSeek-V4 / HY-V4 model-level head; not a residual site)
 
 and in the original releases (before conversion)::
@@ -19,6 +20,12 @@ flattened streams (eps = ``rms_norm_eps``), mixes = x' fn^T split [pre n, post n
 pre = sigmoid(pre_w s0 + b_pre) + hc_eps, post = 2 sigmoid(post_w s1 + b_post),
 comb = Sinkhorn_transformers(comb_w s2 + b_comb) on comb = [input stream, output stream]; the decoder layer
 applies comb^T to the streams, so paper H_res = comb^T (the final column pass on comb makes paper rows exact).
+
+The earlier transformers DeepSeek-V4 code (before 5.8.0, the first release with ``models/deepseek_v4``; chosen
+from config.json's ``transformers_version`` or the installed transformers, or by ``--convention
+transformers-sigmoid``) stored ``layers.N.attn_hc.hc_{fn,base,scale}`` / ``layers.N.mlp_hc.hc_*`` and computed
+post = sigmoid(.) + hc_eps, comb = sigmoid(.) + hc_eps then iters x (rows, columns), and its layer applied
+``torch.matmul(comb, residual)``: there paper H_res = comb itself (:class:`TransformersMHCSite` ``earlier``).
 
 HY-V4 site: fn [2n, nC], base [2n], scale [2]: pre = sigmoid(.) + hc_eps, post = hc_magnitude sigmoid(.) +
 hc_eps, and the residual is added unmixed: H_res = I (exactness IDENTITY; iHC in the registry).
@@ -78,7 +85,7 @@ DEFAULT_HC_MAGNITUDE = 2.0  # HYV4Config.hc_magnitude
 
 _SITE_RE = re.compile(
     r"^(?P<prefix>(?:.*\.)?)layers\.(?P<block>\d+)\.(?:"
-    r"(?P<kind1>attn|ffn|mlp)_hc\.(?P<part1>fn|base|scale)"
+    r"(?P<kind1>attn|ffn|mlp)_hc\.(?:hc_)?(?P<part1>fn|base|scale)"
     r"|(?:hc_pre\.)?hc_(?P<kind2>attn|ffn|mlp)(?:_layer\.hc)?_(?P<part2>fn|base|scale)"
     r")$"
 )
@@ -148,7 +155,9 @@ class _TransformersSiteBase(SiteModule):
 class TransformersMHCSite(_TransformersSiteBase):
     """One DeepSeek-V4 / GLM-5-Next ``*_hc`` site: fn [(n+2)n, nC], base [(n+2)n], scale [3].
 
-    Reproduces ``DeepseekV4HyperConnection.forward`` and returns paper convention: H_res = comb^T.
+    Reproduces ``DeepseekV4HyperConnection.forward`` and returns paper convention: H_res = comb^T. With
+    ``earlier=True`` it is the earlier transformers DeepSeek-V4 code instead (before 5.8.0; module docstring):
+    post = sigmoid + hc_eps and H_res = comb (that code's layer applies ``torch.matmul(comb, residual)``).
     """
 
     res_params = ("fn", "base", "scale")  # packed: comb is the last n^2 rows of fn / base, with scale[2]
@@ -168,20 +177,25 @@ class TransformersMHCSite(_TransformersSiteBase):
         norm_eps: float = DEFAULT_RMS_NORM_EPS,
         hc_eps: float = DEFAULT_HC_EPS,
         sinkhorn: SinkhornSpec | None = None,
+        earlier: bool = False,
     ) -> None:
         super().__init__(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps)
         self.sinkhorn = sinkhorn or SinkhornSpec(Convention.TRANSFORMERS, DEFAULT_ITERS, hc_eps, "default")
+        self.earlier = bool(earlier)
 
     def evaluate_read(self, z: torch.Tensor) -> SiteEval:
         """mixes z [..., (n+2)n] -> H_pre, H_post [..., n] and the comb logits in paper orientation [..., n, n]."""
         n = self.n
         pre, post, comb = self._logits(z, [n, n, n * n])
-        # comb logits [..., input, output] (code orientation); paper orientation is the transpose
         comb = comb.unflatten(-1, (n, n))
+        if self.earlier:  # the earlier code: post = sigmoid + eps, its layer applies comb itself
+            return SiteEval(torch.sigmoid(pre) + self.hc_eps, torch.sigmoid(post) + self.hc_eps, comb, None)
+        # comb logits [..., input, output] (code orientation); paper orientation is the transpose
         return SiteEval(torch.sigmoid(pre) + self.hc_eps, 2 * torch.sigmoid(post), comb.transpose(-1, -2), None)
 
     def res_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., n, C] -> comb logits transposed to paper orientation [..., n, n] (row = output stream)."""
+        """x [..., n, C] -> comb logits in paper orientation [..., n, n] (row = output stream): transposed, or
+        as stored for the earlier code."""
         logits = self.evaluate(x).logits
         assert logits is not None
         return logits
@@ -421,7 +435,8 @@ def _module(source: TensorSource, infos: list[TensorInfo], n: int, C: int, st: S
     fn, base, scale = (source.get(i.key) for i in infos)
     norm_eps, hc_eps = st.values["rms_norm_eps"], st.values["hc_eps"]
     if infos[2].shape[0] == 3:
-        return TransformersMHCSite(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn=spec)
+        return TransformersMHCSite(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn=spec,
+                                   earlier=spec.convention is Convention.TRANSFORMERS_SIGMOID)
     return TransformersIHCSite(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps,
                                magnitude=st.values["hc_magnitude"])
 
@@ -451,8 +466,9 @@ def _notes(sites: list[Site], conv: Convention, conv_src: str) -> list[str]:
         return [*notes, "HY-V4 hyper-connections: no comb, H_res = I at every site (identity residual)"]
     notes.append(f"convention: {conv.value} ({conv_src})")
     if conv is Convention.TRANSFORMERS_SIGMOID:
-        notes.append("H_post is read as 2 sigmoid (transformers >= 5.8); the earlier code's sigmoid + eps "
-                     "is not reproduced: H_res and its Sinkhorn are")
+        notes.append("the earlier transformers DeepSeek-V4 code (before 5.8.0): comb = sigmoid + eps, then rows and "
+                     "columns; post = sigmoid + eps; its layer applies comb @ streams, so H_res = comb (columns exact)")
+        return notes
     notes.append(
         "H_res = comb^T: transformers stores comb as [input stream, output stream] and the decoder "
         "layer applies comb^T; converted to paper convention"
