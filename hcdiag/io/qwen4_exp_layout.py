@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,9 +35,10 @@ import torch.nn.functional as F
 
 from hcdiag.enums import Exactness
 from hcdiag.errors import InputError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
+from hcdiag.io import reader
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_STREAMS, bounded
-from hcdiag.io.reader import main_prefix
+from hcdiag.io.reader import KeyScan, Settings, assemble, depth_order, found, sub_config
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
@@ -108,45 +108,20 @@ class Qwen4ExpSite(SiteModule):
         return f"n={self.n}, C={self.C}, lowrank={self.down.shape[0]}, norm_eps={self.norm_eps}"
 
 
-@dataclass
-class _Scan:
-    groups: dict[str, dict[tuple[int, str], dict[str, str]]] = field(default_factory=dict)
-    mixer: list[str] = field(default_factory=list)
-
-
-def _scan(keys: list[str]) -> _Scan:
-    scan = _Scan()
-    for key in keys:
-        m = _SITE_RE.match(key)
-        if m:
-            kind = "attn" if m.group("kind") == "attn" else "ffn"
-            site = scan.groups.setdefault(m.group("prefix"), {}).setdefault((int(m.group("block")), kind), {})
-            site[m.group("part")] = key
-        elif _MIXER_RE.search(key):
-            scan.mixer.append(key)
-    return scan
+def _scan(keys: list[str]) -> KeyScan:
+    """Group the Qwen4-Exp gated-residual keys by model prefix, block and kind (mlp -> ffn); the
+    hyper_connection_mixer tensors are ``side["mixer"]``."""
+    return reader.scan_keys(keys, _SITE_RE, side={"mixer": _MIXER_RE})
 
 
 def _detect(source: TensorSource) -> str | None:
     scan = _scan(source.keys())
-    prefix = main_prefix(scan.groups)
+    prefix = scan.main()
     if prefix is None:
         return None
     sites = scan.groups[prefix]
-    return (f"found {len(sites)} Qwen4-Exp gated-residual sites in {len({b for b, _ in sites})} blocks named "
-            f"{prefix}layers.N.{{attn,mlp}}_hyper_connection.*")
-
-
-def _text_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    """The (sub-)config holding hc_count: top level or ``text_config``."""
-    if not isinstance(config, dict):
-        return {}, ""
-    if "hc_count" in config:
-        return config, "config.json"
-    sub = config.get("text_config")
-    if isinstance(sub, dict):
-        return sub, "config.json:text_config"
-    return config, "config.json"
+    return found(len(sites), "Qwen4-Exp gated-residual sites", f"{prefix}layers.N.{{attn,mlp}}_hyper_connection.*",
+                 blocks=len({b for b, _ in sites}))
 
 
 def _cfg_number(cfg: dict[str, Any], key: str, where: str, path: str, *, integer: bool) -> float | None:
@@ -158,6 +133,26 @@ def _cfg_number(cfg: dict[str, Any], key: str, where: str, path: str, *, integer
     if not ok:
         raise InputError(f"{path}: {where} {key}={v!r} is not valid; fix config.json", path=path)
     return v
+
+
+def _settings(source: TensorSource) -> tuple[Settings, dict[str, Any]]:
+    """hc_count, hidden_size (as stated) and rms_norm_eps (else its default) of the (sub-)config holding
+    hc_count, each with where it came from; and that config (its model_type and ple_layer_ids)."""
+    path = source.path
+    cfg, where = sub_config(source.config, marker="hc_count")
+    st = Settings({}, {}, path)
+    for key, integer in (("hc_count", True), ("hidden_size", True), ("rms_norm_eps", False)):
+        v = _cfg_number(cfg, key, where, path, integer=integer)
+        if v is not None:
+            st.values[key], st.source[key] = v, f"{where} ({key})"
+    if st.stated("hc_count"):
+        bounded(int(st.values["hc_count"]), MAX_STREAMS, f"{where} hc_count (streams n)", path)
+    if st.stated("rms_norm_eps"):
+        st.values["rms_norm_eps"] = float(st.values["rms_norm_eps"])
+    else:
+        st.values["rms_norm_eps"] = DEFAULT_RMS_NORM_EPS
+        st.source["rms_norm_eps"] = f"default ({DEFAULT_RMS_NORM_EPS})"
+    return st, cfg
 
 
 def _site_shapes(source: TensorSource, parts: dict[str, str], name: str) -> tuple[int, int]:
@@ -180,42 +175,44 @@ def _site_shapes(source: TensorSource, parts: dict[str, str], name: str) -> tupl
     return n, nC // n
 
 
-def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
-    path = source.path
-    scan = _scan(source.keys())
-    prefix = main_prefix(scan.groups)
-    if prefix is None:
-        raise InputError(f"{path}: no Qwen4-Exp keys (layers.N.attn_hyper_connection.*)", path=path)
-    cfg, where = _text_config(source.config)
-    n_cfg = _cfg_number(cfg, "hc_count", where, path, integer=True)
-    C_cfg = _cfg_number(cfg, "hidden_size", where, path, integer=True)
-    eps_cfg = _cfg_number(cfg, "rms_norm_eps", where, path, integer=False)
-    if n_cfg is not None:
-        bounded(int(n_cfg), MAX_STREAMS, f"{where} hc_count (streams n)", path)
-    eps = float(eps_cfg) if eps_cfg is not None else DEFAULT_RMS_NORM_EPS
+def _site(source: TensorSource, block: int, kind: str, parts: dict[str, str], st: Settings,
+          earlier: list[Site]) -> Site:
+    """The next site after ``earlier``: its shapes checked against config.json's hc_count / hidden_size and
+    against the first site's n and C."""
+    path, name = source.path, f"{kind}_{block}"
+    n, C = _site_shapes(source, parts, name)
+    n_cfg, C_cfg = st.get("hc_count"), st.get("hidden_size")
+    if (n_cfg is not None and n != n_cfg) or (C_cfg is not None and C != C_cfg):
+        where = st.source.get("hc_count", st.source.get("hidden_size", "")).split(" (")[0]
+        raise InputError(f"{path}: {parts['block_inject_weight.weight']} implies n={n}, C={C}; {where} says "
+                         f"hc_count={n_cfg}, hidden_size={C_cfg}", path=path)
+    if earlier and (n, C) != (earlier[0].module.n, earlier[0].module.C):
+        raise InputError(f"{path}: site {name} has n={n}, C={C}; earlier sites differ", path=path)
+    t = {p: source.get(k) for p, k in parts.items()}
+    infos = [source.info(parts[p]) for p in _PARTS]
+    module = Qwen4ExpSite(t, n=n, C=C, norm_eps=st.values["rms_norm_eps"])
+    return Site(len(earlier), name, block, kind, "qwen4-exp", module, infos)
+
+
+def _sites(source: TensorSource, groups: dict[tuple[int, str], dict[str, str]], st: Settings) -> list[Site]:
+    """The sites in depth order (attn before ffn in each block)."""
     sites: list[Site] = []
-    used: set[str] = set(scan.mixer)
-    groups = scan.groups[prefix]
-    for block, kind in sorted(groups, key=lambda bk: (bk[0], 0 if bk[1] == "attn" else 1)):
-        parts = groups[(block, kind)]
-        name = f"{kind}_{block}"
-        n, C = _site_shapes(source, parts, name)
-        if (n_cfg is not None and n != n_cfg) or (C_cfg is not None and C != C_cfg):
-            raise InputError(f"{path}: {parts['block_inject_weight.weight']} implies n={n}, C={C}; {where} says "
-                             f"hc_count={n_cfg}, hidden_size={C_cfg}", path=path)
-        if sites and (n, C) != (sites[0].module.n, sites[0].module.C):
-            raise InputError(f"{path}: site {name} has n={n}, C={C}; earlier sites differ", path=path)
-        t = {p: source.get(k) for p, k in parts.items()}
-        used.update(parts.values())
-        infos = [source.info(parts[p]) for p in _PARTS]
-        sites.append(Site(len(sites), name, block, kind, "qwen4-exp", Qwen4ExpSite(t, n=n, C=C, norm_eps=eps), infos))
-    n, C = sites[0].module.n, sites[0].module.C
-    settings = {
-        "n": f"{where} (hc_count)" if n_cfg is not None else "shapes (block_inject_weight rows)",
-        "C": f"{where} (hidden_size)" if C_cfg is not None else "shapes (hc_norm.weight / n)",
-        "rms_norm_eps": f"{where} (rms_norm_eps)" if eps_cfg is not None else f"default ({DEFAULT_RMS_NORM_EPS})",
+    for block, kind in depth_order(groups):
+        sites.append(_site(source, block, kind, groups[(block, kind)], st, sites))
+    return sites
+
+
+def _sources(st: Settings) -> dict[str, str]:
+    return {
+        "n": st.source["hc_count"] if st.stated("hc_count") else "shapes (block_inject_weight rows)",
+        "C": st.source["hidden_size"] if st.stated("hidden_size") else "shapes (hc_norm.weight / n)",
+        "rms_norm_eps": st.source["rms_norm_eps"],
         "convention": "not applicable (H_res = I: Qwen4-Exp adds the residual unmixed)",
     }
+
+
+def _notes(scan: KeyScan, prefix: str, cfg: dict[str, Any]) -> list[str]:
+    """H_res = I and what H_pre / H_post mean; the final mixer, the PLE writes and the other prefixes."""
     notes = [
         "Qwen4-Exp adds the residual unmixed: H_res = I at every site, so there is no doubly-stochastic error to "
         "measure (rows and columns sum to 1 exactly); what the sites learn is H_pre / H_post",
@@ -224,33 +221,31 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         "normalised streams x' = RMSNorm_C(x) (1 + hc_norm.weight), so no scalar H_pre reproduces its branch "
         "input exactly",
     ]
-    if scan.mixer:
-        notes.append(f"hyper_connection_mixer ({len(scan.mixer)} tensors) collapses the n streams before the final "
-                     "norm: not a residual site, not counted")
+    if scan.side["mixer"]:
+        notes.append(f"hyper_connection_mixer ({len(scan.side['mixer'])} tensors) collapses the n streams before "
+                     "the final norm: not a residual site, not counted")
     ple = cfg.get("ple_layer_ids") or []
     if isinstance(ple, list) and ple:
         blocks = sorted(int(b) - 1 for b in ple if isinstance(b, int) and not isinstance(b, bool))
         notes.append(f"PLE modules at layers {blocks} also write into the streams (hidden_states + ple(...)) "
                      "before the attention site: the H_res products and gains leave them out")
-    others = sorted(p for p in scan.groups if p != prefix)
-    for other in others:
+    for other in sorted(p for p in scan.groups if p != prefix):
         notes.append(f"ignored {len(scan.groups[other])} Qwen4-Exp sites under {other!r}; read those under "
                      f"{prefix or '(no prefix)'!r}")
-    from hcdiag.io.load import unmatched_hc_keys
+    return notes
 
-    return LoadedModel(
-        path=path,
-        layout="qwen4-exp",
-        layout_reason="",
-        sites=sites,
-        n=n,
-        C=C,
-        metadata={"family": cfg.get("model_type") or "qwen4_exp"},
-        settings_source=settings,
-        source_dtype=dtype_summary(i for s in sites for i in s.tensors),
-        unmatched_keys=unmatched_hc_keys(source, used),
-        notes=notes,
-    )
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    path = source.path
+    scan = _scan(source.keys())
+    prefix = scan.main()
+    if prefix is None:
+        raise InputError(f"{path}: no Qwen4-Exp keys (layers.N.attn_hyper_connection.*)", path=path)
+    st, cfg = _settings(source)
+    sites = _sites(source, scan.groups[prefix], st)
+    used = {m.string for m in scan.side["mixer"]} | {i.key for s in sites for i in s.tensors}
+    return assemble(source, "qwen4-exp", sites, settings=_sources(st), notes=_notes(scan, prefix, cfg),
+                    used=used, metadata={"family": cfg.get("model_type") or "qwen4_exp"})
 
 
 QWEN4_EXP = register_layout(
