@@ -34,10 +34,21 @@ import re
 from typing import Any
 
 from hcdiag.enums import Convention
-from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
-from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS, bounded
-from hcdiag.io.reader import drop_layers_beyond, main_prefix
+from hcdiag.errors import InputError
+from hcdiag.io import reader
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+from hcdiag.io.limits import MAX_ITERS, MAX_STREAMS
+from hcdiag.io.reader import (
+    KeyScan,
+    Settings,
+    assemble,
+    cli_iters,
+    depth_order,
+    drop_layers_beyond,
+    found,
+    read_settings,
+    sub_config,
+)
 from hcdiag.io.transformers_layout import TransformersMHCSite
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import SinkhornSpec
@@ -50,46 +61,48 @@ _MODEL_TYPES = ("deepseek_v41", "deepseek_v41_text")
 _SITE_RE = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<block>\d+)\.hc_(?P<kind>attn|ffn)_(?P<part>fn|base|scale)$")
 _ENGRAM_RE = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<block>\d+)\.engram\.")
 _PARTS = ("fn", "base", "scale")
+_Groups = dict[tuple[int, str], dict[str, str]]  # (block, kind) -> part -> key
 
 
-def _text_config(config: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    if not isinstance(config, dict):
-        return {}, ""
-    sub = config.get("text_config")
-    if isinstance(sub, dict):
-        return sub, "config.json:text_config"
-    return config, "config.json"
+#: config.json settings: (integer, default); hc_mult is read (and bounded) before the others
+_WANTED: dict[str, tuple[bool, Any]] = {
+    "hidden_size": (True, None),
+    "num_hidden_layers": (True, None),
+    "rms_norm_eps": (False, DEFAULTS["rms_norm_eps"]),
+    "hc_eps": (False, DEFAULTS["hc_eps"]),
+    "hc_sinkhorn_iters": (True, DEFAULTS["hc_sinkhorn_iters"]),
+}
 
 
 def _is_v41_config(config: dict[str, Any] | None) -> bool:
     if not isinstance(config, dict):
         return False
-    cfg, _ = _text_config(config)
+    cfg, _ = sub_config(config)
     types = {config.get("model_type"), cfg.get("model_type")}
     archs = " ".join(str(a) for a in config.get("architectures") or [])
     return bool(types & set(_MODEL_TYPES)) or "DeepseekV41" in archs
 
 
-def _scan(keys: list[str]) -> tuple[dict[str, dict[tuple[int, str], dict[str, str]]], dict[str, set[int]]]:
-    sites: dict[str, dict[tuple[int, str], dict[str, str]]] = {}
+def _scan(keys: list[str]) -> KeyScan:
+    """Group the hc_{attn,ffn}_{fn,base,scale} keys by model prefix, block and kind; the Engram keys are
+    ``side["engram"]``."""
+    return reader.scan_keys(keys, _SITE_RE, side={"engram": _ENGRAM_RE})
+
+
+def _engram_blocks(scan: KeyScan) -> dict[str, set[int]]:
+    """{model prefix: the blocks with Engram keys}."""
     engram: dict[str, set[int]] = {}
-    for key in keys:
-        m = _SITE_RE.match(key)
-        if m:
-            site = sites.setdefault(m.group("prefix"), {}).setdefault((int(m.group("block")), m.group("kind")), {})
-            site[m.group("part")] = key
-            continue
-        e = _ENGRAM_RE.match(key)
-        if e:
-            engram.setdefault(e.group("prefix"), set()).add(int(e.group("block")))
-    return sites, engram
+    for m in scan.side["engram"]:
+        engram.setdefault(m.group("prefix"), set()).add(int(m.group("block")))
+    return engram
 
 
 def _detect(source: TensorSource) -> str | None:
-    sites, engram = _scan(source.keys())
-    prefix = main_prefix(sites)
+    scan = _scan(source.keys())
+    prefix = scan.main()
     if prefix is None:
         return None
+    engram = _engram_blocks(scan)
     why = None
     if _is_v41_config(source.config):
         why = "config.json says DeepSeek-V4.1"
@@ -97,39 +110,38 @@ def _detect(source: TensorSource) -> str | None:
         why = f"Engram modules at layers {sorted(engram[prefix])}"
     if why is None:
         return None
-    return (f"found {len(sites[prefix])} single-pass mHC sites named {prefix}layers.N.hc_{{attn,ffn}}_"
-            f"{{fn,base,scale}} ({why})")
+    return found(len(scan.groups[prefix]), "single-pass mHC sites",
+                 f"{prefix}layers.N.hc_{{attn,ffn}}_{{fn,base,scale}}", why=why)
 
 
-def _setting(cfg: dict[str, Any], key: str, where: str, path: str, *, integer: bool) -> tuple[Any, str]:
-    if key not in cfg:
-        return DEFAULTS.get(key), f"default ({key}={DEFAULTS.get(key)})"
-    v = cfg[key]
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v >= 1 and float(v).is_integer() if integer else v >= 0)
-    if not ok:
-        raise InputError(f"{path}: {where} {key}={v!r} is not a valid {'integer' if integer else 'number'}; "
-                         "fix config.json", path=path)
-    return (int(v) if integer else float(v)), f"{where} ({key})"
+def _settings(source: TensorSource) -> Settings:
+    """The text config's settings with where they came from: hc_mult (bounded) first, then the others; a
+    stated hc_sinkhorn_iters is bounded even under --iters."""
+    path = source.path
+    st = read_settings(source.config, path, {"hc_mult": (True, None)})
+    st.bound("hc_mult", MAX_STREAMS, " (streams n)")
+    rest = read_settings(source.config, path, _WANTED)
+    st.values.update(rest.values)
+    st.source.update(rest.source)
+    st.bound("hc_sinkhorn_iters", MAX_ITERS, override="--iters")
+    return st
 
 
-def _spec(cfg: dict[str, Any], where: str, options: LoadOptions, path: str) -> tuple[SinkhornSpec, dict[str, str]]:
+def _spec(st: Settings, options: LoadOptions) -> tuple[SinkhornSpec, dict[str, str]]:
+    """The comb Sinkhorn (transformers' unless --convention) and where its convention / iters / eps came from."""
     from hcdiag.sinkhorn import parse_convention
 
-    iters, it_src = _setting(cfg, "hc_sinkhorn_iters", where, path, integer=True)
-    if "hc_sinkhorn_iters" in cfg:
-        bounded(iters, MAX_ITERS, f"{where} hc_sinkhorn_iters", path, override="--iters")
-    hc_eps, eps_src = _setting(cfg, "hc_eps", where, path, integer=False)
     conv, conv_src = Convention.TRANSFORMERS, "layout (DeepSeek-V4.1: transformers' comb Sinkhorn)"
     if options.convention is not None:
         conv, conv_src = parse_convention(options.convention), "cli (--convention)"
-    if options.iters is not None:
-        if isinstance(options.iters, bool) or not isinstance(options.iters, int) or options.iters < 1:
-            raise UsageError(f"--iters {options.iters!r} must be an integer >= 1", option="--iters")
-        iters, it_src = options.iters, "cli (--iters)"
+    iters, it_src = st.values["hc_sinkhorn_iters"], st.source["hc_sinkhorn_iters"]
+    cli = cli_iters(options)
+    if cli is not None:
+        iters, it_src = cli, "cli (--iters)"
     source = "cli" if options.iters is not None or options.convention is not None else it_src.split(" ")[0]
-    eps = hc_eps if conv is Convention.TRANSFORMERS else 0.0
-    return SinkhornSpec(conv, int(iters), eps, source), {"convention": conv_src, "iters": it_src, "eps": eps_src}
+    eps = st.values["hc_eps"] if conv is Convention.TRANSFORMERS else 0.0
+    return SinkhornSpec(conv, int(iters), eps, source), {"convention": conv_src, "iters": it_src,
+                                                         "eps": st.source["hc_eps"]}
 
 
 def _site_n_C(source: TensorSource, parts: dict[str, str], name: str, n_cfg: int | None) -> tuple[int, int]:
@@ -150,43 +162,45 @@ def _site_n_C(source: TensorSource, parts: dict[str, str], name: str, n_cfg: int
     return n, cols // n
 
 
-def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
-    path = source.path
-    sites_keys, engram = _scan(source.keys())
-    prefix = main_prefix(sites_keys)
-    if prefix is None:
-        raise InputError(f"{path}: no DeepSeek-V4.1 mHC keys (layers.N.hc_attn_fn, ...)", path=path)
-    cfg, where = _text_config(source.config)
-    n_cfg = _setting(cfg, "hc_mult", where, path, integer=True)[0] if "hc_mult" in cfg else None
-    if n_cfg is not None:
-        bounded(n_cfg, MAX_STREAMS, f"{where} hc_mult (streams n)", path)
-    C_cfg = _setting(cfg, "hidden_size", where, path, integer=True)[0] if "hidden_size" in cfg else None
-    layers = _setting(cfg, "num_hidden_layers", where, path, integer=True)[0] if "num_hidden_layers" in cfg else None
-    norm_eps, norm_src = _setting(cfg, "rms_norm_eps", where, path, integer=False)
-    hc_eps, _ = _setting(cfg, "hc_eps", where, path, integer=False)
-    spec, sk_src = _spec(cfg, where, options, path)
-    notes: list[str] = []
-    groups, dropped = drop_layers_beyond(sites_keys[prefix], layers, "DSpark draft layers")
-    notes += [dropped] if dropped else []
+def _site_groups(scan: KeyScan, prefix: str, st: Settings, path: str) -> tuple[_Groups, list[str]]:
+    """The model's sites within num_hidden_layers (DSpark draft layers dropped, with a note)."""
+    layers = st.get("num_hidden_layers")
+    groups, dropped = drop_layers_beyond(scan.groups[prefix], layers, "DSpark draft layers")
     if not groups:
         raise InputError(f"{path}: no DeepSeek-V4.1 mHC sites within num_hidden_layers={layers}", path=path)
-    sites: list[Site] = []
-    used: set[str] = set()
-    for block, kind in sorted(groups, key=lambda bk: (bk[0], 0 if bk[1] == "attn" else 1)):
-        parts = groups[(block, kind)]
-        name = f"{kind}_{block}"
-        n, C = _site_n_C(source, parts, name, n_cfg)
-        if C_cfg is not None and C != C_cfg:
-            raise InputError(f"{path}: {parts['fn']} implies C={C}, config hidden_size={C_cfg}", path=path)
-        if sites and (n, C) != (sites[0].module.n, sites[0].module.C):
-            raise InputError(f"{path}: {parts['fn']} implies n={n}, C={C}; earlier sites differ", path=path)
-        fn, base, scale = (source.get(parts[p]) for p in _PARTS)
-        used.update(parts.values())
-        module = TransformersMHCSite(fn, base, scale, n=n, C=C, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn=spec)
-        infos = [source.info(parts[p]) for p in _PARTS]
-        sites.append(Site(len(sites), name, block, kind, "mhc", module, infos))
+    return groups, [dropped] if dropped else []
+
+
+def _site(source: TensorSource, block: int, kind: str, parts: dict[str, str], st: Settings, spec: SinkhornSpec,
+          earlier: list[Site]) -> Site:
+    """The next site after ``earlier``: n and C checked against config.json's hidden_size and the first site."""
+    path, name = source.path, f"{kind}_{block}"
+    n, C = _site_n_C(source, parts, name, st.get("hc_mult"))
+    C_cfg = st.get("hidden_size")
+    if C_cfg is not None and C != C_cfg:
+        raise InputError(f"{path}: {parts['fn']} implies C={C}, config hidden_size={C_cfg}", path=path)
+    if earlier and (n, C) != (earlier[0].module.n, earlier[0].module.C):
+        raise InputError(f"{path}: {parts['fn']} implies n={n}, C={C}; earlier sites differ", path=path)
+    fn, base, scale = (source.get(parts[p]) for p in _PARTS)
+    module = TransformersMHCSite(fn, base, scale, n=n, C=C, norm_eps=st.values["rms_norm_eps"],
+                                 hc_eps=st.values["hc_eps"], sinkhorn=spec)
+    infos = [source.info(parts[p]) for p in _PARTS]
+    return Site(len(earlier), name, block, kind, "mhc", module, infos)
+
+
+def _engram_layers(scan: KeyScan, prefix: str, cfg: dict[str, Any]) -> list[int]:
+    """The layers with Engram keys under the model prefix, else config.json's engram_layer_ids."""
+    eng = sorted(_engram_blocks(scan).get(prefix, set()))
+    cfg_eng = cfg.get("engram_layer_ids")
+    if not eng and isinstance(cfg_eng, list):
+        eng = sorted(int(b) for b in cfg_eng if isinstance(b, int) and not isinstance(b, bool))
+    return eng
+
+
+def _notes(sites: list[Site], eng: list[int]) -> list[str]:
+    """What the single-pass sites report, the site pairing, and the Engram writes."""
     names = [s.name for s in sites]
-    notes += [
+    notes = [
         "DeepSeek-V4.1 single-pass mHC: one projection per site gives pre, post and comb; H_res = comb^T "
         "(transformers' comb Sinkhorn, as DeepSeek-V4) and H_post = post come from the site's own input",
         f"site pairing: the H_pre a site reports is the one its projection computes, which the code applies to "
@@ -194,36 +208,44 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         f"branch collapses with the previous site's pre; {names[-1]}'s pre collapses the streams before "
         "model.norm (no hc_head)",
     ]
-    eng = sorted(engram.get(prefix, set()))
-    cfg_eng = cfg.get("engram_layer_ids")
-    if not eng and isinstance(cfg_eng, list):
-        eng = sorted(int(b) for b in cfg_eng if isinstance(b, int) and not isinstance(b, bool))
     if eng:
         notes.append(
             f"Engram modules at layers {eng} also write into the streams (h + gate * value, per stream) before "
             f"the attention site of their layer: the H_res products and gains here leave those writes out"
         )
-    settings = {
-        "n": f"{where} (hc_mult)" if n_cfg is not None else "inferred from hc_attn_fn shape",
-        "C": f"{where} (hidden_size)" if C_cfg is not None else "inferred from hc_attn_fn shape (columns / n)",
-        "rms_norm_eps": norm_src,
+    return notes
+
+
+def _sources(st: Settings, sk_src: dict[str, str]) -> dict[str, str]:
+    return {
+        "n": st.source["hc_mult"] if "hc_mult" in st.values else "inferred from hc_attn_fn shape",
+        "C": st.source["hidden_size"] if "hidden_size" in st.values else "inferred from hc_attn_fn shape (columns / n)",
+        "rms_norm_eps": st.source["rms_norm_eps"],
         **sk_src,
     }
-    from hcdiag.io.load import unmatched_hc_keys
 
-    return LoadedModel(
-        path=path,
-        layout="deepseek-v41",
-        layout_reason="",
-        sites=sites,
-        n=sites[0].module.n,
-        C=sites[0].module.C,
-        metadata={"family": cfg.get("model_type") or "deepseek_v41", "engram_layers": eng},
-        settings_source=settings,
-        source_dtype=dtype_summary(i for s in sites for i in s.tensors),
-        unmatched_keys=[t for t in unmatched_hc_keys(source, used) if not _ENGRAM_RE.match(t.key)],
-        notes=notes,
-    )
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    path = source.path
+    scan = _scan(source.keys())
+    prefix = scan.main()
+    if prefix is None:
+        raise InputError(f"{path}: no DeepSeek-V4.1 mHC keys (layers.N.hc_attn_fn, ...)", path=path)
+    st = _settings(source)
+    spec, sk_src = _spec(st, options)
+    groups, notes = _site_groups(scan, prefix, st, path)
+    sites: list[Site] = []
+    for block, kind in depth_order(groups):
+        sites.append(_site(source, block, kind, groups[(block, kind)], st, spec, sites))
+    cfg, _ = sub_config(source.config)
+    eng = _engram_layers(scan, prefix, cfg)
+    from hcdiag.io.load import unmatched_hc_keys  # lazy: load imports the layouts
+
+    used = {i.key for s in sites for i in s.tensors}
+    unmatched = [t for t in unmatched_hc_keys(source, used) if not _ENGRAM_RE.match(t.key)]
+    return assemble(source, "deepseek-v41", sites, settings=_sources(st, sk_src), notes=notes + _notes(sites, eng),
+                    unmatched=unmatched, metadata={"family": cfg.get("model_type") or "deepseek_v41",
+                                                   "engram_layers": eng})
 
 
 DEEPSEEK_V41 = register_layout(
