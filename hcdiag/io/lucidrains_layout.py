@@ -48,17 +48,16 @@ mHCv2; else v1); without beta tensors v = 1 is assumed (f = K - s f).
 Site names: the module path prefixes, in natural order of the numbers in the path (``layers.2`` before
 ``layers.10``; at equal numbers attn before ffn); a path with an attn / ffn / mlp word gives kind and block
 (``transformer.h.3.hc_attn`` -> ``attn_3``). Everything is converted to paper convention (H_res = alpha^T)
-once, here. The helpers of the "Shared helpers" section (:func:`site_prefixes`, :func:`name_sites`,
-:func:`sinkhorn_settings`, :func:`read_site_tensors`, :func:`grouped_model`, ...) are shared with
-:mod:`hcdiag.io.nanogpt_layout`.
+once, here. Site grouping, names, Sinkhorn settings, reading a site and the LoadedModel are
+:mod:`hcdiag.io.reader`'s (:func:`~hcdiag.io.reader.site_prefixes`, :func:`~hcdiag.io.reader.name_sites`,
+:func:`~hcdiag.io.reader.sinkhorn_settings`, :func:`~hcdiag.io.reader.read_site_tensors`,
+:func:`~hcdiag.io.reader.grouped_model`, ...), shared with the other per-module key group layouts.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -68,8 +67,22 @@ from torch import nn
 
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
-from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
-from hcdiag.model import LoadedModel, Site, TensorInfo
+from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
+
+# reader's per-module key group helpers; hcdiag.io.nanogpt_layout (and tests) still import several of them,
+# and IGNORED_SUBTREES / SCALAR_SHAPES / ParamHolder, from here
+from hcdiag.io.reader import (
+    IGNORED_SUBTREES,
+    detect_summary,
+    group_shapes,
+    grouped_model,
+    name_sites,
+    read_site_tensors,
+    sinkhorn_settings,
+    site_prefixes,
+    unknown_params,
+)
+from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
 
 __all__ = [
@@ -85,10 +98,6 @@ __all__ = [
 
 DEFAULT_ITERS = 20  # hyper-connections' sinkhorn_iters default
 LEAF = "static_alpha"
-# Sub-trees of a site module that are not HC parameters: the wrapped branch (its tensors are also stored under
-# the model's own module, e.g. nanoGPT's block.branch_attn), and a residual conv (applied before the width
-# connection; the streams hcdiag analyses are its output).
-IGNORED_SUBTREES = ("branch.", "residual_transform.")
 
 _HC_KEYS = {
     "static_alpha",
@@ -120,207 +129,6 @@ SCALAR_SHAPES: dict[str, tuple[int, ...]] = {
     "delta_logit": (),
 }
 _CLASSES = {"hc": "lucidrains-hc", "mhc": "lucidrains-mhc", "mhc-v2": "lucidrains-mhc-v2"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Shared helpers: site grouping, natural order, names, Sinkhorn settings, reading a site, the LoadedModel
-
-
-def site_prefixes(keys: Iterable[str], leaf: str = LEAF) -> dict[str, dict[str, str]]:
-    """Group keys by the module path of each ``<path>.<leaf>`` key: {prefix: {param: key}}.
-
-    ``prefix`` keeps its trailing dot ("" for a bare module's state dict). A key belongs to the longest site
-    prefix it starts with, so a site nested inside another site's branch stays apart.
-    """
-    keys = list(keys)
-    prefixes = {k[: -len(leaf)] for k in keys if k == leaf or k.endswith("." + leaf)}
-    groups: dict[str, dict[str, str]] = {p: {} for p in prefixes}
-    for k in keys:
-        parts = k.split(".")
-        for cut in range(len(parts) - 1, -1, -1):
-            p = ".".join(parts[:cut]) + "." if cut else ""
-            if p in groups:
-                groups[p][k[len(p) :]] = k
-                break
-    return groups
-
-
-_ATTN_WORDS = {"attn", "attention", "selfattention", "self_attn", "cross_attn", "att", "mha", "mixer"}
-_FFN_WORDS = {"ff", "ffn", "mlp", "feedforward", "feed_forward", "moe", "fc", "ffw"}
-
-
-def _segment_kind(segment: str) -> str | None:
-    s = segment.lower()
-    words = set(re.split(r"[_\-]", s)) | {s, s.replace("_", "")}
-    if words & _ATTN_WORDS:
-        return "attn"
-    if words & _FFN_WORDS:
-        return "ffn"
-    return None
-
-
-def path_kind(path: str) -> str:
-    """``attn`` / ``ffn`` from the last path segment naming one (hc_attn, self_attn, mlp...), else other."""
-    kind = "other"
-    for seg in path.split("."):
-        k = _segment_kind(seg)
-        if k is not None:
-            kind = k
-    return kind
-
-
-def natural_key(path: str) -> tuple:
-    """Sort key: numbers compare as numbers; at the same position an attn segment sorts before an ffn one."""
-    key: list[tuple] = []
-    for seg in path.split("."):
-        if seg.isdigit():
-            key.append((0, int(seg), ()))
-        else:
-            rank = {"attn": 0, "ffn": 1, None: 2}[_segment_kind(seg)]
-            toks = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", seg) if t)
-            key.append((1, rank, toks))
-    return tuple(key)
-
-
-def name_sites(prefixes: Iterable[str]) -> list[tuple[str, str, int, str]]:
-    """(prefix, name, block, kind) in depth order.
-
-    name = ``{kind}_{block}`` when every site's path names a kind (attn / ffn) and a block number (the first
-    number in the path) and these pairs are unique; else the module path itself.
-    """
-    ordered = sorted(prefixes, key=lambda p: natural_key(p.rstrip(".")))
-    rows = []
-    for i, p in enumerate(ordered):
-        path = p.rstrip(".")
-        nums = [int(s) for s in path.split(".") if s.isdigit()]
-        rows.append((p, path, nums[0] if nums else i, path_kind(path)))
-    pairs = [(kind, block) for _, _, block, kind in rows]
-    short = all(kind != "other" for kind, _ in pairs) and len(set(pairs)) == len(pairs)
-    out = []
-    for p, path, block, kind in rows:
-        name = f"{kind}_{block}" if short else (path or "site")
-        out.append((p, name, block, kind))
-    return out
-
-
-def sinkhorn_settings(
-    options: LoadOptions, default: Convention, default_iters: int = DEFAULT_ITERS
-) -> tuple[SinkhornSpec, dict[str, str]]:
-    """SinkhornSpec from ``--convention`` / ``--iters`` (source "cli") or the codebase default ("default")."""
-    from hcdiag.sinkhorn import parse_convention
-
-    src: dict[str, str] = {}
-    if options.convention is not None:
-        conv, src["convention"] = parse_convention(options.convention), "cli"
-    else:
-        conv, src["convention"] = default, "default"
-    if options.iters is not None:
-        if isinstance(options.iters, bool) or not isinstance(options.iters, int) or options.iters < 1:
-            raise UsageError(f"--iters {options.iters!r} must be an integer >= 1", option="--iters")
-        iters, src["iters"] = int(options.iters), "cli"
-    else:
-        iters, src["iters"] = default_iters, "default"
-    src["eps"] = "default"
-    return SinkhornSpec(conv, iters, 0.0, source=src["convention"]), src
-
-
-def unknown_params(group: Mapping[str, Any], known: set[str]) -> list[str]:
-    return sorted(p for p in group if p not in known and not p.startswith(IGNORED_SUBTREES))
-
-
-def common_value(values: list[int], what: str, notes: list[str]) -> int:
-    """The first value; a note when sites disagree (a model whose stream width changes with depth)."""
-    if len(set(values)) > 1:
-        notes.append(
-            f"{what} differs across sites ({', '.join(str(v) for v in sorted(set(values)))}); "
-            f"the model-level {what} is the first site's"
-        )
-    return values[0]
-
-
-def detect_summary(kinds: Mapping[str, str]) -> tuple[str, str]:
-    """For a detect() reason, from ``{site prefix: its class}``: the count per class ("2 mhc, 14 tbp", by
-    name) and the first site's path in depth order ("(top level)" for a bare module's state dict)."""
-    counts = Counter(kinds.values())
-    what = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    sample = sorted(kinds, key=lambda p: natural_key(p.rstrip(".")))[0].rstrip(".") or "(top level)"
-    return what, sample
-
-
-def group_shapes(source: TensorSource, group: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
-    """``{param: shape}`` of one :func:`site_prefixes` group."""
-    return {p: tuple(source.info(k).shape) for p, k in group.items()}
-
-
-def detect_groups(
-    source: TensorSource,
-    groups: Mapping[str, Mapping[str, str]],
-    check: Callable[[dict[str, tuple[int, ...]], str, str], Any],
-    reason: str,
-) -> str | None:
-    """detect() of a layout of per-site key groups: None unless there are groups and every one passes
-    ``check(shapes, prefix, path)`` (an InputError: no match); else ``reason`` with ``{count}`` and ``{first}``
-    (the first site's prefix in natural order) filled in."""
-    if not groups:
-        return None
-    for prefix, group in groups.items():
-        try:
-            check(group_shapes(source, group), prefix, source.path)
-        except InputError:
-            return None
-    first = name_sites(groups)[0][0].rstrip(".") or "(top level)"
-    return reason.format(count=len(groups), first=first)
-
-
-def read_site_tensors(
-    source: TensorSource, group: Mapping[str, str], params: list[str], prefix: str
-) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
-    """The infos of ``params`` (sorted by name) and their tensors in float64, read in the order given;
-    InputError naming those that hold NaN/Inf."""
-    infos = [source.info(group[p]) for p in sorted(params)]
-    tensors = {p: source.get(group[p], dtype=torch.float64) for p in params}
-    bad = [p for p, t in tensors.items() if not bool(torch.isfinite(t).all())]
-    if bad:
-        raise InputError(
-            f"site {prefix.rstrip('.') or '(top level)'} in {source.path} has NaN/Inf in "
-            f"{', '.join(bad)}; the checkpoint is damaged",
-            path=source.path,
-        )
-    return infos, tensors
-
-
-def grouped_model(
-    source: TensorSource,
-    layout: str,
-    detect: Callable[[TensorSource], str | None],
-    groups: Mapping[str, Mapping[str, str]],
-    sites: list[Site],
-    settings: dict[str, str],
-    notes: list[str],
-) -> LoadedModel:
-    """The LoadedModel of a layout whose sites are :func:`site_prefixes` groups: n and C of the first site (a
-    note when sites disagree), the dtypes of the sites' tensors, and as unmatched the keys that look HC-related
-    but belong to no group (stream embeddings, attention-pool reducers...)."""
-    from hcdiag.io.load import unmatched_hc_keys
-
-    n = common_value([s.module.n for s in sites], "n", notes)
-    C = common_value([s.module.C for s in sites], "C", notes)
-    unmatched = unmatched_hc_keys(source, {k for g in groups.values() for k in g.values()})
-    return LoadedModel(
-        path=source.path,
-        layout=layout,
-        layout_reason=detect(source) or f"forced with --layout {layout}",
-        sites=sites,
-        n=n,
-        C=C,
-        metadata=dict(source.metadata or {}),
-        settings_source=settings,
-        bytes_read=source.bytes_read,
-        bytes_total=source.bytes_total,
-        source_dtype=dtype_summary(i for s in sites for i in s.tensors),
-        unmatched_keys=unmatched,
-        notes=notes,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -577,14 +385,9 @@ def _fail(prefix: str, why: str, path: str | None) -> InputError:
     return InputError(f"lucidrains site {where} in {path}: {why}; is this a hyper-connections checkpoint?", path=path)
 
 
-def plan_site(
-    shapes: Mapping[str, tuple[int, ...]],
-    *,
-    prefix: str = "",
-    path: str | None = None,
-    force_cls: str | None = None,
-) -> SitePlan:
-    """Identify a lucidrains site from its parameter shapes ``{param: shape}``; InputError if not one."""
+def _alpha_dims(shapes: Mapping[str, tuple[int, ...]], prefix: str, path: str | None) -> tuple[int, int, int]:
+    """(R = s f, K, d) from static_alpha [s f, K], dynamic_alpha_fn [d, K] / [p, d, K] and norm.gamma [d];
+    InputError when they are not such shapes or disagree."""
     sa = shapes.get("static_alpha")
     W = shapes.get("dynamic_alpha_fn")
     if sa is None or W is None or len(sa) != 2 or len(W) not in (2, 3):
@@ -597,7 +400,16 @@ def plan_site(
         raise _fail(prefix, f"static_alpha {sa} and dynamic_alpha_fn {W} disagree (need K > s f)", path)
     if shapes.get("norm.gamma") != (d,):
         raise _fail(prefix, f"norm.gamma is {shapes.get('norm.gamma')}, expected ({d},)", path)
-    sb, db = shapes.get("static_beta"), shapes.get("dynamic_beta_fn")
+    return R, K, d
+
+
+def _site_class(
+    shapes: Mapping[str, tuple[int, ...]], force_cls: str | None, prefix: str, path: str | None
+) -> str:
+    """``force_cls``, else the class the shapes say (2-D dynamic_alpha_fn: hc; 3-D static_beta or a stream mix:
+    mhc-v2; else mhc); InputError when dynamic_alpha_fn does not fit it."""
+    W = shapes["dynamic_alpha_fn"]
+    sb = shapes.get("static_beta")
     if force_cls is not None:
         cls = force_cls
     elif len(W) == 2:
@@ -608,6 +420,15 @@ def plan_site(
         cls = "mhc"
     if (cls == "hc" and len(W) != 2) or (cls != "hc" and len(W) != 3):
         raise _fail(prefix, f"dynamic_alpha_fn {W} does not fit class {cls}", path)
+    return cls
+
+
+def _split_streams(
+    cls: str, shapes: Mapping[str, tuple[int, ...]], R: int, K: int, d: int, prefix: str, path: str | None
+) -> tuple[int, int, int, str]:
+    """(s, f, v, how): streams, fractions and views from the beta shapes (how "shapes"), else assuming v = 1
+    (mHC) or f = 1 (HC); InputError when static_alpha [R, K] does not split so or the beta shapes disagree."""
+    sa, sb, db = shapes["static_alpha"], shapes.get("static_beta"), shapes.get("dynamic_beta_fn")
     how = "shapes"
     if cls == "mhc-v2":
         if sb is not None:
@@ -618,23 +439,36 @@ def plan_site(
             f = K - R  # v = 1 (mHC needs v = 1: its alpha scale has f + s f entries)
             s = R // f if f > 0 and R % f == 0 else 0
             how = "assumed v=1"
-        v = 1
+        return s, f, 1, how
+    if db is not None:
+        f = db[1] if len(db) == 2 else 1
     else:
-        if db is not None:
-            f = db[1] if len(db) == 2 else 1
-        else:
-            f = K - R if cls != "hc" else 1
-            how = "assumed v=1" if cls != "hc" else "assumed f=1"
-        if f < 1 or R % f or (K - R) % f:
-            raise _fail(prefix, f"cannot split static_alpha {sa} into fractions f={f}", path)
-        s, v = R // f, (K - R) // f
-        if cls != "hc" and v != 1:
-            raise _fail(prefix, f"mHC alpha has {K - R} pre columns for f={f}; the library has 1 view", path)
-        if sb is not None and sb != (s * f,):
-            raise _fail(prefix, f"static_beta {sb} is not [s f] = [{s * f}]", path)
-        if db is not None and db not in ((d,), (d, f)):
-            raise _fail(prefix, f"dynamic_beta_fn {db} is not [{d}] or [{d}, {f}]", path)
-    if s < 1 or s * f != R or (v + s) * f != K:
+        f = K - R if cls != "hc" else 1
+        how = "assumed v=1" if cls != "hc" else "assumed f=1"
+    if f < 1 or R % f or (K - R) % f:
+        raise _fail(prefix, f"cannot split static_alpha {sa} into fractions f={f}", path)
+    s, v = R // f, (K - R) // f
+    if cls != "hc" and v != 1:
+        raise _fail(prefix, f"mHC alpha has {K - R} pre columns for f={f}; the library has 1 view", path)
+    if sb is not None and sb != (s * f,):
+        raise _fail(prefix, f"static_beta {sb} is not [s f] = [{s * f}]", path)
+    if db is not None and db not in ((d,), (d, f)):
+        raise _fail(prefix, f"dynamic_beta_fn {db} is not [{d}] or [{d}, {f}]", path)
+    return s, f, v, how
+
+
+def _check_rest(
+    cls: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    dims: tuple[int, int, int, int, int],
+    prefix: str,
+    path: str | None,
+) -> None:
+    """InputError unless static_alpha factors as [s f, (v + s) f] with dims = (s, f, v, K, d), mHCv2's beta and
+    the stream mix have their shapes, the class's scales are present and scalar, and no other tensor is there."""
+    s, f, v, K, d = dims
+    sa, sb, db = shapes["static_alpha"], shapes.get("static_beta"), shapes.get("dynamic_beta_fn")
+    if s < 1 or s * f != sa[0] or (v + s) * f != K:
         raise _fail(prefix, f"static_alpha {sa} does not factor as [s f, (v + s) f]", path)
     if cls == "mhc-v2" and db is not None and db != (d, f):
         raise _fail(prefix, f"dynamic_beta_fn {db} is not mHCv2's [{d}, {f}]", path)
@@ -650,10 +484,28 @@ def plan_site(
     for p in need:
         if p in SCALAR_SHAPES and (math.prod(shapes[p]) != 1 or len(shapes[p]) > 1):
             raise _fail(prefix, f"{p} has shape {shapes[p]}, expected {SCALAR_SHAPES[p]}", path)
-    known = _HC_KEYS if cls == "hc" else _MHC_KEYS
-    extra = unknown_params(shapes, known)
+    extra = unknown_params(shapes, _HC_KEYS if cls == "hc" else _MHC_KEYS)
     if extra:
         raise _fail(prefix, f"unexpected tensors {', '.join(extra)} for a {_CLASSES[cls]} site", path)
+
+
+def plan_site(
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    prefix: str = "",
+    path: str | None = None,
+    force_cls: str | None = None,
+) -> SitePlan:
+    """Identify a lucidrains site from its parameter shapes ``{param: shape}``; InputError if not one.
+
+    The checks run in this order (the first failing one is reported): alpha and norm shapes
+    (:func:`_alpha_dims`), the class (:func:`_site_class`), the split into streams / fractions / views
+    (:func:`_split_streams`), then the remaining shapes and tensors (:func:`_check_rest`).
+    """
+    R, K, d = _alpha_dims(shapes, prefix, path)
+    cls = _site_class(shapes, force_cls, prefix, path)
+    s, f, v, how = _split_streams(cls, shapes, R, K, d, prefix, path)
+    _check_rest(cls, shapes, (s, f, v, K, d), prefix, path)
     return SitePlan(cls, s, f, v, d, how)
 
 
@@ -707,30 +559,33 @@ def _extra(options: LoadOptions, key: str) -> Any:
     return (options.extra or {}).get(key)
 
 
-def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
-    path = source.path
-    groups = site_prefixes(source.keys())
-    if not groups:
-        raise InputError(
-            f"no *.{LEAF} keys in {path}: not a hyper-connections checkpoint; pick another --layout",
-            path=path,
-        )
+def _class_option(options: LoadOptions) -> str | None:
+    """``extra["lucidrains_class"]`` (None: from the shapes); UsageError when not one of the classes."""
     force = _extra(options, "lucidrains_class")
     if force is not None and force not in _CLASSES:
         raise UsageError(
             f"lucidrains_class must be one of {', '.join(_CLASSES)}, got {force!r}", option="lucidrains_class"
         )
-    tanh_opt = _extra(options, "tanh")
-    tanh = True if tanh_opt is None else bool(tanh_opt)
-    spec, sk_src = sinkhorn_settings(options, Convention.LUCIDRAINS)
-    notes: list[str] = []
-    settings: dict[str, str] = {"n": "shapes", "C": "shapes", "class": "cli" if force else "shapes"}
+    return force
+
+
+def _read_sites(
+    source: TensorSource,
+    groups: Mapping[str, Mapping[str, str]],
+    notes: list[str],
+    *,
+    force: str | None,
+    tanh: bool,
+    spec: SinkhornSpec,
+) -> tuple[list[Site], list[LucidrainsSite], set[str]]:
+    """Plan, read and build every site in depth order: (sites, their modules, the assumptions the plans made);
+    a note in ``notes`` for each mHC v1 site with fractions."""
     sites: list[Site] = []
     modules: list[LucidrainsSite] = []
     assumed: set[str] = set()
     for i, (prefix, name, block, kind) in enumerate(name_sites(groups)):
         group = groups[prefix]
-        plan = plan_site(group_shapes(source, group), prefix=prefix, path=path, force_cls=force)
+        plan = plan_site(group_shapes(source, group), prefix=prefix, path=source.path, force_cls=force)
         if plan.how != "shapes":
             assumed.add(plan.how)
         params = [p for p in group if not p.startswith(IGNORED_SUBTREES)]
@@ -743,6 +598,19 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
                 f"{name}: mHC with num_fracs={plan.fracs} runs Sinkhorn on a non-square alpha block "
                 "(library behaviour, reproduced); its H_res is reported as unconstrained"
             )
+    return sites, modules, assumed
+
+
+def _settings_notes(
+    modules: list[LucidrainsSite],
+    sk_src: dict[str, str],
+    tanh_opt: Any,
+    tanh: bool,
+    settings: dict[str, str],
+    notes: list[str],
+) -> None:
+    """The Sinkhorn settings' sources (any mHC site) and the HC tanh setting (any HC site), into ``settings``,
+    with their notes."""
     if any(m.cls != "hc" for m in modules):
         settings.update(sk_src)
         if sk_src["convention"] == "default":
@@ -760,6 +628,10 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
                "tanh=...) is not stored in a state dict: --no-hc-tanh for tanh=False")
             + ")"
         )
+
+
+def _shape_notes(sites: list[Site], modules: list[LucidrainsSite], assumed: set[str], notes: list[str]) -> None:
+    """Notes on proposals > 1, fractions, the assumptions of the stream split, and the alpha orientation."""
     multi = [s.name for s, m in zip(sites, modules, strict=True) if m.proposals > 1 and m.sinkhorn is not None]
     if multi:
         notes.append(
@@ -772,6 +644,27 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     for how in sorted(assumed):
         notes.append(f"no beta tensors at some sites: {how} when splitting static_alpha")
     notes.append("lucidrains stores alpha[input, output]: H_res = alpha_res^T (paper convention)")
+
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    """The lucidrains reader: key groups -> options (class, tanh, Sinkhorn) -> per site plan, read, build ->
+    settings and notes -> the LoadedModel."""
+    path = source.path
+    groups = site_prefixes(source.keys())
+    if not groups:
+        raise InputError(
+            f"no *.{LEAF} keys in {path}: not a hyper-connections checkpoint; pick another --layout",
+            path=path,
+        )
+    force = _class_option(options)
+    tanh_opt = _extra(options, "tanh")
+    tanh = True if tanh_opt is None else bool(tanh_opt)
+    spec, sk_src = sinkhorn_settings(options, Convention.LUCIDRAINS, DEFAULT_ITERS)
+    notes: list[str] = []
+    settings: dict[str, str] = {"n": "shapes", "C": "shapes", "class": "cli" if force else "shapes"}
+    sites, modules, assumed = _read_sites(source, groups, notes, force=force, tanh=tanh, spec=spec)
+    _settings_notes(modules, sk_src, tanh_opt, tanh, settings, notes)
+    _shape_notes(sites, modules, assumed, notes)
     return grouped_model(source, "lucidrains", _detect, groups, sites, settings, notes)
 
 

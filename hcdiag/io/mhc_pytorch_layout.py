@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
-from hcdiag.io.lucidrains_layout import (
+from hcdiag.io.reader import (
     detect_groups,
     group_shapes,
     grouped_model,

@@ -383,8 +383,10 @@ def assemble(
 IGNORED_SUBTREES = ("branch.", "residual_transform.")
 
 
-def site_prefixes(keys: Iterable[str], leaf: str) -> dict[str, dict[str, str]]:
+def site_prefixes(keys: Iterable[str], leaf: str = "static_alpha") -> dict[str, dict[str, str]]:
     """Group keys by the module path of each ``<path>.<leaf>`` key: {prefix: {param: key}}.
+
+    ``leaf`` defaults to hyper-connections' (lucidrains) ``static_alpha``, which the reference repos copy.
 
     ``prefix`` keeps its trailing dot ("" for a bare module's state dict). A key belongs to the longest site
     prefix it starts with, so a site nested inside another site's branch stays apart.
@@ -461,9 +463,10 @@ def name_sites(prefixes: Iterable[str]) -> list[tuple[str, str, int, str]]:
 
 
 def sinkhorn_settings(
-    options: LoadOptions, default: Convention, default_iters: int
+    options: LoadOptions, default: Convention, default_iters: int = 20
 ) -> tuple[SinkhornSpec, dict[str, str]]:
-    """SinkhornSpec from ``--convention`` / ``--iters`` (source "cli") or the codebase default ("default")."""
+    """SinkhornSpec from ``--convention`` / ``--iters`` (source "cli") or the codebase default ("default");
+    ``default_iters`` defaults to hyper-connections' (lucidrains) 20."""
     from hcdiag.sinkhorn import parse_convention
 
     src: dict[str, str] = {}
@@ -552,8 +555,9 @@ def grouped_model(
     notes: list[str],
 ) -> LoadedModel:
     """:func:`assemble` for a layout whose sites are :func:`site_prefixes` groups: n and C of the first site (a
-    note when sites disagree), the file's metadata, the detector's reason, and as unmatched the keys that look
-    HC-related but belong to no group (stream embeddings, attention-pool reducers...)."""
+    note when sites disagree), the dtypes of the sites' tensors, the file's metadata, the detector's reason, and
+    as unmatched the keys that look HC-related but belong to no group (stream embeddings, attention-pool
+    reducers...)."""
     n = common_value([s.module.n for s in sites], "n", notes)
     C = common_value([s.module.C for s in sites], "C", notes)
     return assemble(

@@ -43,7 +43,7 @@ from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_ITERS, bounded
-from hcdiag.io.lucidrains_layout import (
+from hcdiag.io.reader import (
     detect_groups,
     group_shapes,
     grouped_model,
