@@ -356,14 +356,11 @@ def _lite_krom_candidates(L: int, n_hint: int | None) -> list[tuple[str, int, in
     return sorted(out, key=lambda c: (c[2] != 1, c[0] == "kromhc"))
 
 
-def plan_ref_site(
-    shapes: Mapping[str, tuple[int, ...]],
-    *,
-    hc_type: str | None = None,
-    prefix: str = "",
-    path: str | None = None,
-) -> RefPlan:
-    """Identify a reference-repo site from ``{param: shape}``; InputError if it is not one."""
+_Shapes = Mapping[str, tuple[int, ...]]
+
+
+def _check_core(shapes: _Shapes, prefix: str, path: str | None) -> None:
+    """InputError unless static_alpha is 1-D or 2-D and dynamic_alpha_fn [nC, K] matches norm.gamma [nC]."""
     sa, W, g = shapes.get("static_alpha"), shapes.get("dynamic_alpha_fn"), shapes.get("norm.gamma")
     if sa is None or W is None or g is None or len(g) != 1 or len(W) != 2 or W[0] != g[0] or len(sa) not in (1, 2):
         raise _fail(
@@ -372,6 +369,10 @@ def plan_ref_site(
             "shapes ([n, v+n] or [v n + R], [nC, K], [nC])",
             path,
         )
+
+
+def _wanted(hc_type: str | None, prefix: str, path: str | None) -> str | None:
+    """The variant ``hyper_conn_type`` names (None without one); InputError for a type this layout does not read."""
     want = _TYPES.get(hc_type) if hc_type is not None else None
     if hc_type is not None and (hc_type not in _TYPES or want is None):
         raise _fail(
@@ -380,52 +381,79 @@ def plan_ref_site(
             f"{', '.join(k for k, v in _TYPES.items() if v)}; 'hc' checkpoints use --layout lucidrains)",
             path,
         )
-    G, K = W
+    return want
+
+
+def _n_hint(shapes: _Shapes) -> int | None:
+    """n as static_beta [n] or dynamic_beta_fn [nC, n] state it, else None."""
     sb, db = shapes.get("static_beta"), shapes.get("dynamic_beta_fn")
     n_hint = sb[0] if sb is not None and len(sb) == 1 else None
     if n_hint is None and db is not None and len(db) == 2:
         n_hint = db[1]
-    if (n_hint is not None and n_hint < 2) or (len(sa) == 2 and sa[0] < 2) or G < 2:
+    return n_hint
+
+
+def _check_streams(shapes: _Shapes, prefix: str, path: str | None) -> None:
+    """InputError when the shapes state fewer than 2 streams (static_beta / dynamic_beta_fn, a 2-D static_alpha's
+    rows, or norm.gamma's nC)."""
+    sa, sb, g = shapes["static_alpha"], shapes.get("static_beta"), shapes["norm.gamma"]
+    n_hint = _n_hint(shapes)
+    if (n_hint is not None and n_hint < 2) or (len(sa) == 2 and sa[0] < 2) or shapes["dynamic_alpha_fn"][0] < 2:
         raise _fail(prefix, f"static_alpha {sa} / static_beta {sb} / norm.gamma {g}: fewer than 2 streams", path)
-    has_delta = "delta_logit" in shapes
-    if len(sa) == 2:
-        n, t = sa
-        v = t - n
-        if v < 1 or K != n * t or G % n:
-            raise _fail(
-                prefix,
-                f"static_alpha {sa} / dynamic_alpha_fn {W} do not factor as [n, v+n] / [nC, n (v+n)]",
-                path,
-            )
-        if want in ("mhc-lite", "kromhc"):
-            raise _fail(prefix, f"hyper_conn_type {hc_type!r} but static_alpha is 2-D {sa}", path)
-        if has_delta:
-            if want == "mhc":
-                raise _fail(prefix, f"hyper_conn_type {hc_type!r} but the site stores delta_logit (TBP)", path)
-            variant, how = "tbp", "shapes"
-        elif want == "tbp":
-            variant, how = "tbp", "hyper_conn_type"
-        else:
-            variant, how = "mhc", "hyper_conn_type" if want == "mhc" else _MHC_DEFAULT
-    else:
-        if has_delta:
-            raise _fail(prefix, "delta_logit with a 1-D static_alpha", path)
-        cands = _lite_krom_candidates(sa[0], n_hint)
-        if want is not None:
-            cands = [c for c in cands if c[0] == want]
-        if not cands or K != sa[0]:
-            raise _fail(
-                prefix,
-                f"static_alpha length {sa[0]} is not v n + n! (mHC-lite) or v n + sum i_k! "
-                f"(KromHC){' for n = ' + str(n_hint) if n_hint else ''}",
-                path,
-            )
-        variant, n, v = cands[0]
-        if variant == "mhc-lite" and n > MAX_LITE_N:
-            raise _fail(prefix, f"mHC-lite with n = {n} would need {math.factorial(n):,} permutation matrices", path)
-        how = "hyper_conn_type" if want else "shapes"
-        if G % n:
-            raise _fail(prefix, f"norm.gamma {g} is not a multiple of n = {n}", path)
+
+
+def _plan_2d(
+    shapes: _Shapes, want: str | None, hc_type: str | None, prefix: str, path: str | None
+) -> tuple[str, int, int, str]:
+    """(variant, n, v, how) of a 2-D static_alpha [n, v+n]: mHC, or TBP (delta_logit or hyper_conn_type)."""
+    sa, W = shapes["static_alpha"], shapes["dynamic_alpha_fn"]
+    (n, t), (G, K) = sa, W
+    v = t - n
+    if v < 1 or K != n * t or G % n:
+        raise _fail(
+            prefix,
+            f"static_alpha {sa} / dynamic_alpha_fn {W} do not factor as [n, v+n] / [nC, n (v+n)]",
+            path,
+        )
+    if want in ("mhc-lite", "kromhc"):
+        raise _fail(prefix, f"hyper_conn_type {hc_type!r} but static_alpha is 2-D {sa}", path)
+    if "delta_logit" in shapes:
+        if want == "mhc":
+            raise _fail(prefix, f"hyper_conn_type {hc_type!r} but the site stores delta_logit (TBP)", path)
+        return "tbp", n, v, "shapes"
+    if want == "tbp":
+        return "tbp", n, v, "hyper_conn_type"
+    return "mhc", n, v, "hyper_conn_type" if want == "mhc" else _MHC_DEFAULT
+
+
+def _plan_1d(shapes: _Shapes, want: str | None, prefix: str, path: str | None) -> tuple[str, int, int, str]:
+    """(variant, n, v, how) of a 1-D static_alpha [v n + R]: mHC-lite (R = n!) or KromHC (R = sum i_k!)."""
+    sa, (G, K), g, n_hint = shapes["static_alpha"], shapes["dynamic_alpha_fn"], shapes["norm.gamma"], _n_hint(shapes)
+    if "delta_logit" in shapes:
+        raise _fail(prefix, "delta_logit with a 1-D static_alpha", path)
+    cands = _lite_krom_candidates(sa[0], n_hint)
+    if want is not None:
+        cands = [c for c in cands if c[0] == want]
+    if not cands or K != sa[0]:
+        raise _fail(
+            prefix,
+            f"static_alpha length {sa[0]} is not v n + n! (mHC-lite) or v n + sum i_k! "
+            f"(KromHC){' for n = ' + str(n_hint) if n_hint else ''}",
+            path,
+        )
+    variant, n, v = cands[0]
+    if variant == "mhc-lite" and n > MAX_LITE_N:
+        raise _fail(prefix, f"mHC-lite with n = {n} would need {math.factorial(n):,} permutation matrices", path)
+    if G % n:
+        raise _fail(prefix, f"norm.gamma {g} is not a multiple of n = {n}", path)
+    return variant, n, v, "hyper_conn_type" if want else "shapes"
+
+
+def _check_rest(shapes: _Shapes, variant: str, n: int, prefix: str, path: str | None) -> None:
+    """InputError unless the beta tensors are [n] / [nC, n], the scales are present scalars and no tensor is
+    left that a ``variant`` site does not have."""
+    G = shapes["dynamic_alpha_fn"][0]
+    sb, db = shapes.get("static_beta"), shapes.get("dynamic_beta_fn")
     if (sb is not None and sb != (n,)) or (db is not None and db != (G, n)):
         raise _fail(prefix, f"static_beta {sb} / dynamic_beta_fn {db} are not [{n}] / [{G}, {n}]", path)
     need = ["pre_branch_scale", "residual_scale"] + (
@@ -445,7 +473,30 @@ def plan_ref_site(
             f"unexpected tensors {', '.join(extra)} for a {variant} site (a variant hcdiag does not know?)",
             path,
         )
-    return RefPlan(variant, n, v, G // n, how)
+
+
+def plan_ref_site(
+    shapes: _Shapes,
+    *,
+    hc_type: str | None = None,
+    prefix: str = "",
+    path: str | None = None,
+) -> RefPlan:
+    """Identify a reference-repo site from ``{param: shape}``; InputError if it is not one.
+
+    Steps: the core shapes (static_alpha, dynamic_alpha_fn, norm.gamma), the variant ``hc_type`` asks for, at
+    least 2 streams, the variant from static_alpha's rank (2-D: mHC / TBP; 1-D: mHC-lite / KromHC), then the
+    other tensors against n.
+    """
+    _check_core(shapes, prefix, path)
+    want = _wanted(hc_type, prefix, path)
+    _check_streams(shapes, prefix, path)
+    if len(shapes["static_alpha"]) == 2:
+        variant, n, v, how = _plan_2d(shapes, want, hc_type, prefix, path)
+    else:
+        variant, n, v, how = _plan_1d(shapes, want, prefix, path)
+    _check_rest(shapes, variant, n, prefix, path)
+    return RefPlan(variant, n, v, shapes["dynamic_alpha_fn"][0] // n, how)
 
 
 def build_ref_site(plan: RefPlan, tensors: Mapping[str, torch.Tensor], spec: SinkhornSpec | None = None) -> RefSite:
