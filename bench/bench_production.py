@@ -4,12 +4,15 @@ Writes a checkpoint in the transformers layout to a temp dir (43 layers -> 86 si
 {fn,base,scale}``, fn [(n+2)n, nC] = [24, 16384] float32, n = 4, C = 4096; transformers' initialisation: fn ~
 N(0, 0.02^2), base = 0, scale = 1; config.json with hc_mult, hc_sinkhorn_iters = 20, hc_eps = rms_norm_eps = 1e-6).
 
-For each token count, in a fresh child process (so that its peak RSS is its own):
+For each token count, in a fresh child process (so that its peak RSS is its own; taken before the floor runs, whose
+[T, nC] float64 input would otherwise dominate it):
   * floor: reading every HC tensor (safetensors, cast to float64) plus the float64 projection x' @ fn^T of every
     site on one [T, nC] float64 input (issue 14's floor), timed in that child;
   * total: ``hcdiag.io.load`` + ``analyze_stochasticity(probe=random T)``, as ``hcdiag stochasticity DIR --probe
     random --tokens T`` runs them (less the interpreter's start-up and the rendering);
-  * draw: the probe's inputs alone for every site (numpy PCG64 float64 [T, n, C]), timed separately: part of total;
+  * draw: the probe's random numbers alone for every site, timed separately (part of total): numpy PCG64 float64
+    x [T, n, C] for ``--draw full``; g [T, k], chi^2 [T] and the QR of fn for ``--draw projected`` (``auto``
+    picks projected for this shape: nC = 16384 >= 32 k = 768);
   * peak RSS of the child (resource.getrusage, ru_maxrss) and the probe's memory estimate (hcdiag.probes).
 Printed: total / floor, the time per 1,000 tokens (linear in tokens when it stays flat), and the peak RSS growth
 per 1,000 tokens between the smallest and the largest count.
@@ -17,7 +20,7 @@ per 1,000 tokens between the smallest and the largest count.
 Then ``gain-sweep --layers 1024 --seeds 256 --n 16 --logit-scale 0.05`` against 16 x the same at ``--layers 64``,
 both in this process through ``hcdiag.cli.main`` (issue 14: at most 1.2).
 
-    python bench/bench_production.py            # 86 sites at 256, 1024, 4096 tokens + gain-sweep (~10 min)
+    python bench/bench_production.py            # 86 sites at 256, 1024, 4096 tokens, both draws + gain-sweep
     python bench/bench_production.py --full     # also 16384 tokens
     python bench/bench_production.py --quick    # 8 sites, 256 / 1024 tokens, no gain-sweep (~1 min)
 
@@ -77,33 +80,43 @@ def _floor(directory: Path, tokens: int) -> tuple[float, float]:
     return read, time.perf_counter() - t0
 
 
-def _child(directory: str, tokens: int, out: mp.Queue) -> None:
+def _draw_seconds(probe, sites) -> float:
+    """Seconds of the probe's own random numbers for every site, drawn as ``probe`` draws them (part of total):
+    the full x [T, n, C], or the projected draw's z = RMSNorm(x) fn^T (its g, chi^2 and the QR)."""
+    t0 = time.perf_counter()
+    for site in sites:
+        if probe.site_draw(site) == "projected":
+            probe.read_values(site.index, site.module.linear_read())
+        else:
+            probe.inputs(site)
+    return time.perf_counter() - t0
+
+
+def _child(directory: str, tokens: int, draw: str, out: mp.Queue) -> None:
     from hcdiag.io.load import load
     from hcdiag.probes import make_probe, random_probe_bytes
     from hcdiag.stochasticity import analyze_stochasticity
 
     d = Path(directory)
-    read, proj = _floor(d, tokens)
+    (d / "model.safetensors").read_bytes()  # the page cache warm for both hcdiag and the floor
     t0 = time.perf_counter()
     model = load(directory)
     t_load = time.perf_counter() - t0
-    probe = make_probe("random", tokens=tokens)
+    probe = make_probe("random", tokens=tokens, draw=draw)
     report = analyze_stochasticity(model, probe=probe)
     total = time.perf_counter() - t0
     assert len(report.sites) == len(model.sites)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    t0 = time.perf_counter()
-    for site in model.sites:
-        probe.inputs(site)
-    draw = time.perf_counter() - t0
-    out.put(dict(tokens=tokens, sites=len(model.sites), read=read, proj=proj, load=t_load, total=total, draw=draw,
-                 rss=rss, estimate=random_probe_bytes(tokens, model.sites)))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; before the floor's own x
+    read, proj = _floor(d, tokens)
+    out.put(dict(tokens=tokens, sites=len(model.sites), read=read, proj=proj, load=t_load, total=total,
+                 draw=_draw_seconds(probe, model.sites), rss=rss,
+                 estimate=random_probe_bytes(tokens, model.sites, probe), how=probe.to_dict(model.sites)["draw"]))
 
 
-def measure(directory: Path, tokens: int) -> dict[str, float]:
+def measure(directory: Path, tokens: int, draw: str) -> dict[str, float]:
     ctx = mp.get_context("spawn")  # fork after torch has run threads can hang the child
     q: mp.Queue = ctx.Queue()
-    p = ctx.Process(target=_child, args=(str(directory), tokens, q))
+    p = ctx.Process(target=_child, args=(str(directory), tokens, draw, q))
     p.start()
     res = q.get()
     p.join()
@@ -132,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 layers (8 sites), 256 and 1024 tokens, no gain-sweep")
     ap.add_argument("--full", action="store_true", help="also 16384 tokens")
+    ap.add_argument("--draws", default="auto,full",
+                    help="comma-separated --draw modes to time (default auto,full: projected here, and full)")
     ap.add_argument("--layers", type=int, default=None, help="layers of the checkpoint (default 43; --quick 4)")
     args = ap.parse_args(argv)
     layers = args.layers or (4 if args.quick else 43)
@@ -143,28 +158,35 @@ def main(argv: list[str] | None = None) -> int:
         size = (d / "model.safetensors").stat().st_size
         print(f"checkpoint: {layers} layers, {2 * layers} sites, fn [{(N + 2) * N}, {N * C}] float32, "
               f"{size / 1e6:.0f} MB")
-        print(f"{'tokens':>7} {'read s':>7} {'proj s':>7} {'floor s':>8} {'load s':>7} {'draw s':>7} "
-              f"{'total s':>8} {'total/floor':>11} {'s/1K tok':>9} {'peak RSS':>9} {'estimate':>9}")
-        rows = []
-        for T in counts:
-            r = measure(d, T)
-            rows.append(r)
-            floor = r["read"] + r["proj"]
-            print(f"{T:>7} {r['read']:>7.2f} {r['proj']:>7.2f} {floor:>8.2f} {r['load']:>7.2f} {r['draw']:>7.2f} "
-                  f"{r['total']:>8.2f} {r['total'] / floor:>11.1f} {1000 * r['total'] / T:>9.2f} "
-                  f"{r['rss'] / 2**30:>7.2f} G {r['estimate'] / 2**30:>7.2f} G", flush=True)
-        lo, hi = rows[0], rows[-1]
-        dT = hi["tokens"] - lo["tokens"]
-        per_k = (hi["rss"] - lo["rss"]) / dT * 1000
-        slope_t = (hi["total"] - lo["total"]) / dT * 1000
-        print(f"time: {slope_t:.2f} s per 1,000 tokens between {lo['tokens']} and {hi['tokens']} "
-              f"(x{hi['total'] / lo['total']:.1f} for x{hi['tokens'] / lo['tokens']:.0f} tokens)")
-        print(f"peak RSS: {per_k / 2**20:.0f} MiB per 1,000 tokens between {lo['tokens']} and {hi['tokens']} "
-              f"(estimate {hcdiag_estimate_per_k(hi) / 2**20:.0f} MiB); at {lo['tokens']} tokens "
-              f"{lo['rss'] / 2**30:.2f} GiB")
+        for draw in args.draws.split(","):
+            _table(d, counts, draw)
     if not args.quick:
         gain_sweep_ratio()
     return 0
+
+
+def _table(d: Path, counts: list[int], draw: str) -> None:
+    """One table of the counts, ``--draw draw``, with its floor ratios and per-1,000-token slopes."""
+    print(f"\n--draw {draw}")
+    print(f"{'tokens':>7} {'read s':>7} {'proj s':>7} {'floor s':>8} {'load s':>7} {'draw s':>7} "
+          f"{'total s':>8} {'total/floor':>11} {'s/1K tok':>9} {'peak RSS':>9} {'estimate':>9}  drawn")
+    rows = []
+    for T in counts:
+        r = measure(d, T, draw)
+        rows.append(r)
+        floor = r["read"] + r["proj"]
+        print(f"{T:>7} {r['read']:>7.2f} {r['proj']:>7.2f} {floor:>8.2f} {r['load']:>7.2f} {r['draw']:>7.2f} "
+              f"{r['total']:>8.2f} {r['total'] / floor:>11.2f} {1000 * r['total'] / T:>9.2f} "
+              f"{r['rss'] / 2**30:>7.2f} G {r['estimate'] / 2**30:>7.2f} G  {r['how']}", flush=True)
+    lo, hi = rows[0], rows[-1]
+    dT = hi["tokens"] - lo["tokens"]
+    per_k = (hi["rss"] - lo["rss"]) / dT * 1000
+    slope_t = (hi["total"] - lo["total"]) / dT * 1000
+    print(f"time: {slope_t:.2f} s per 1,000 tokens between {lo['tokens']} and {hi['tokens']} "
+          f"(x{hi['total'] / lo['total']:.1f} for x{hi['tokens'] / lo['tokens']:.0f} tokens)")
+    print(f"peak RSS: {per_k / 2**20:.0f} MiB per 1,000 tokens between {lo['tokens']} and {hi['tokens']} "
+          f"(estimate {hcdiag_estimate_per_k(hi) / 2**20:.0f} MiB); at {lo['tokens']} tokens "
+          f"{lo['rss'] / 2**30:.2f} GiB")
 
 
 def hcdiag_estimate_per_k(row: dict[str, float]) -> float:
