@@ -220,9 +220,9 @@ def _packed(t: dict, path: str, where: str, tensor_key: str = "tensor") -> _Pack
     return _Packed(tensor=tensor, split=tuple(split), names=tuple(names), per_part=per_part)
 
 
-def parse_layout_file(path: str | Path) -> LayoutSpec:
-    """Read and validate a layout file (TOML, or JSON by a ``.json`` suffix); InputError on any problem."""
-    p = Path(path)
+def _read_data(p: Path) -> dict:
+    """The file's top-level table: read, decoded as UTF-8 and parsed as TOML (JSON by a ``.json`` suffix);
+    InputError when it cannot be read, does not parse, or is not a table / JSON object."""
     ps = str(p)
     try:
         raw = p.read_bytes()
@@ -236,6 +236,12 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
         raise InputError(f"{p}: layout file is not valid {kind} ({exc}); see docs/layout-file.md", path=ps) from None
     if not isinstance(data, dict):
         raise _err(ps, "layout file must be a table / JSON object")
+    return data
+
+
+def _top_level(data: dict, ps: str) -> tuple[int, int | None]:
+    """n and C: no unknown top-level key, version 1, n (required) an integer >= 1 within MAX_STREAMS, C (optional)
+    an integer >= 1 with n * C within MAX_STREAM_WIDTH."""
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise _err(ps, f"unknown top-level key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
@@ -247,22 +253,36 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
     C = _num(data["C"], "C", ps, integer=True, minimum=1) if "C" in data else None
     if C is not None:
         bounded(n * C, MAX_STREAM_WIDTH, "layout file n * C (stream entries per token)", ps)
+    return n, C
 
-    sites = _table(data, "sites", ps, {"pattern", "kinds", "list"})
-    pattern = None
-    if "pattern" in sites:
-        try:
-            pattern = re.compile(str(sites["pattern"]))
-        except re.error as exc:
-            raise _err(ps, f"[sites] pattern is not a valid regex ({exc})") from None
-        if "block" not in pattern.groupindex:
-            raise _err(ps, "[sites] pattern needs a named group (?P<block>\\d+)")
+
+def _site_pattern(sites: dict, ps: str) -> re.Pattern[str] | None:
+    """``[sites] pattern`` compiled (None when absent); it must be a valid regex with a named group block."""
+    if "pattern" not in sites:
+        return None
+    try:
+        pattern = re.compile(str(sites["pattern"]))
+    except re.error as exc:
+        raise _err(ps, f"[sites] pattern is not a valid regex ({exc})") from None
+    if "block" not in pattern.groupindex:
+        raise _err(ps, "[sites] pattern needs a named group (?P<block>\\d+)")
+    return pattern
+
+
+def _site_kinds(sites: dict, ps: str) -> dict[str, str]:
+    """The raw kind -> attn / ffn / other map: the built-in words, then ``[sites] kinds`` (a table of those)."""
     kinds = dict(_KIND_DEFAULTS)
     extra_kinds = sites.get("kinds", {})
     if not isinstance(extra_kinds, dict):
         raise _err(ps, "[sites] kinds must be a table raw-kind -> attn | ffn | other")
     for raw_kind, k in extra_kinds.items():
         kinds[str(raw_kind)] = _choice(k, ("attn", "ffn", "other"), f"[sites.kinds] {raw_kind}", ps)
+    return kinds
+
+
+def _site_list(sites: dict, kinds: dict[str, str], ps: str) -> list[tuple[str, int, str]]:
+    """``[[sites.list]]`` as (prefix, block, kind): each entry a table with prefix and block (an integer >= 0);
+    kind (default other) a raw kind of ``kinds`` or one of attn / ffn / other."""
     explicit = []
     listed = sites.get("list", [])
     if not isinstance(listed, list):
@@ -278,63 +298,117 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
                 kinds[str(kind)] if str(kind) in kinds else _choice(kind, ("attn", "ffn", "other"), "kind", ps),
             )
         )
+    return explicit
+
+
+def _sites_section(data: dict, ps: str) -> tuple[re.Pattern[str] | None, dict[str, str], list[tuple[str, int, str]]]:
+    """``[sites]``: (pattern, kinds, listed sites); at least a pattern or one listed site."""
+    sites = _table(data, "sites", ps, {"pattern", "kinds", "list"})
+    pattern = _site_pattern(sites, ps)
+    kinds = _site_kinds(sites, ps)
+    explicit = _site_list(sites, kinds, ps)
     if pattern is None and not explicit:
         raise _err(ps, "[sites] needs a pattern (regex with (?P<block>...)) or a list of sites")
+    return pattern, kinds, explicit
 
-    norm = _table(data, "norm", ps, {"kind", "eps", "over", "gain", "gain_offset"})
+
+def _packed_projection(proj_t: dict, ps: str) -> tuple[_Packed, _Packed | None]:
+    """A packed ``[projection] weight``: (weight with split and names of equal length, its bias split alike or
+    None)."""
+    proj = _packed(
+        {
+            "tensor": proj_t["weight"],
+            "split": proj_t.get("split", ()),
+            "names": proj_t.get("names", ()),
+        },
+        ps,
+        "projection",
+    )
+    if proj is None or not proj.split or len(proj.split) != len(proj.names):
+        raise _err(ps, "[projection] a packed weight needs split and names of equal length")
+    proj_bias = None
+    if proj_t.get("bias") is not None:
+        proj_bias = _Packed(tensor=str(proj_t["bias"]), split=proj.split, names=proj.names)
+    return proj, proj_bias
+
+
+def _per_part_projection(proj_t: dict, ps: str) -> tuple[_Packed, _Packed | None]:
+    """``[projection] weights`` (one per part among pre, post, res) and its bias (a table over those parts) or
+    None."""
+    w = proj_t["weights"]
+    if not isinstance(w, dict) or not w or set(w) - set(_PARTS):
+        raise _err(ps, "[projection] weights must be a table with keys among pre, post, res")
+    proj = _Packed(per_part={k: str(v) for k, v in w.items()})
+    proj_bias = None
+    b = proj_t.get("bias")
+    if b is not None:
+        if not isinstance(b, dict) or set(b) - set(w):
+            raise _err(ps, "[projection] bias with per-part weights must be a table part -> tensor")
+        proj_bias = _Packed(per_part={k: str(v) for k, v in b.items()})
+    return proj, proj_bias
+
+
+def _projection_section(data: dict, ps: str) -> tuple[dict, _Packed | None, _Packed | None]:
+    """``[projection]``: (its table, the weight(s) or None, the projection bias or None); exactly one of weight
+    and weights when the table is there."""
     proj_t = _table(data, "projection", ps,
                     {"weight", "weights", "input", "orientation", "bias", "split", "names", "activation"})
-    proj = None
-    proj_bias = None
-    if proj_t:
-        if ("weight" in proj_t) == ("weights" in proj_t):
-            raise _err(ps, "[projection] needs exactly one of weight (packed, with split and names) or weights")
-        if "weight" in proj_t:
-            proj = _packed(
-                {
-                    "tensor": proj_t["weight"],
-                    "split": proj_t.get("split", ()),
-                    "names": proj_t.get("names", ()),
-                },
-                ps,
-                "projection",
-            )
-            if proj is None or not proj.split or len(proj.split) != len(proj.names):
-                raise _err(ps, "[projection] a packed weight needs split and names of equal length")
-            if proj_t.get("bias") is not None:
-                proj_bias = _Packed(tensor=str(proj_t["bias"]), split=proj.split, names=proj.names)
-        else:
-            w = proj_t["weights"]
-            if not isinstance(w, dict) or not w or set(w) - set(_PARTS):
-                raise _err(ps, "[projection] weights must be a table with keys among pre, post, res")
-            proj = _Packed(per_part={k: str(v) for k, v in w.items()})
-            b = proj_t.get("bias")
-            if b is not None:
-                if not isinstance(b, dict) or set(b) - set(w):
-                    raise _err(ps, "[projection] bias with per-part weights must be a table part -> tensor")
-                proj_bias = _Packed(per_part={k: str(v) for k, v in b.items()})
+    if not proj_t:
+        return proj_t, None, None
+    if ("weight" in proj_t) == ("weights" in proj_t):
+        raise _err(ps, "[projection] needs exactly one of weight (packed, with split and names) or weights")
+    if "weight" in proj_t:
+        return proj_t, *_packed_projection(proj_t, ps)
+    return proj_t, *_per_part_projection(proj_t, ps)
 
+
+def _bias_section(data: dict, ps: str, proj: _Packed | None) -> _Packed | None:
+    """``[bias]``: a packed tensor and/or per-part tensors; a packed tensor without split takes the packed
+    projection's split and names (an error without one)."""
     bias = _packed(_table(data, "bias", ps, {"tensor", "split", "names", *_PARTS}), ps, "bias")
     if bias is not None and bias.tensor is not None and not bias.split:
         if proj is None or not proj.split:
             raise _err(ps, "[bias] tensor needs split and names (or a packed projection to copy them from)")
         bias = _Packed(tensor=bias.tensor, split=proj.split, names=proj.names, per_part=bias.per_part)
+    return bias
+
+
+def _scale_section(data: dict, ps: str, proj: _Packed | None) -> _Packed | None:
+    """``[scale]``: a tensor and/or per-part tensors or numbers; a tensor without names takes the projection's
+    names (none without a projection)."""
     scale = _packed(_table(data, "scale", ps, {"tensor", "names", *_PARTS}), ps, "scale")
     if scale is not None and scale.tensor is not None and not scale.names:
         names = proj.names if proj is not None and proj.names else ()
         scale = _Packed(tensor=scale.tensor, names=names, per_part=scale.per_part)
+    return scale
 
+
+def _pre_post_sections(data: dict, ps: str) -> tuple[dict[str, str], dict[str, float]]:
+    """``[pre]`` and ``[post]``: (activation per part, one of _ACTS with the part's default; eps per part, a
+    number >= 0, default 0)."""
     acts: dict[str, str] = {}
     eps: dict[str, float] = {}
     for part in ("pre", "post"):
         t = _table(data, part, ps, {"activation", "eps"})
         acts[part] = _choice(t.get("activation", _DEFAULT_ACT[part]), _ACTS, f"[{part}] activation", ps)
         eps[part] = _num(t.get("eps", 0.0), f"[{part}] eps", ps)
+    return acts, eps
+
+
+def _res_section(data: dict, ps: str) -> dict[str, str]:
+    """``[res]``: res_orientation (paper / code, default paper) and res_constraint (sinkhorn / identity / none,
+    default sinkhorn)."""
     res = _table(data, "res", ps, {"orientation", "constraint"})
     res_orientation = _choice(res.get("orientation", "paper"), ("paper", "code"), "[res] orientation", ps)
     res_constraint = _choice(
         res.get("constraint", "sinkhorn"), ("sinkhorn", "identity", "none"), "[res] constraint", ps
     )
+    return {"res_orientation": res_orientation, "res_constraint": res_constraint}
+
+
+def _sinkhorn_section(data: dict, ps: str) -> dict[str, Any]:
+    """``[sinkhorn]``: convention (a known Convention) or None, iters (an integer >= 1), eps (>= 0) and
+    temperature (> 0), each None when absent (iters is bounded on load, where --iters may replace it)."""
     sk = _table(data, "sinkhorn", ps, {"convention", "iters", "eps", "temperature"})
     convention = None
     if "convention" in sk:
@@ -350,7 +424,57 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
     iters = _num(sk["iters"], "[sinkhorn] iters", ps, integer=True, minimum=1) if "iters" in sk else None
     sk_eps = _num(sk["eps"], "[sinkhorn] eps", ps) if "eps" in sk else None
     tau = _num(sk["temperature"], "[sinkhorn] temperature", ps, minimum=1e-30) if "temperature" in sk else None
+    return {"convention": convention, "iters": iters, "sinkhorn_eps": sk_eps, "temperature": tau}
 
+
+def _norm_fields(norm: dict, proj_t: dict, proj: _Packed | None, ps: str) -> dict[str, Any]:
+    """``[norm]``'s values: kind (rms by default with a projection, else none), eps (>= 0, 1e-6), over (flat /
+    per_stream, default the projection's input), gain (a tensor name or None), gain_offset (any number, 0)."""
+    return {
+        "norm_kind": _choice(norm.get("kind", "rms" if proj is not None else "none"), ("rms", "none"),
+                             "[norm] kind", ps),
+        "norm_eps": _num(norm.get("eps", 1e-6), "[norm] eps", ps),
+        "norm_over": _choice(norm.get("over", proj_t.get("input", "flat")), ("flat", "per_stream"),
+                             "[norm] over", ps),
+        "norm_gain": str(norm["gain"]) if "gain" in norm else None,
+        "norm_gain_offset": _num(norm.get("gain_offset", 0.0), "[norm] gain_offset", ps, minimum=-math.inf),
+    }  # fmt: skip
+
+
+def _projection_fields(proj_t: dict, ps: str) -> dict[str, str]:
+    """``[projection]``'s choices: input (flat / per_stream, default flat), orientation (out_in / in_out,
+    default out_in), activation (identity / tanh, default identity)."""
+    return {
+        "proj_input": _choice(proj_t.get("input", "flat"), ("flat", "per_stream"), "[projection] input", ps),
+        "proj_orientation": _choice(
+            proj_t.get("orientation", "out_in"), ("out_in", "in_out"), "[projection] orientation", ps
+        ),
+        "proj_activation": _choice(proj_t.get("activation", "identity"), ("identity", "tanh"),
+                                   "[projection] activation", ps),
+    }  # fmt: skip
+
+
+def parse_layout_file(path: str | Path) -> LayoutSpec:
+    """Read and validate a layout file (TOML, or JSON by a ``.json`` suffix); InputError on any problem.
+
+    Steps: read the table -> top level (n, C) -> [sites] -> [norm] table -> [projection] -> [bias] -> [scale]
+    -> [pre] / [post] -> [res] -> [sinkhorn] -> the [norm] and [projection] values. A file with several
+    mistakes gets the first error in this order.
+    """
+    p = Path(path)
+    ps = str(p)
+    data = _read_data(p)
+    n, C = _top_level(data, ps)
+    pattern, kinds, explicit = _sites_section(data, ps)
+    norm = _table(data, "norm", ps, {"kind", "eps", "over", "gain", "gain_offset"})
+    proj_t, proj, proj_bias = _projection_section(data, ps)
+    bias = _bias_section(data, ps, proj)
+    scale = _scale_section(data, ps, proj)
+    acts, eps = _pre_post_sections(data, ps)
+    res = _res_section(data, ps)
+    sinkhorn = _sinkhorn_section(data, ps)
+    norm_fields = _norm_fields(norm, proj_t, proj, ps)
+    proj_fields = _projection_fields(proj_t, ps)
     return LayoutSpec(
         path=ps,
         name=str(data.get("name", p.stem)),
@@ -359,29 +483,16 @@ def parse_layout_file(path: str | Path) -> LayoutSpec:
         pattern=pattern,
         kinds=kinds,
         explicit=tuple(explicit),
-        norm_kind=_choice(norm.get("kind", "rms" if proj is not None else "none"), ("rms", "none"), "[norm] kind", ps),
-        norm_eps=_num(norm.get("eps", 1e-6), "[norm] eps", ps),
-        norm_over=_choice(norm.get("over", proj_t.get("input", "flat")), ("flat", "per_stream"), "[norm] over", ps),
-        norm_gain=str(norm["gain"]) if "gain" in norm else None,
-        norm_gain_offset=_num(norm.get("gain_offset", 0.0), "[norm] gain_offset", ps, minimum=-math.inf),
-        proj_input=_choice(proj_t.get("input", "flat"), ("flat", "per_stream"), "[projection] input", ps),
-        proj_orientation=_choice(
-            proj_t.get("orientation", "out_in"), ("out_in", "in_out"), "[projection] orientation", ps
-        ),
         proj=proj,
         proj_bias=proj_bias,
         bias=bias,
         scale=scale,
         acts=acts,
         eps=eps,
-        res_orientation=res_orientation,
-        res_constraint=res_constraint,
-        convention=convention,
-        iters=iters,
-        sinkhorn_eps=sk_eps,
-        temperature=tau,
-        proj_activation=_choice(proj_t.get("activation", "identity"), ("identity", "tanh"),
-                                "[projection] activation", ps),
+        **norm_fields,
+        **proj_fields,
+        **res,
+        **sinkhorn,
     )
 
 
@@ -567,189 +678,263 @@ def _site_prefixes(spec: LayoutSpec, keys: list[str]) -> list[tuple[str, int, st
     return sorted(((p, b, k, r) for p, (b, k, r) in found.items()), key=lambda s: (s[1], rank[s[2]], s[3], s[0]))
 
 
-def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
-    if options.layout_file is None:
-        raise UsageError("the layout-file layout needs --layout-file FILE", option="--layout-file")
-    spec = parse_layout_file(options.layout_file)
-    path = source.path
-    keys = source.keys()
-    known = set(keys)
+def _match_sites(spec: LayoutSpec, path: str, keys: list[str]) -> list[tuple[str, int, str, str]]:
+    """The sites of :func:`_site_prefixes`; InputError when the file's pattern / list matches no key."""
     sites_found = _site_prefixes(spec, keys)
     if not sites_found:
         what = f"pattern {spec.pattern.pattern!r}" if spec.pattern is not None else "the listed prefixes"
         raise InputError(f"{path}: no key matches {what} of layout file {spec.path}; check [sites]", path=path)
-    n = spec.n
-    settings: dict[str, str] = {"n": f"layout file ({spec.path})"}
+    return sites_found
 
-    def key_of(prefix: str, rel: str) -> str:
-        return rel[1:] if rel.startswith("/") else prefix + rel
 
-    def need(prefix: str, rel: str, what: str) -> str:
-        k = key_of(prefix, rel)
-        if k not in known:
-            raise InputError(
-                f"{path}: layout file {spec.path} expects {what} tensor {k!r}, which is not in the checkpoint",
-                path=path,
-            )
-        return k
+def _sinkhorn(spec: LayoutSpec, options: LoadOptions, settings: dict[str, str]) -> SinkhornSpec | None:
+    """The SinkhornSpec of a Sinkhorn H_res (None otherwise): convention from --convention (UsageError when
+    unknown) or the file (required), iters from --iters, the file (bounded) or 20, eps from the file or the
+    convention's default; their sources go into ``settings``."""
+    if spec.res_constraint != "sinkhorn":
+        return None
+    conv, conv_src = spec.convention, "layout file"
+    if options.convention is not None:
+        try:
+            conv, conv_src = Convention(str(options.convention)), "cli"
+        except ValueError:
+            raise UsageError(f"--convention {options.convention!r} is unknown", option="--convention") from None
+    if conv is None:
+        raise _err(spec.path, "[sinkhorn] convention is required for a Sinkhorn H_res (or pass --convention)")
+    iters, it_src = (spec.iters, "layout file") if spec.iters is not None else (20, "default")
+    if options.iters is not None:
+        iters, it_src = options.iters, "cli"
+    elif spec.iters is not None:
+        bounded(spec.iters, MAX_ITERS, "layout file [sinkhorn] iters", spec.path, override="--iters")
+    if spec.sinkhorn_eps is not None:
+        eps, eps_src = spec.sinkhorn_eps, "layout file"
+    elif has_eps(conv):
+        eps, eps_src = 1e-6, "default (transformers hc_eps)"
+    else:
+        eps, eps_src = 0.0, "default"
+    if "cli" in (conv_src, it_src):
+        spec_src = "cli"
+    else:
+        spec_src = "layout-file" if spec.iters is not None else "default"
+    settings.update(convention=conv_src, iters=it_src, eps=eps_src)
+    return SinkhornSpec(conv, int(iters), float(eps), spec_src)
 
-    # Sinkhorn settings
-    sink: SinkhornSpec | None = None
-    if spec.res_constraint == "sinkhorn":
-        conv, conv_src = spec.convention, "layout file"
-        if options.convention is not None:
-            try:
-                conv, conv_src = Convention(str(options.convention)), "cli"
-            except ValueError:
-                raise UsageError(f"--convention {options.convention!r} is unknown", option="--convention") from None
-        if conv is None:
-            raise _err(spec.path, "[sinkhorn] convention is required for a Sinkhorn H_res (or pass --convention)")
-        iters, it_src = (spec.iters, "layout file") if spec.iters is not None else (20, "default")
-        if options.iters is not None:
-            iters, it_src = options.iters, "cli"
-        elif spec.iters is not None:
-            bounded(spec.iters, MAX_ITERS, "layout file [sinkhorn] iters", spec.path, override="--iters")
-        if spec.sinkhorn_eps is not None:
-            eps, eps_src = spec.sinkhorn_eps, "layout file"
-        elif has_eps(conv):
-            eps, eps_src = 1e-6, "default (transformers hc_eps)"
-        else:
-            eps, eps_src = 0.0, "default"
-        if "cli" in (conv_src, it_src):
-            spec_src = "cli"
-        else:
-            spec_src = "layout-file" if spec.iters is not None else "default"
-        sink = SinkhornSpec(conv, int(iters), float(eps), spec_src)
-        settings.update(convention=conv_src, iters=it_src, eps=eps_src)
+
+def _temperature(spec: LayoutSpec, options: LoadOptions, settings: dict[str, str]) -> float | None:
+    """tau from --temperature, else the file's [sinkhorn] temperature, else None; its source into ``settings``."""
     tau = (options.extra or {}).get("temperature")
     if tau is not None:
         settings["temperature"] = "cli (--temperature)"
     elif spec.temperature is not None:
         tau, settings["temperature"] = spec.temperature, "layout file ([sinkhorn] temperature)"
+    return tau
 
-    sites: list[Site] = []
-    used: set[str] = set()
-    dtypes: set[str] = set()
-    C = spec.C
-    C_src = f"layout file ({spec.path})" if C is not None else ""
-    for j, (prefix, block, kind, raw) in enumerate(sites_found):
-        tensors: dict[str, torch.Tensor] = {}
-        consts: dict[str, float] = {}
-        infos: list[TensorInfo] = []
 
-        def take(
-            name: str,
-            rel: str,
-            what: str,
-            *,
-            _prefix: str = prefix,
-            _infos: list[TensorInfo] = infos,
-            _tensors: dict[str, torch.Tensor] = tensors,
-        ) -> torch.Tensor:
-            k = need(_prefix, rel, what)
-            info = source.info(k)
-            _infos.append(info)
-            used.add(k)
-            dtypes.add(info.dtype)
-            t = source.get(k)
-            _tensors[name] = t
-            return t
+@dataclass
+class _Reading:
+    """One checkpoint read with one layout file: its keys, the width C so far (the file's, or inferred from the
+    first projection) and where it came from, and the keys and stored dtypes the sites used."""
 
-        if spec.proj is not None:
-            if spec.proj.tensor is not None:
-                w = take("w", spec.proj.tensor, "projection")
-                wkey = key_of(prefix, spec.proj.tensor)
-                in_dim = _in_dim(w, spec, path, wkey)
-                out_dim = int(w.shape[0] if spec.proj_orientation == "out_in" else w.shape[1])
-                total = sum(_size(e, n, spec.path) for e in spec.proj.split)
-                if out_dim != total:
-                    raise InputError(
-                        f"{path}: projection {wkey} {list(w.shape)} ({spec.proj_orientation}) has {out_dim} "
-                        f"outputs, but the layout file's split {list(spec.proj.split)} sums to {total} at n={n}",
-                        path=path,
-                    )
-            else:
-                dims = {}
-                for part, rel in spec.proj.per_part.items():
-                    w = take(f"w_{part}", str(rel), f"{part} projection")
-                    dims[key_of(prefix, str(rel))] = _in_dim(w, spec, path, key_of(prefix, str(rel)))
-                if len(set(dims.values())) != 1:
-                    raise InputError(f"{path}: projections {dims} disagree on the input width", path=path)
-                in_dim = next(iter(dims.values()))
-            if spec.proj_bias is not None:
-                if spec.proj_bias.tensor is not None:
-                    take("pb", spec.proj_bias.tensor, "projection bias")
-                for part, rel in spec.proj_bias.per_part.items():
-                    take(f"pb_{part}", str(rel), f"{part} projection bias")
-            site_C = in_dim // n if spec.proj_input == "flat" else in_dim
-            if spec.proj_input == "flat" and in_dim % n:
-                raise InputError(
-                    f"{path}: projection of site {prefix!r} has input width {in_dim}, not a multiple of n={n}",
-                    path=path,
-                )
-            if C is None:
-                C, C_src = site_C, "inferred from the projection's input width"
-            elif site_C != C:
-                raise InputError(f"{path}: projection of site {prefix!r} implies C={site_C}, expected C={C}", path=path)
-        if spec.norm_gain is not None:
-            take("gain", spec.norm_gain, "norm gain")
-        for kind_name, packed in (("b", spec.bias), ("s", spec.scale)):
-            if packed is None:
-                continue
-            if packed.tensor is not None:
-                t = take(f"{kind_name}_packed", packed.tensor, "bias" if kind_name == "b" else "scale")
-                del tensors[f"{kind_name}_packed"]
-                _unpack(t, packed, kind_name, n, tensors, path, key_of(prefix, packed.tensor), spec)
-            for part, v in packed.per_part.items():
-                if isinstance(v, str):
-                    take(f"{kind_name}_{part}", v, f"{part} {'bias' if kind_name == 'b' else 'scale'}")
-                else:
-                    consts[f"{kind_name}_{part}"] = float(v)
-        has_res = "b_res" in tensors or (spec.proj is not None and "res" in (spec.proj.names or spec.proj.per_part))
-        if spec.res_constraint != "identity" and not has_res:
-            raise _err(spec.path, "H_res has neither a projection part nor a bias named res")
-        module = LayoutFileSite(n=n, C=C or 1, spec=spec, tensors=tensors, consts=consts, sinkhorn=sink,
-                                temperature=tau if sink is not None else None)
-        _trial(module, path, spec, prefix, infos)
-        name = f"{kind}_{block}" if kind != "other" else f"{raw or 'site'}_{block}"
-        if any(s.name == name for s in sites):
-            name = f"{name}_{j}"
-        variant = {"sinkhorn": "mhc", "identity": "ihc", "none": "hc"}[spec.res_constraint]
-        sites.append(
-            Site(
-                index=len(sites),
-                name=name,
-                block=block,
-                kind=kind,
-                variant=f"layout-file:{variant}",
-                module=module,
-                tensors=infos,
+    source: TensorSource
+    spec: LayoutSpec
+    known: set[str]
+    C: int | None = None
+    C_src: str = ""
+    used: set[str] = field(default_factory=set)
+    dtypes: set[str] = field(default_factory=set)
+
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    def key(self, prefix: str, rel: str) -> str:
+        """The checkpoint key of a tensor name: relative to the site prefix, or a full key after "/"."""
+        return rel[1:] if rel.startswith("/") else prefix + rel
+
+    def need(self, prefix: str, rel: str, what: str) -> str:
+        """:meth:`key`, with an InputError naming the expected key when the checkpoint lacks it."""
+        k = self.key(prefix, rel)
+        if k not in self.known:
+            raise InputError(
+                f"{self.path}: layout file {self.spec.path} expects {what} tensor {k!r}, which is not in the "
+                "checkpoint",
+                path=self.path,
             )
+        return k
+
+
+@dataclass
+class _SiteTensors:
+    """One site's reads: its buffers by name, its numeric parts (``consts``) and the infos in read order."""
+
+    reading: _Reading
+    prefix: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    consts: dict[str, float] = field(default_factory=dict)
+    infos: list[TensorInfo] = field(default_factory=list)
+
+    def take(self, name: str, rel: str, what: str) -> torch.Tensor:
+        """Read tensor ``rel`` (InputError when missing) as buffer ``name``, noting its key and dtype."""
+        r = self.reading
+        k = r.need(self.prefix, rel, what)
+        info = r.source.info(k)
+        self.infos.append(info)
+        r.used.add(k)
+        r.dtypes.add(info.dtype)
+        t = r.source.get(k)
+        self.tensors[name] = t
+        return t
+
+
+def _packed_weight(site: _SiteTensors) -> int:
+    """Read the packed projection weight: a matrix whose outputs equal the split's sum at n; its input width."""
+    r, spec = site.reading, site.reading.spec
+    assert spec.proj is not None and spec.proj.tensor is not None
+    w = site.take("w", spec.proj.tensor, "projection")
+    wkey = r.key(site.prefix, spec.proj.tensor)
+    in_dim = _in_dim(w, spec, r.path, wkey)
+    out_dim = int(w.shape[0] if spec.proj_orientation == "out_in" else w.shape[1])
+    total = sum(_size(e, spec.n, spec.path) for e in spec.proj.split)
+    if out_dim != total:
+        raise InputError(
+            f"{r.path}: projection {wkey} {list(w.shape)} ({spec.proj_orientation}) has {out_dim} "
+            f"outputs, but the layout file's split {list(spec.proj.split)} sums to {total} at n={spec.n}",
+            path=r.path,
         )
-    for site in sites:
-        site.module.C = C or 1  # static-only files need no C; x is ignored
-    settings["C"] = C_src or "not needed (static sites: no projection)"
-    notes = [f"layout file {spec.path} ({spec.name}): {len(sites)} sites"]
+    return in_dim
+
+
+def _per_part_weights(site: _SiteTensors) -> int:
+    """Read one projection weight per part: matrices agreeing on the input width; that width."""
+    r, spec = site.reading, site.reading.spec
+    assert spec.proj is not None
+    dims = {}
+    for part, rel in spec.proj.per_part.items():
+        w = site.take(f"w_{part}", str(rel), f"{part} projection")
+        dims[r.key(site.prefix, str(rel))] = _in_dim(w, spec, r.path, r.key(site.prefix, str(rel)))
+    if len(set(dims.values())) != 1:
+        raise InputError(f"{r.path}: projections {dims} disagree on the input width", path=r.path)
+    return next(iter(dims.values()))
+
+
+def _projection(site: _SiteTensors) -> None:
+    """Read the site's projection weight(s) and bias; its input width gives C (flat: a multiple of n, / n),
+    which must equal the file's or the first site's C (the first site without one sets it)."""
+    r, spec = site.reading, site.reading.spec
+    assert spec.proj is not None
+    n = spec.n
+    in_dim = _packed_weight(site) if spec.proj.tensor is not None else _per_part_weights(site)
+    if spec.proj_bias is not None:
+        if spec.proj_bias.tensor is not None:
+            site.take("pb", spec.proj_bias.tensor, "projection bias")
+        for part, rel in spec.proj_bias.per_part.items():
+            site.take(f"pb_{part}", str(rel), f"{part} projection bias")
+    site_C = in_dim // n if spec.proj_input == "flat" else in_dim
+    if spec.proj_input == "flat" and in_dim % n:
+        raise InputError(
+            f"{r.path}: projection of site {site.prefix!r} has input width {in_dim}, not a multiple of n={n}",
+            path=r.path,
+        )
+    if r.C is None:
+        r.C, r.C_src = site_C, "inferred from the projection's input width"
+    elif site_C != r.C:
+        raise InputError(f"{r.path}: projection of site {site.prefix!r} implies C={site_C}, expected C={r.C}",
+                         path=r.path)
+
+
+def _bias_and_scale(site: _SiteTensors) -> None:
+    """Read [bias] and [scale]: a packed tensor split into its parts (:func:`_unpack`), per-part tensors, and
+    per-part numbers (into ``consts``)."""
+    r, spec = site.reading, site.reading.spec
+    tensors = site.tensors
+    for kind_name, packed in (("b", spec.bias), ("s", spec.scale)):
+        if packed is None:
+            continue
+        if packed.tensor is not None:
+            t = site.take(f"{kind_name}_packed", packed.tensor, "bias" if kind_name == "b" else "scale")
+            del tensors[f"{kind_name}_packed"]
+            _unpack(t, packed, kind_name, spec.n, tensors, r.path, r.key(site.prefix, packed.tensor), spec)
+        for part, v in packed.per_part.items():
+            if isinstance(v, str):
+                site.take(f"{kind_name}_{part}", v, f"{part} {'bias' if kind_name == 'b' else 'scale'}")
+            else:
+                site.consts[f"{kind_name}_{part}"] = float(v)
+
+
+def _site_module(site: _SiteTensors, sink: SinkhornSpec | None, tau: float | None) -> LayoutFileSite:
+    """The site's module: read projection, norm gain, bias and scale; check it has an H_res (a projection part or
+    a bias named res, unless constraint identity); evaluate it once at x = 0 (:func:`_trial`)."""
+    r, spec = site.reading, site.reading.spec
+    if spec.proj is not None:
+        _projection(site)
+    if spec.norm_gain is not None:
+        site.take("gain", spec.norm_gain, "norm gain")
+    _bias_and_scale(site)
+    has_res = "b_res" in site.tensors or (spec.proj is not None and "res" in (spec.proj.names or spec.proj.per_part))
+    if spec.res_constraint != "identity" and not has_res:
+        raise _err(spec.path, "H_res has neither a projection part nor a bias named res")
+    module = LayoutFileSite(n=spec.n, C=r.C or 1, spec=spec, tensors=site.tensors, consts=site.consts,
+                            sinkhorn=sink, temperature=tau if sink is not None else None)
+    _trial(module, r.path, spec, site.prefix, site.infos)
+    return module
+
+
+def _site_name(kind: str, block: int, raw: str, j: int, sites: list[Site]) -> str:
+    """``{kind}_{block}`` (other: ``{raw kind or site}_{block}``), with ``_{j}`` appended when already taken."""
+    name = f"{kind}_{block}" if kind != "other" else f"{raw or 'site'}_{block}"
+    if any(s.name == name for s in sites):
+        name = f"{name}_{j}"
+    return name
+
+
+def _notes(spec: LayoutSpec, count: int) -> list[str]:
+    """The file and its site count; the parts it does not describe (NaN); a code-orientation H_res."""
+    notes = [f"layout file {spec.path} ({spec.name}): {count} sites"]
     missing_parts = [p for p in ("pre", "post") if not _describes(spec, p)]
     if missing_parts:
         notes.append(f"layout file describes no {' / '.join(missing_parts)}: reported as NaN")
     if spec.res_orientation == "code":
         notes.append("H_res logits stored [input, output] (code orientation): transposed to paper convention")
+    return notes
+
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    """Read a checkpoint with ``--layout-file``: parse the file -> match its sites in the keys -> Sinkhorn and
+    temperature settings -> per site: tensors, shapes, module -> C for every site -> notes -> LoadedModel."""
+    if options.layout_file is None:
+        raise UsageError("the layout-file layout needs --layout-file FILE", option="--layout-file")
+    spec = parse_layout_file(options.layout_file)
+    keys = source.keys()
+    sites_found = _match_sites(spec, source.path, keys)
+    settings: dict[str, str] = {"n": f"layout file ({spec.path})"}
+    sink = _sinkhorn(spec, options, settings)
+    tau = _temperature(spec, options, settings)
+    r = _Reading(source, spec, set(keys), C=spec.C, C_src=f"layout file ({spec.path})" if spec.C is not None else "")
+    variant = {"sinkhorn": "mhc", "identity": "ihc", "none": "hc"}[spec.res_constraint]
+    sites: list[Site] = []
+    for j, (prefix, block, kind, raw) in enumerate(sites_found):
+        site = _SiteTensors(r, prefix)
+        module = _site_module(site, sink, tau)
+        sites.append(Site(index=len(sites), name=_site_name(kind, block, raw, j, sites), block=block, kind=kind,
+                          variant=f"layout-file:{variant}", module=module, tensors=site.infos))
+    for s in sites:
+        s.module.C = r.C or 1  # static-only files need no C; x is ignored
+    settings["C"] = r.C_src or "not needed (static sites: no projection)"
 
     from hcdiag.io.load import unmatched_hc_keys
 
     return LoadedModel(
-        path=path,
+        path=source.path,
         layout="layout-file",
         layout_reason=f"layout file {spec.path}: {len(sites)} sites",
         sites=sites,
-        n=n,
-        C=C or 1,
+        n=spec.n,
+        C=r.C or 1,
         metadata={"layout_file": spec.path, "layout_name": spec.name},
         settings_source=settings,
-        source_dtype=dtypes.pop() if len(dtypes) == 1 else "mixed (" + ", ".join(sorted(dtypes)) + ")",
-        unmatched_keys=unmatched_hc_keys(source, used),
-        notes=notes,
+        source_dtype=r.dtypes.pop() if len(r.dtypes) == 1 else "mixed (" + ", ".join(sorted(r.dtypes)) + ")",
+        unmatched_keys=unmatched_hc_keys(source, r.used),
+        notes=_notes(spec, len(sites)),
     )
 
 
