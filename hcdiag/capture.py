@@ -463,8 +463,9 @@ class _LibrarySite:
 def _library_site(name: str, m: nn.Module) -> _LibrarySite:
     from hcdiag.io import lucidrains_layout as lr
     from hcdiag.io import nanogpt_layout as ng
+    from hcdiag.io.reader import IGNORED_SUBTREES
 
-    state = {k: v for k, v in m.state_dict(keep_vars=False).items() if not k.startswith(lr.IGNORED_SUBTREES)}
+    state = {k: v for k, v in m.state_dict(keep_vars=False).items() if not k.startswith(IGNORED_SUBTREES)}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     cls_module = type(m).__module__
     channel_first = bool(getattr(m, "channel_first", False))

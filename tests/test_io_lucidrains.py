@@ -24,8 +24,9 @@ from torch import nn
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError
 from hcdiag.io.base import LoadOptions
-from hcdiag.io.lucidrains_layout import LUCIDRAINS, build_site, name_sites, plan_site, site_prefixes
+from hcdiag.io.lucidrains_layout import LEAF, LUCIDRAINS, build_site, plan_site
 from hcdiag.io.nanogpt_layout import NANOGPT
+from hcdiag.io.reader import name_sites, site_prefixes
 from hcdiag.io.source import open_source
 from hcdiag.site import SinkhornSpec
 
@@ -300,7 +301,7 @@ def test_natural_order_and_names() -> None:
     assert [r[1] for r in name_sites(prefixes)] == ["attn_2", "ffn_2", "attn_10", "ffn_10"]
     # no kind words: module paths, natural order
     assert [r[1] for r in name_sites(["h.10.", "h.9.", "h.1.0."])] == ["h.1.0", "h.9", "h.10"]
-    groups = site_prefixes(["a.static_alpha", "a.norm.gamma", "a.branch.static_alpha", "a.branch.w"])
+    groups = site_prefixes(["a.static_alpha", "a.norm.gamma", "a.branch.static_alpha", "a.branch.w"], LEAF)
     assert groups == {"a.": {"static_alpha": "a.static_alpha", "norm.gamma": "a.norm.gamma"},
                       "a.branch.": {"static_alpha": "a.branch.static_alpha", "w": "a.branch.w"}}
 

@@ -68,9 +68,6 @@ from torch import nn
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
-
-# reader's per-module key group helpers; hcdiag.io.nanogpt_layout (and tests) still import several of them,
-# and IGNORED_SUBTREES / SCALAR_SHAPES / ParamHolder, from here
 from hcdiag.io.reader import (
     IGNORED_SUBTREES,
     detect_summary,
@@ -89,11 +86,10 @@ __all__ = [
     "LUCIDRAINS",
     "LucidrainsSite",
     "SitePlan",
+    "ParamHolder",
+    "SCALAR_SHAPES",
     "build_site",
-    "name_sites",
     "plan_site",
-    "sinkhorn_settings",
-    "site_prefixes",
 ]
 
 DEFAULT_ITERS = 20  # hyper-connections' sinkhorn_iters default
@@ -542,7 +538,7 @@ def _is_lucidrains_group(shapes: Mapping[str, tuple[int, ...]]) -> bool:
 
 
 def _detect(source: TensorSource) -> str | None:
-    groups = site_prefixes(source.keys())
+    groups = site_prefixes(source.keys(), LEAF)
     if not groups:
         return None
     kinds: dict[str, str] = {}
@@ -650,7 +646,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     """The lucidrains reader: key groups -> options (class, tanh, Sinkhorn) -> per site plan, read, build ->
     settings and notes -> the LoadedModel."""
     path = source.path
-    groups = site_prefixes(source.keys())
+    groups = site_prefixes(source.keys(), LEAF)
     if not groups:
         raise InputError(
             f"no *.{LEAF} keys in {path}: not a hyper-connections checkpoint; pick another --layout",

@@ -70,10 +70,9 @@ from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_STREAMS
-from hcdiag.io.lucidrains_layout import (
+from hcdiag.io.lucidrains_layout import LEAF, SCALAR_SHAPES, ParamHolder
+from hcdiag.io.reader import (
     IGNORED_SUBTREES,
-    SCALAR_SHAPES,
-    ParamHolder,
     detect_summary,
     group_shapes,
     grouped_model,
@@ -541,7 +540,7 @@ def hyper_conn_type(source: TensorSource, options: LoadOptions) -> tuple[str | N
 
 
 def _plans(source: TensorSource, hc_type: str | None) -> dict[str, RefPlan] | None:
-    groups = site_prefixes(source.keys())
+    groups = site_prefixes(source.keys(), LEAF)
     if not groups:
         return None
     plans = {}
@@ -568,7 +567,7 @@ def _detect(source: TensorSource) -> str | None:
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     path = source.path
     hc_type, type_src = hyper_conn_type(source, options)
-    groups = site_prefixes(source.keys())
+    groups = site_prefixes(source.keys(), LEAF)
     if not groups:
         raise InputError(
             f"no *.static_alpha keys in {path}: not a reference-repo (nanoGPT) HC checkpoint; pick another --layout",

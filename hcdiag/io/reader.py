@@ -383,10 +383,10 @@ def assemble(
 IGNORED_SUBTREES = ("branch.", "residual_transform.")
 
 
-def site_prefixes(keys: Iterable[str], leaf: str = "static_alpha") -> dict[str, dict[str, str]]:
+def site_prefixes(keys: Iterable[str], leaf: str) -> dict[str, dict[str, str]]:
     """Group keys by the module path of each ``<path>.<leaf>`` key: {prefix: {param: key}}.
 
-    ``leaf`` defaults to hyper-connections' (lucidrains) ``static_alpha``, which the reference repos copy.
+    ``leaf`` is the one parameter every site of the codebase has (hyper-connections: ``static_alpha``).
 
     ``prefix`` keeps its trailing dot ("" for a bare module's state dict). A key belongs to the longest site
     prefix it starts with, so a site nested inside another site's branch stays apart.
@@ -463,10 +463,9 @@ def name_sites(prefixes: Iterable[str]) -> list[tuple[str, str, int, str]]:
 
 
 def sinkhorn_settings(
-    options: LoadOptions, default: Convention, default_iters: int = 20
+    options: LoadOptions, default: Convention, default_iters: int
 ) -> tuple[SinkhornSpec, dict[str, str]]:
-    """SinkhornSpec from ``--convention`` / ``--iters`` (source "cli") or the codebase default ("default");
-    ``default_iters`` defaults to hyper-connections' (lucidrains) 20."""
+    """SinkhornSpec from ``--convention`` / ``--iters`` (source "cli") or the codebase's defaults ("default")."""
     from hcdiag.sinkhorn import parse_convention
 
     src: dict[str, str] = {}
