@@ -460,11 +460,10 @@ def _sources(st: Settings, sites: list[Site], conv_src: str) -> dict[str, str]:
     return out
 
 
-def _notes(sites: list[Site], conv: Convention, conv_src: str) -> list[str]:
+def _notes(sites: list[Site], conv: Convention) -> list[str]:
     notes = [note] if (note := gaps_note(sites)) else []
     if not any(s.variant == "mhc" for s in sites):
         return [*notes, "HY-V4 hyper-connections: no comb, H_res = I at every site (identity residual)"]
-    notes.append(f"convention: {conv.value} ({conv_src})")
     if conv is Convention.TRANSFORMERS_SIGMOID:
         notes.append("the earlier transformers DeepSeek-V4 code (before 5.8.0): comb = sigmoid + eps, then rows and "
                      "columns; post = sigmoid + eps; its layer applies comb @ streams, so H_res = comb (columns exact)")
@@ -523,7 +522,7 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         module = _module(source, infos, n, C, st, spec)
         variant = "mhc" if isinstance(module, TransformersMHCSite) else "ihc"
         sites.append(Site(len(sites), f"{kind}_{block}", block, kind, variant, module, infos))
-    notes += _notes(sites, conv, conv_src)
+    notes += _notes(sites, conv)
     metadata: dict[str, Any] = {"family": st.get("model_type") or "transformers mHC"}
     notes += _head(source, scan, prefix, metadata)
     used = {i.key for s in sites for i in s.tensors} | {m.string for m in scan.side["head"]}
