@@ -99,9 +99,14 @@ FigSizeOpt = Annotated[
     typer.Option("--fig-size", metavar="WxH", callback=_check_fig_size,
                  help="With --plot: every figure's size in inches, e.g. 8x5 (default: each figure its own)."),
 ]
+#: the most --iters a command takes: far past convergence of any matrix hcdiag reports (iterations to
+#: tolerance stop at 1,000) and minutes at most on a production checkpoint, never an unbounded run (a file's
+#: own count is bounded by hcdiag.io.limits.MAX_ITERS; this module does not import hcdiag.io, which needs torch)
+MAX_CLI_ITERS = 100_000
 IterOpt = Annotated[
     int | None,
-    typer.Option("--iters", help="Sinkhorn iterations (default: the checkpoint's metadata, else 20).", min=1),
+    typer.Option("--iters", help="Sinkhorn iterations (default: the checkpoint's metadata, else 20).", min=1,
+                 max=MAX_CLI_ITERS),
 ]
 ConvOpt = Annotated[
     Convention | None,

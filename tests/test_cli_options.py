@@ -47,3 +47,16 @@ def test_the_same_options_with_their_probe_run():
 @pytest.mark.parametrize("opt", [["--fig-format", "svg"], ["--fig-size", "8x5"]], ids=lambda o: o[0])
 def test_figure_options_need_plot(command, opt):
     _one_line_usage_error(run_cli(*command, *opt), opt[0])
+
+
+@pytest.mark.parametrize("command", [["stochasticity", MHC], ["gain-sweep", "--from", MHC], ["track", MHC]],
+                         ids=lambda c: c[0])
+def test_iters_past_the_cli_bound_is_a_usage_error_not_a_hang(command):
+    """--iters 10^8 would run for hours; each command refuses it with one line naming the bound (exit 2)."""
+    from hcdiag.cli import MAX_CLI_ITERS
+
+    p = run_cli(*command, "--iters", str(100_000_000))
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--iters" in lines[0] and f"{MAX_CLI_ITERS}" in lines[0], p.stderr
+    assert p.stdout == ""
