@@ -59,6 +59,24 @@ class SinkhornSpec:
     source: str = "default"  # "default", "metadata", "config", "cli", ...
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim (mHC Eq. 7's RMSNorm; unweighted if no weight).
+
+    The one RMSNorm of the sites that normalise by hand (the registry variants, the transformers family's
+    flattened norm, Qwen4-Exp's grouped norm, layout files): the same ops, in the same order, as those
+    libraries' own. eps = 1e-6 as transformers' DeepSeek-V4 ``rms_norm_eps``; x = 0 maps to 0, so a zero probe
+    leaves the biases alone.
+    """
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def l2_rms_norm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """hyper-connections' (lucidrains) RMSNorm over the last dim, width d: F.normalize(x) sqrt(d) (gamma + 1), the
+    same ops as the library's ``RMSNorm`` (per stream there, over vec(x) in the nanoGPT reference repos)."""
+    return torch.nn.functional.normalize(x, dim=-1) * (x.shape[-1] ** 0.5) * (gamma + 1)
+
+
 def res_tensor_keys(module: SiteModule, keys: list[str]) -> list[str]:
     """The stored keys among ``keys`` (one site's tensors) behind ``module.res_params``: a key matches a name
     when its last dotted part is the name or ends in ``_<name>`` (``hc_attn_fn`` for ``fn``)."""

@@ -43,7 +43,7 @@ from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_ITERS, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.sinkhorn import has_eps
-from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+from hcdiag.site import HCOutput, SinkhornSpec, SiteModule, rms_norm
 
 __all__ = ["LAYOUT_FILE", "LayoutFileSite", "LayoutSpec", "parse_layout_file"]
 
@@ -556,7 +556,7 @@ class LayoutFileSite(SiteModule):
         x = x.to(dtype)
         h = x.flatten(-2) if s.norm_over == "flat" else x
         if s.norm_kind == "rms":
-            h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + s.norm_eps)
+            h = rms_norm(h, None, s.norm_eps)
         gain = self._t("gain")
         if gain is not None:
             h = h * (gain.reshape(h.shape[-1]) + s.norm_gain_offset)

@@ -80,7 +80,7 @@ from hcdiag.io.reader import (
     unknown_params,
 )
 from hcdiag.model import LoadedModel, Site
-from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+from hcdiag.site import HCOutput, SinkhornSpec, SiteModule, l2_rms_norm
 
 __all__ = [
     "LUCIDRAINS",
@@ -248,8 +248,7 @@ class LucidrainsSite(SiteModule):
                 xs = torch.einsum("oi,...ifd->...ofd", w, xs)
         else:
             xs = x.to(dt).reshape(*lead, self.f, self.s, self.C)
-        gamma = self.norm.param("gamma").to(dt)
-        return F.normalize(xs, dim=-1) * (self.C**0.5) * (gamma + 1)
+        return l2_rms_norm(xs, self.norm.param("gamma").to(dt))
 
     def _alpha_logits(self, normed: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """Pre-activation alpha logits: HC [..., f, s, K]; mHC [p, ..., f, s, K]; mHCv2 [p, ..., s f, K]."""

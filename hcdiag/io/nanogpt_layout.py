@@ -63,7 +63,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hcdiag.enums import Convention, Exactness
@@ -83,7 +82,7 @@ from hcdiag.io.reader import (
     unknown_params,
 )
 from hcdiag.model import LoadedModel, Site
-from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+from hcdiag.site import HCOutput, SinkhornSpec, SiteModule, l2_rms_norm
 
 __all__ = ["NANOGPT", "RefPlan", "RefSite", "build_ref_site", "kromhc_factors", "plan_ref_site", "tbp_chart"]
 
@@ -226,7 +225,7 @@ class RefSite(SiteModule):
 
     def _normed(self, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         flat = x.to(dt).reshape(*x.shape[:-2], self.n * self.C)
-        return F.normalize(flat, dim=-1) * ((self.n * self.C) ** 0.5) * (self.norm.param("gamma").to(dt) + 1)
+        return l2_rms_norm(flat, self.norm.param("gamma").to(dt))
 
     def _logits(self, normed: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(pre logits [..., n, v], H_res logits: code [..., n, n] (mHC, TBP) or weights logits [..., R])."""

@@ -40,7 +40,7 @@ from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_STREAMS, bounded
 from hcdiag.io.reader import KeyScan, Settings, assemble, depth_order, found, sub_config
 from hcdiag.model import LoadedModel, Site
-from hcdiag.site import HCOutput, SinkhornSpec, SiteModule
+from hcdiag.site import HCOutput, SinkhornSpec, SiteModule, rms_norm
 
 __all__ = ["DEFAULT_RMS_NORM_EPS", "QWEN4_EXP", "Qwen4ExpSite"]
 
@@ -79,8 +79,7 @@ class Qwen4ExpSite(SiteModule):
         if x.shape[-2:] != (self.n, self.C):
             raise ValueError(f"expected stream input [..., {self.n}, {self.C}], got {list(x.shape)}")
         x = x.to(self.norm.dtype)
-        xn = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.norm_eps)
-        return xn * (1.0 + self.norm.unflatten(-1, (self.n, self.C)))
+        return rms_norm(x, None, self.norm_eps) * (1.0 + self.norm.unflatten(-1, (self.n, self.C)))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel input gate g [..., n, C] (sigmoid of the low-rank mix)."""

@@ -64,7 +64,7 @@ from hcdiag.io.reader import (
 )
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.sinkhorn import has_eps
-from hcdiag.site import HCOutput, LinearRead, SinkhornSpec, SiteEval, SiteModule
+from hcdiag.site import HCOutput, LinearRead, SinkhornSpec, SiteEval, SiteModule, rms_norm
 
 __all__ = [
     "DEFAULT_HC_EPS",
@@ -129,8 +129,7 @@ class _TransformersSiteBase(SiteModule):
         if x.shape[-2:] != (self.n, self.C):
             raise ValueError(f"expected stream input [..., {self.n}, {self.C}], got {list(x.shape)}")
         flat = x.to(self.fn.dtype).flatten(-2)
-        flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
-        return F.linear(flat, self.fn)
+        return F.linear(rms_norm(flat, None, self.norm_eps), self.fn)
 
     def _logits(self, mixes: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         """mixes [..., rows of fn] (:meth:`_mixes`) -> split by ``sizes`` (pre, post[, comb]), each times its

@@ -16,7 +16,7 @@ from torch import nn
 
 from hcdiag.enums import Form
 from hcdiag.errors import UsageError
-from hcdiag.site import HCOutput, SiteModule
+from hcdiag.site import HCOutput, SiteModule, rms_norm
 
 __all__ = [
     "MHCPrePost",
@@ -24,20 +24,9 @@ __all__ = [
     "VariantModule",
     "batched_kron",
     "bvn_matrices",
-    "rms_norm",
 ]
 
 PERTURB_PARTS = ("res", "pre", "post", "dynamic")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * weight over the last dim (mHC Eq. 7's RMSNorm; unweighted if no weight).
-
-    eps = 1e-6 as transformers' DeepSeek-V4 ``rms_norm_eps``; x = 0 maps to 0, so a zero probe leaves the
-    biases alone.
-    """
-    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * weight
 
 
 @functools.lru_cache(maxsize=32)

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from hcdiag.registry import register
-from hcdiag.site import HCOutput
-from hcdiag.variants._common import rms_norm
+from hcdiag.site import HCOutput, rms_norm
 from hcdiag.variants.hc_static import HCBase
 
 
