@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from hyper_connections.manifold_constrained_hyper_connections import ManifoldConstrainedHyperConnections as MHC
 from safetensors.torch import save_file
 
-from cli_runner import run_cli
 from hcdiag.io import lucidrains_layout
 
 INTERNAL = "hcdiag: internal error: KeyError: 'injected'; rerun with HCDIAG_DEBUG=1 for the traceback"

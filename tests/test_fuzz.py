@@ -187,10 +187,12 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     elif op == 3:  # garbage in the data: NaN / Inf / huge floats in HC tensors
         for _ in range(rng.choice([1, 16, 256])):
             at = rng.randrange(8 + n, len(b) - 4)
-            b[at : at + 4] = rng.choice([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\xff\xff\x7f\x7f", b"\xff" * 4])
+            specials = [b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\xff\xff\x7f\x7f", b"\xff" * 4]
+            b[at : at + 4] = rng.choice(specials)
     elif op == 4:  # swap the header for another JSON value
-        return st_join({"__metadata__": rng.choice([[], "x", {"a": 1}, None])}, bytes(b[8 + n :])) if rng.random() < 0.5 \
-            else struct.pack("<Q", 4) + b"[1] " + bytes(b[8 + n :])
+        if rng.random() < 0.5:
+            return st_join({"__metadata__": rng.choice([[], "x", {"a": 1}, None])}, bytes(b[8 + n :]))
+        return struct.pack("<Q", 4) + b"[1] " + bytes(b[8 + n :])
     else:  # append / prepend junk
         return bytes(b) + os.urandom(rng.choice([1, 100])) if rng.random() < 0.5 else b"\x00" * 8 + bytes(b)
     return bytes(b)
@@ -253,7 +255,8 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes:
         elif op == 7:  # a wrapper prefix on one key only
             header["module." + k] = header.pop(k)
         elif op == 8:  # malformed entry
-            header[k] = rng.choice([{}, {"dtype": "F32"}, {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}, [], 1])
+            bad_entries = [{}, {"dtype": "F32"}, {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}, [], 1]
+            header[k] = rng.choice(bad_entries)
         else:  # duplicate a tensor under a new site index
             header[k.replace(".1.", ".63.", 1)] = copy.deepcopy(e)
     return st_join(header, body)
@@ -505,14 +508,20 @@ HOSTILE = {
     "config hc_sinkhorn_iters 10^9": (lambda t: [str(_config_with(t, hc_sinkhorn_iters=10**9))],
                                       "config.json hc_sinkhorn_iters = 1,000,000,000 exceeds hcdiag's limit of 1,000; "
                                       "pass --iters"),
-    "metadata sinkhorn_iters 2^63": (lambda t: [str(_native_with(t, "mhc", {"sinkhorn_iters": str(2**63)}))],
-                                     "metadata sinkhorn_iters = about 10^18 exceeds hcdiag's limit of 1,000; pass --iters"),
-    "layout file iters 10^9": (lambda t: _layout_with(t, sinkhorn__iters=10**9),
-                               "layout file [sinkhorn] iters = 1,000,000,000 exceeds hcdiag's limit of 1,000; pass --iters"),
+    "metadata sinkhorn_iters 2^63": (
+        lambda t: [str(_native_with(t, "mhc", {"sinkhorn_iters": str(2**63)}))],
+        "metadata sinkhorn_iters = about 10^18 exceeds hcdiag's limit of 1,000; pass --iters",
+    ),
+    "layout file iters 10^9": (
+        lambda t: _layout_with(t, sinkhorn__iters=10**9),
+        "layout file [sinkhorn] iters = 1,000,000,000 exceeds hcdiag's limit of 1,000; pass --iters",
+    ),
     "metadata blocks 10^9": (lambda t: [str(_native_with(t, "identity", {"blocks": str(10**9)}))],
                              "metadata blocks = 1,000,000,000 exceeds hcdiag's limit of 8,192"),
-    "site index 10^8": (lambda t: [str(_native_with(t, "mhc", {"blocks": "8"}, ("hc.sites.3.", "hc.sites.100000000.")))],
-                        "the site index of key hc.sites.100000000."),
+    "site index 10^8": (
+        lambda t: [str(_native_with(t, "mhc", {"blocks": "8"}, ("hc.sites.3.", "hc.sites.100000000.")))],
+        "the site index of key hc.sites.100000000.",
+    ),
     "metadata n 30000": (lambda t: [str(_native_with(t, "identity", {"n": "30000"}))],
                          "metadata n (streams) = 30,000 exceeds hcdiag's limit of 256"),
     "layout file n 30000": (lambda t: _layout_with(t, n=30_000), "layout file n (streams) = 30,000 exceeds hcdiag's "

@@ -81,7 +81,8 @@ def _checkpoint(root: Path, names: str) -> tuple[Path, list[EarlierDeepseekV4HC]
             w = _weights(10 * layer + len(ports))
             ports.append(EarlierDeepseekV4HC(w["fn"], w["base"], w["scale"]))
             for part, t in w.items():
-                key = f"model.layers.{layer}.{mod}.hc_{part}" if names == "module" else f"layers.{layer}.hc_{kind}_{part}"
+                module_key = f"model.layers.{layer}.{mod}.hc_{part}"
+                key = module_key if names == "module" else f"layers.{layer}.hc_{kind}_{part}"
                 tensors[key] = t.float().contiguous()
     save_file(tensors, str(root / "model.safetensors"))
     cfg = {"model_type": "deepseek_v4", "hc_mult": N, "hidden_size": C, "num_hidden_layers": LAYERS,
