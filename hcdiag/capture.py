@@ -83,8 +83,9 @@ import functools
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,27 +108,167 @@ DEFAULT_MAX_TOKENS = 4096
 OPTIONAL = {"f": "C", "y": "nC", "h_pre": "n", "h_post": "n", "branch_in": "C", "h_res_module": "nn"}
 
 
-@dataclass(frozen=True)
+class _Reader:
+    """The tensors of one activations file, read on demand through :class:`hcdiag.io.source.SafetensorsSource`
+    (its header parsed once; each read opens the file, copies one tensor out as float32 and closes the file
+    again, so no mapped file pages stay resident between reads)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def read(self, key: str) -> torch.Tensor:
+        from hcdiag.io.source import READABLE_AS_FLOAT
+
+        stored = self.source.info(key).dtype
+        try:
+            t = self.source.get(key, torch.float32 if stored in READABLE_AS_FLOAT else None)
+        finally:
+            self.source.close()
+        return t.float()
+
+
 class CapturedSite:
     """One site of an activations file: x [T, n, C] and h_res [T, n, n] (paper convention), float32, and the
-    optional tensors of :data:`OPTIONAL` (None where the file does not hold them)."""
+    optional tensors of :data:`OPTIONAL` (None where the file does not hold them).
+
+    From :func:`read_activations`, a tensor is read from the file when its attribute (``site.x``, ``site.y``,
+    ...) is accessed, one tensor per access. It stays cached only while a caller still holds it (a weak
+    reference), so going through the sites of a large capture one after another holds one site's tensors at
+    a time. Shapes are known without reading: :meth:`shape`, :meth:`has`, :attr:`tokens`, :attr:`n`, :attr:`C`.
+    Constructed directly, it holds the tensors it is given. Read-only, like the frozen dataclass it replaces.
+    """
+
+    __slots__ = ("name", "module_class", "index", "h_res_from", "library", "library_version", "recorded",
+                 "skipped", "_held", "_keys", "_shapes", "_reader", "_refs")
 
     name: str
-    x: torch.Tensor
-    h_res: torch.Tensor
-    module_class: str = ""
-    index: int = 0
-    f: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    h_pre: torch.Tensor | None = None
-    h_post: torch.Tensor | None = None
-    branch_in: torch.Tensor | None = None
-    h_res_module: torch.Tensor | None = None
-    h_res_from: str = ""
-    library: str = ""
-    library_version: str = ""
-    recorded: dict[str, str] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
+    module_class: str
+    index: int
+    h_res_from: str
+    library: str
+    library_version: str
+    recorded: dict[str, str]
+    skipped: dict[str, str]
+    _held: dict[str, torch.Tensor]
+    _keys: dict[str, tuple[str, tuple[int, ...]]]
+    _shapes: dict[str, tuple[int, ...]]
+    _reader: _Reader | None
+    _refs: dict[str, weakref.ref[torch.Tensor]]
+
+    def __init__(self, name: str, x: torch.Tensor | None = None, h_res: torch.Tensor | None = None,
+                 module_class: str = "", index: int = 0, f: torch.Tensor | None = None,
+                 y: torch.Tensor | None = None, h_pre: torch.Tensor | None = None,
+                 h_post: torch.Tensor | None = None, branch_in: torch.Tensor | None = None,
+                 h_res_module: torch.Tensor | None = None, h_res_from: str = "", library: str = "",
+                 library_version: str = "", recorded: dict[str, str] | None = None,
+                 skipped: dict[str, str] | None = None, *, reader: _Reader | None = None,
+                 keys: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> None:
+        """``reader`` / ``keys`` (:func:`read_activations`): tensor name -> (file key, shape), read lazily
+        through ``reader``; otherwise x and h_res are required and every tensor is held."""
+        given = {"x": x, "h_res": h_res, "f": f, "y": y, "h_pre": h_pre, "h_post": h_post, "branch_in": branch_in,
+                 "h_res_module": h_res_module}
+        held = {k: t for k, t in given.items() if t is not None}
+        lazy = dict(keys or {}) if reader is not None else {}
+        if not {"x", "h_res"} <= set(held) | set(lazy):
+            raise TypeError("CapturedSite needs x and h_res")
+        shapes = {k: tuple(int(d) for d in t.shape) for k, t in held.items()}
+        shapes.update({k: shape for k, (_, shape) in lazy.items() if k not in held})
+        values: dict[str, Any] = {
+            "name": name, "module_class": module_class, "index": index, "h_res_from": h_res_from,
+            "library": library, "library_version": library_version, "recorded": dict(recorded or {}),
+            "skipped": dict(skipped or {}), "_held": held, "_keys": lazy, "_shapes": shapes, "_reader": reader,
+            "_refs": {},
+        }
+        for slot, value in values.items():
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"CapturedSite is read-only (cannot set {name!r})")
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={list(s)}" for k, s in self._shapes.items())
+        return f"CapturedSite({self.name!r}, index={self.index}, {shapes})"
+
+    def has(self, key: str) -> bool:
+        """Whether this site holds tensor ``key`` (``"x"``, ``"h_res"`` or a key of :data:`OPTIONAL`)."""
+        return key in self._shapes
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of tensor ``key``, without reading it; None where the site does not hold it."""
+        return self._shapes.get(key)
+
+    @property
+    def tokens(self) -> int:
+        """T: the tokens recorded for this site."""
+        return self._shapes["x"][0]
+
+    @property
+    def n(self) -> int:
+        return self._shapes["x"][1]
+
+    @property
+    def C(self) -> int:
+        return self._shapes["x"][2]
+
+    def tensor(self, key: str) -> torch.Tensor | None:
+        """Tensor ``key`` as float32, read from the file unless a caller still holds it; None where absent."""
+        held = self._held.get(key)
+        if held is not None:
+            return held
+        if key not in self._keys:
+            return None
+        ref = self._refs.get(key)
+        t = ref() if ref is not None else None
+        if t is None:
+            assert self._reader is not None
+            t = self._reader.read(self._keys[key][0])
+            self._refs[key] = weakref.ref(t)
+        return t
+
+    def _required(self, key: str) -> torch.Tensor:
+        t = self.tensor(key)
+        assert t is not None
+        return t
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Stream input x_l [T, n, C]."""
+        return self._required("x")
+
+    @property
+    def h_res(self) -> torch.Tensor:
+        """H_res used for each token [T, n, n], paper convention."""
+        return self._required("h_res")
+
+    @property
+    def f(self) -> torch.Tensor | None:
+        """Branch output F_l [T, C]."""
+        return self.tensor("f")
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        """Output streams x_{l+1} [T, n, C]."""
+        return self.tensor("y")
+
+    @property
+    def h_pre(self) -> torch.Tensor | None:
+        """H_pre as the module produced it [T, n]."""
+        return self.tensor("h_pre")
+
+    @property
+    def h_post(self) -> torch.Tensor | None:
+        """H_post as the module produced it [T, n]."""
+        return self.tensor("h_post")
+
+    @property
+    def branch_in(self) -> torch.Tensor | None:
+        """The branch input the module produced [T, C]."""
+        return self.tensor("branch_in")
+
+    @property
+    def h_res_module(self) -> torch.Tensor | None:
+        """H_res as the module's own code produced it [T, n, n], where ``h_res`` is a recomputation."""
+        return self.tensor("h_res_module")
 
 
 def _tail(letters: str, n: int, C: int) -> tuple[int, ...]:
@@ -841,72 +982,94 @@ def _str_dict(v: Any) -> dict[str, str]:
     return {str(k): str(w) for k, w in v.items()} if isinstance(v, dict) else {}
 
 
-def _optional(p: str, f: Any, keys: set[str], e: dict, T: int, n: int, C: int) -> dict[str, Any]:
-    """The optional tensors of site ``e`` (:data:`OPTIONAL`) and its informative metadata fields."""
+def _float_dtype(stored: str) -> bool:
+    from hcdiag.io.source import torch_dtype_of
+
+    dt = torch_dtype_of(stored)
+    return dt is not None and dt.is_floating_point
+
+
+def _optional(p: str, src: Any, e: dict, T: int, n: int, C: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The optional tensors of site ``e`` (:data:`OPTIONAL`) that the file holds: name -> (key, shape), checked
+    against the header's shapes and dtypes."""
     i, name = e["index"], e.get("name")
-    out: dict[str, Any] = {}
+    keys = set(src.keys())
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for key, letters in OPTIONAL.items():
         k = f"sites.{i}.{key}"
         if k not in keys:
             continue
-        t = f.get_tensor(k)
+        info = src.info(k)
         want = (T, *_tail(letters, n, C))
-        if tuple(t.shape) != want or not t.is_floating_point():
-            raise _bad(p, f"site {i} ({name}): {k} {tuple(t.shape)} is not a {list(want)} float tensor")
-        out[key] = t.float()
-    out.update(h_res_from=str(e.get("h_res_from", "")), library=str(e.get("library", "")),
-               library_version=str(e.get("library_version", "")), recorded=_str_dict(e.get("recorded")),
-               skipped=_str_dict(e.get("skipped")))
+        if tuple(info.shape) != want or not _float_dtype(info.dtype):
+            raise _bad(p, f"site {i} ({name}): {k} {tuple(info.shape)} is not a {list(want)} float tensor")
+        out[key] = (k, tuple(info.shape))
     return out
+
+
+def _info_fields(e: dict) -> dict[str, Any]:
+    return dict(h_res_from=str(e.get("h_res_from", "")), library=str(e.get("library", "")),
+                library_version=str(e.get("library_version", "")), recorded=_str_dict(e.get("recorded")),
+                skipped=_str_dict(e.get("skipped")))
+
+
+def _open(p: str) -> Any:
+    """The file as a lazy :class:`~hcdiag.io.source.SafetensorsSource` (header parsed and validated against the
+    file size; no tensor read); InputError "cannot read as safetensors" for anything else."""
+    from hcdiag.io.source import SafetensorsSource
+
+    try:
+        return SafetensorsSource(p, [Path(p)])
+    except InputError as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = first.removeprefix(f"{p}: ")[:200]
+        raise _bad(p, f"cannot read as safetensors ({first})") from None
 
 
 def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
     """The sites of an activations file written by :func:`capture`, in file order (index 0, 1, ...).
 
+    Only the file's header and metadata are read here (and checked: format, version, site list, tensor
+    shapes and dtypes); each site's tensors are read when accessed (:class:`CapturedSite`).
+
     Raises InputError for a missing file, a file that is not safetensors, another format or a newer version,
     or tensors / site list that do not fit together.
     """
-    from safetensors import SafetensorError, safe_open
-
     p = str(path)
     if not os.path.isfile(p):
         raise InputError(f"{p}: no such file; record activations with hcdiag.capture.capture()", path=p)
+    src = _open(p)
+    reader = _Reader(src)
+    meta = src.metadata
+    keys = set(src.keys())
+    if meta.get("format") != FORMAT:
+        raise _bad(p, f"not an hcdiag activations file (format={meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise _bad(p, f"activations format version {meta.get('version')!r}; this hcdiag reads {VERSION!r}")
     try:
-        with safe_open(p, framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-            if meta.get("format") != FORMAT:
-                raise _bad(p, f"not an hcdiag activations file (format={meta.get('format')!r}, expected {FORMAT!r})")
-            if meta.get("version") != VERSION:
-                raise _bad(p, f"activations format version {meta.get('version')!r}; this hcdiag reads {VERSION!r}")
-            try:
-                entries = json.loads(meta.get("sites", ""))
-            except ValueError:
-                raise _bad(p, "metadata 'sites' is not JSON") from None
-            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-                raise _bad(p, "metadata 'sites' is not a list of objects")
-            idx = [e.get("index") for e in entries]
-            if sorted(i for i in idx if isinstance(i, int) and not isinstance(i, bool)) != list(range(len(entries))):
-                raise _bad(p, f"site indices {idx} are not 0..{len(entries) - 1}")
-            out = []
-            for e in sorted(entries, key=lambda e: e["index"]):
-                i, name = e["index"], e.get("name")
-                if not isinstance(name, str):
-                    raise _bad(p, f"site {i} has no name")
-                kx, kh = f"sites.{i}.x", f"sites.{i}.h_res"
-                missing = [k for k in (kx, kh) if k not in keys]
-                if missing:
-                    raise _bad(p, f"site {i} ({name}) has no tensor {missing[0]}")
-                x, h = f.get_tensor(kx), f.get_tensor(kh)
-                if (x.ndim != 3 or h.ndim != 3 or x.shape[0] != h.shape[0] or h.shape[1] != h.shape[2]
-                        or h.shape[1] != x.shape[1] or not x.is_floating_point() or not h.is_floating_point()):
-                    raise _bad(p, f"site {i} ({name}): x {tuple(x.shape)} / h_res {tuple(h.shape)} are not "
-                               "[T, n, C] / [T, n, n] float tensors")
-                out.append(CapturedSite(name, x.float(), h.float(), str(e.get("module_class", "")), i,
-                                        **_optional(p, f, keys, e, x.shape[0], x.shape[1], x.shape[2])))
-            return out
-    except InputError:
-        raise
-    except (SafetensorError, OSError, ValueError) as exc:  # damaged or foreign files; anything else is a bug
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise _bad(p, f"cannot read as safetensors ({type(exc).__name__}: {first})") from None
+        entries = json.loads(meta.get("sites", ""))
+    except ValueError:
+        raise _bad(p, "metadata 'sites' is not JSON") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise _bad(p, "metadata 'sites' is not a list of objects")
+    idx = [e.get("index") for e in entries]
+    if sorted(i for i in idx if isinstance(i, int) and not isinstance(i, bool)) != list(range(len(entries))):
+        raise _bad(p, f"site indices {idx} are not 0..{len(entries) - 1}")
+    out = []
+    for e in sorted(entries, key=lambda e: e["index"]):
+        i, name = e["index"], e.get("name")
+        if not isinstance(name, str):
+            raise _bad(p, f"site {i} has no name")
+        kx, kh = f"sites.{i}.x", f"sites.{i}.h_res"
+        missing = [k for k in (kx, kh) if k not in keys]
+        if missing:
+            raise _bad(p, f"site {i} ({name}) has no tensor {missing[0]}")
+        ix, ih = src.info(kx), src.info(kh)
+        xs, hs = tuple(ix.shape), tuple(ih.shape)
+        if (len(xs) != 3 or len(hs) != 3 or xs[0] != hs[0] or hs[1] != hs[2] or hs[1] != xs[1]
+                or not _float_dtype(ix.dtype) or not _float_dtype(ih.dtype)):
+            raise _bad(p, f"site {i} ({name}): x {xs} / h_res {hs} are not [T, n, C] / [T, n, n] float tensors")
+        lazy = {"x": (kx, xs), "h_res": (kh, hs), **_optional(p, src, e, *xs)}
+        out.append(CapturedSite(name, module_class=str(e.get("module_class", "")), index=i, reader=reader,
+                                keys=lazy, **_info_fields(e)))
+    return out

@@ -67,12 +67,14 @@ from hcdiag.model import Site
 from hcdiag.site import LinearRead, SiteEval, SiteModule
 
 __all__ = [
+    "ACTIVATIONS_ENTRY_BYTES",
     "AUTO_MIN_RATIO",
     "DRAWS",
     "ActivationsProbe",
     "ProbeBase",
     "RandomProbe",
     "StaticProbe",
+    "activations_probe_bytes",
     "make_probe",
     "physical_memory_bytes",
     "random_probe_bytes",
@@ -288,7 +290,9 @@ class RandomProbe(ProbeBase):
 
 @dataclass(frozen=True)
 class ActivationsProbe(ProbeBase):
-    """Recorded stream inputs, one [T, n, C] tensor per site (``hcdiag.capture`` file)."""
+    """Recorded stream inputs, one [T, n, C] tensor per site (``hcdiag.capture`` file). The file's header is
+    read once; each site's tensors are read when :meth:`inputs` / :meth:`recorded_h_res` / :meth:`captured`'s
+    attributes ask for them, so one site's inputs are in memory at a time."""
 
     path: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -312,9 +316,13 @@ class ActivationsProbe(ProbeBase):
     @property
     def tokens(self) -> int:
         """Tokens recorded for the first captured site."""
-        return int(self._captured()[0].x.shape[0])
+        return int(self._captured()[0].tokens)
 
-    def prepare(self, sites: list[Site]) -> None:
+    def prepare(self, sites: list[Site], *, entry_bytes: int | None = None) -> None:
+        """Match every site to a captured one (shapes from the file's header; nothing is read), then refuse
+        (InputError, one line) a capture whose analysis would not fit in this machine's memory: see
+        :func:`activations_probe_bytes`; ``entry_bytes``: bytes held per recorded x entry while one site is
+        analysed (default :data:`ACTIVATIONS_ENTRY_BYTES`; ``hcdiag verify`` holds more)."""
         captured = self._captured()
         if len(captured) != len(sites):
             raise UsageError(
@@ -324,6 +332,24 @@ class ActivationsProbe(ProbeBase):
             )
         for site in sites:
             self._match(site)
+        if not sites:
+            return
+        per_entry = ACTIVATIONS_ENTRY_BYTES if entry_bytes is None else int(entry_bytes)
+        need = activations_probe_bytes(sites, self, per_entry)
+        have = physical_memory_bytes()
+        if have is None or need <= have:
+            return
+        widest = max(sites, key=lambda s: self.site_tokens(s) * per_entry * _site_shape(s)[0] * _site_shape(s)[1])
+        T = self.site_tokens(widest)
+        n, C = _site_shape(widest)
+        limit = max(1, T * have // need)
+        raise InputError(
+            f"activations file {self.path}: analysing it needs about {need / 2**30:.1f} GiB (site {widest.name}: "
+            f"{T} tokens of x [n={n}, C={C}] at {per_entry} bytes per entry while it is analysed, plus results of "
+            f"{len(sites)} sites), more than this machine's {have / 2**30:.1f} GiB; capture fewer tokens "
+            f"(hcdiag.capture.capture(..., max_tokens={limit}) or fewer)",
+            path=self.path,
+        )
 
     def _match(self, site: Site) -> Any:
         captured = self._captured()
@@ -338,20 +364,21 @@ class ActivationsProbe(ProbeBase):
                 )
             c = captured[site.index]
         n, C = _site_shape(site)
-        x = c.x
-        if x.ndim != 3 or tuple(x.shape[1:]) != (n, C) or x.shape[0] < 1:
+        shape = tuple(c.shape("x"))  # from the file's header: nothing is read
+        if len(shape) != 3 or shape[1:] != (n, C) or shape[0] < 1:
             raise InputError(
-                f"activations for site {site.name} have shape {tuple(x.shape)}, expected [T, n={n}, C={C}]; "
+                f"activations for site {site.name} have shape {shape}, expected [T, n={n}, C={C}]; "
                 "was the file captured from this model?",
                 path=self.path,
             )
         return c
 
     def inputs(self, site: Site, dtype: DType | str | torch.dtype = DType.FLOAT64) -> torch.Tensor:
+        """x [T, n, C] of ``site`` in ``dtype``, read from the file now (one tensor; not kept here)."""
         return self._match(site).x.to(torch_dtype(dtype))
 
     def site_tokens(self, site: Site) -> int:
-        return int(self._match(site).x.shape[0])
+        return int(self._match(site).tokens)
 
     def captured(self, site: Site) -> Any:
         """The :class:`hcdiag.capture.CapturedSite` recorded for ``site`` (matched as :meth:`prepare` says)."""
@@ -379,6 +406,15 @@ def _input_bytes(site: Site, probe: RandomProbe) -> int:
     return 3 * 8 * n * C
 
 
+def _peak_bytes(sites: list[Site], tokens: Any, input_bytes: Any) -> int:
+    """Peak bytes of an analysis that goes through ``sites`` one after another: the inputs of the widest site
+    (``tokens(site)`` x ``input_bytes(site)`` bytes per token), plus logits and H_res [T, n, n] float64 that
+    every site keeps (2 x 8 bytes per entry per site)."""
+    widest = max(int(tokens(s)) * int(input_bytes(s)) for s in sites)
+    kept = sum(int(tokens(s)) * 2 * 8 * n * n for s, (n, _) in ((s, _site_shape(s)) for s in sites))
+    return widest + kept
+
+
 def random_probe_bytes(tokens: int, sites: list[Site], probe: RandomProbe | None = None) -> int:
     """Peak bytes of a random-probe analysis of ``tokens`` tokens over ``sites``, estimated before any draw;
     ``probe`` says how each site is drawn (default: ``RandomProbe()``, draw ``auto``).
@@ -392,9 +428,22 @@ def random_probe_bytes(tokens: int, sites: list[Site], probe: RandomProbe | None
     """
     use = probe if probe is not None else RandomProbe()
     T = int(tokens)
-    widest = max(_input_bytes(s, use) for s in sites)
-    kept = sum(2 * 8 * n * n for n, _ in (_site_shape(s) for s in sites))
-    return T * (widest + kept)
+    return _peak_bytes(sites, lambda s: T, lambda s: _input_bytes(s, use))
+
+
+#: bytes per recorded x entry while one site is analysed (stochasticity, gain-sweep --from): the float32 x
+#: read from the file (4, and 4 more for its mapped file pages while it is copied out), then as the ``full``
+#: random draw: x in float64, a copy in the compute dtype, the RMSNorm-ed copy (3 x 8)
+ACTIVATIONS_ENTRY_BYTES = 2 * 4 + 3 * 8
+
+
+def activations_probe_bytes(sites: list[Site], probe: ActivationsProbe,
+                            entry_bytes: int = ACTIVATIONS_ENTRY_BYTES) -> int:
+    """Peak bytes of an analysis of the recorded tokens of ``probe`` over ``sites``, from the file's header
+    alone: as :func:`random_probe_bytes`, with each site's recorded token count and ``entry_bytes`` per
+    x entry [n, C] of the widest site."""
+    return _peak_bytes(sites, probe.site_tokens,
+                       lambda s: entry_bytes * _site_shape(s)[0] * _site_shape(s)[1])
 
 
 def physical_memory_bytes() -> int | None:

@@ -61,6 +61,7 @@ of the best family that do. All Sinkhorn sites of one shape are fingerprinted to
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ __all__ = [
 TOL_FACTOR = 64
 TOLERANCE = TOL_FACTOR * torch.finfo(torch.float32).eps  # 7.6e-6
 MAX_ITERS = 100  # iteration counts the fingerprint and the iterations diagnosis try: 1..MAX_ITERS
+#: bytes per recorded x entry [n, C] that checking one site holds (the memory bound of
+#: :meth:`hcdiag.probes.ActivationsProbe.prepare`): x and x_{l+1} in float64 (2 x 8), the predicted update
+#: H_res x + H_post^T F, its two terms and the difference it is compared by (at most 3 x 8 at a time), and
+#: F / branch input [T, C] in float64 with the float32 reads (at most 8)
+VERIFY_ENTRY_BYTES = 6 * 8
 FINGERPRINT_TOKENS = 64  # tokens (evenly spread over the recording) the fingerprint compares on
 
 _F64 = torch.float64
@@ -656,14 +662,17 @@ def _fingerprint_all(pending: list[_Pending], tol: float, K: int) -> None:
             p.fingerprint, p.table = fp, table
 
 
-def _finish_site(p: _Pending, x: torch.Tensor, tol: float) -> SiteVerification:
-    """Phase 3: the diagnoses of a site that does not conform (its tensors are read again: nothing of the size
-    of the recording is kept across sites)."""
+def _finish_site(p: _Pending, read_x: Callable[[], torch.Tensor], tol: float) -> SiteVerification:
+    """Phase 3: the diagnoses of a site that does not conform (its tensors are read again, ``read_x()`` giving the
+    stream input in float64: nothing of the size of the recording is kept across sites; a conforming site reads
+    nothing)."""
     site, captured = p.site, p.captured
     diags: list[Diagnosis] = []
     diagnosis = None
     also: tuple[str, ...] = ()
+    T, n, C = (int(d) for d in captured.shape("x"))
     if p.failing:
+        x = read_x()
         d = _data(site, captured, x)
         eps = float(getattr(site.module, "hc_eps", TRANSFORMERS_DEFAULT_EPS))
         if "update (model)" in p.failing:
@@ -680,7 +689,7 @@ def _finish_site(p: _Pending, x: torch.Tensor, tol: float) -> SiteVerification:
     return SiteVerification(
         index=site.index, name=site.name, captured_name=captured.name, variant=site.variant,
         module_class=captured.module_class, library=f"{captured.library} {captured.library_version}".strip(),
-        tokens=int(x.shape[0]), n=int(x.shape[1]), C=int(x.shape[2]), conforms=not p.failing, checks=p.checks,
+        tokens=T, n=n, C=C, conforms=not p.failing, checks=p.checks,
         skipped=p.skipped, failing=p.failing, diagnoses=tuple(diags), diagnosis=diagnosis, also_explained_by=also,
         fingerprint=p.fingerprint, fingerprint_skipped=p.fp_skipped,
     )
@@ -762,12 +771,13 @@ def verify(
         model = load(str(model), layout=layout, options=options or LoadOptions())
     probe = make_probe(Probe.ACTIVATIONS, activations=str(activations))
     assert isinstance(probe, ActivationsProbe)
-    probe.prepare(model.sites)
+    probe.prepare(model.sites, entry_bytes=VERIFY_ENTRY_BYTES)
     tol = float(tol)
+    # one site's tensors at a time: the captured sites read each tensor from the file when asked for it
     pending = [_check_site(site, probe.captured(site), probe.inputs(site, _F64), tol=tol, fingerprint=fingerprint,
                            fingerprint_tokens=fingerprint_tokens) for site in model.sites]
     _fingerprint_all(pending, tol, max_iters)
-    sites = [_finish_site(p, probe.inputs(p.site, _F64), tol) for p in pending]
+    sites = [_finish_site(p, functools.partial(probe.inputs, p.site, _F64), tol) for p in pending]
     notes = []
     libs = sorted({s.library for s in sites if s.library})
     if libs:
