@@ -344,9 +344,9 @@ class ActivationsProbe(ProbeBase):
         n, C = _site_shape(widest)
         limit = max(1, T * have // need)
         raise InputError(
-            f"activations file {self.path}: analysing it needs about {need / 2**30:.1f} GiB (site {widest.name}: "
+            f"activations file {self.path}: analysing it needs about {_size(need)} (site {widest.name}: "
             f"{T} tokens of x [n={n}, C={C}] at {per_entry} bytes per entry while it is analysed, plus results of "
-            f"{len(sites)} sites), more than this machine's {have / 2**30:.1f} GiB; capture fewer tokens "
+            f"{len(sites)} sites), more than this machine's {_size(have)}; capture fewer tokens "
             f"(hcdiag.capture.capture(..., max_tokens={limit}) or fewer)",
             path=self.path,
         )
@@ -393,6 +393,13 @@ class ActivationsProbe(ProbeBase):
 
     def to_dict(self, sites: list[Site] | None = None) -> dict[str, Any]:
         return {"kind": self.kind.value, "path": self.path, "tokens": self.tokens}
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _input_bytes(site: Site, probe: RandomProbe) -> int:
