@@ -109,21 +109,28 @@ OPTIONAL = {"f": "C", "y": "nC", "h_pre": "n", "h_post": "n", "branch_in": "C", 
 
 
 class _Reader:
-    """The tensors of one activations file, read on demand through :class:`hcdiag.io.source.SafetensorsSource`
-    (its header parsed once; each read opens the file, copies one tensor out as float32 and closes the file
-    again, so no mapped file pages stay resident between reads)."""
+    """The tensors of one activations file, read on demand. The header was parsed and checked once by
+    :class:`hcdiag.io.source.SafetensorsSource` (``source``); each read opens the file with safetensors'
+    ``safe_open`` and takes one tensor, which (stored as float32) stays backed by the file's pages, mapped
+    privately: nothing is copied, the pages are faulted in as the tensor is used, and the mapping goes when the
+    last reference to the tensor does. ``bytes_read``: the bytes of the tensors handed out (each read counts)."""
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, path: str, source: Any) -> None:
+        self.path = path
         self.source = source
+        self.bytes_read = 0
 
     def read(self, key: str) -> torch.Tensor:
-        from hcdiag.io.source import READABLE_AS_FLOAT
+        from safetensors import safe_open
 
-        stored = self.source.info(key).dtype
         try:
-            t = self.source.get(key, torch.float32 if stored in READABLE_AS_FLOAT else None)
-        finally:
-            self.source.close()
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        except Exception as exc:  # SafetensorError, OSError: the file changed or is damaged past its header
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"{self.path}: cannot read tensor {key!r} ({type(exc).__name__}: {first}); the file "
+                             "may be damaged", path=self.path) from None
+        self.bytes_read += t.numel() * t.element_size()
         return t.float()
 
 
@@ -1016,14 +1023,15 @@ def _info_fields(e: dict) -> dict[str, Any]:
 def _open(p: str) -> Any:
     """The file as a lazy :class:`~hcdiag.io.source.SafetensorsSource` (header parsed and validated against the
     file size; no tensor read); InputError "cannot read as safetensors" for anything else."""
-    from hcdiag.io.source import SafetensorsSource
+    from hcdiag.io.source import NOT_A_CHECKPOINT, SafetensorsSource
 
     try:
         return SafetensorsSource(p, [Path(p)])
     except InputError as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        first = first.removeprefix(f"{p}: ")[:200]
-        raise _bad(p, f"cannot read as safetensors ({first})") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0].removeprefix(f"{p}: ")
+        if first.startswith(f"{NOT_A_CHECKPOINT} (") and first.endswith(")"):
+            first = first[len(NOT_A_CHECKPOINT) + 2 : -1]  # the reason alone
+        raise _bad(p, f"cannot read as safetensors ({first[:200]})") from None
 
 
 def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
@@ -1039,7 +1047,7 @@ def read_activations(path: str | os.PathLike[str]) -> list[CapturedSite]:
     if not os.path.isfile(p):
         raise InputError(f"{p}: no such file; record activations with hcdiag.capture.capture()", path=p)
     src = _open(p)
-    reader = _Reader(src)
+    reader = _Reader(p, src)
     meta = src.metadata
     keys = set(src.keys())
     if meta.get("format") != FORMAT:

@@ -48,7 +48,10 @@ x' = RMSNorm(vec(x)) (mHC Eq. 7), so its doubly-stochastic error and gain depend
     Recorded stream inputs per site (:func:`hcdiag.capture.read_activations`: ``sites.{i}.x`` [T, n, C] and
     the model's own ``sites.{i}.h_res`` [T, n, n]). Captured sites are matched to the model's sites by name
     when every model site name is present in the file, else by order; the counts must agree. All recorded
-    tokens are used (``tokens`` applies to the random probe only).
+    tokens are used (``tokens`` applies to the random probe only). Only the file's header is read up front;
+    each site's tensors are read when that site is analysed, so one site's inputs are in memory at a time. A
+    capture whose per-site working set would not fit in this machine's memory is refused before any tensor is
+    read (InputError, one line: :func:`activations_probe_bytes`; capture fewer tokens with ``max_tokens``).
 """
 
 from __future__ import annotations
@@ -439,8 +442,8 @@ def random_probe_bytes(tokens: int, sites: list[Site], probe: RandomProbe | None
 
 
 #: bytes per recorded x entry while one site is analysed (stochasticity, gain-sweep --from): the float32 x
-#: read from the file (4, and 4 more for its mapped file pages while it is copied out), then as the ``full``
-#: random draw: x in float64, a copy in the compute dtype, the RMSNorm-ed copy (3 x 8)
+#: as read from the file (4, its mapped pages; 4 more where it is stored in another dtype and converted), then
+#: as the ``full`` random draw: x in float64, a copy in the compute dtype, the RMSNorm-ed copy (3 x 8)
 ACTIVATIONS_ENTRY_BYTES = 2 * 4 + 3 * 8
 
 

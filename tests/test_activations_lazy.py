@@ -83,13 +83,13 @@ def test_header_only_until_a_tensor_is_asked_for(case, monkeypatch) -> None:
     probe.prepare(model.sites)
     assert probe.tokens == 6 and [probe.site_tokens(s) for s in model.sites] == [6] * len(model.sites)
     assert reads.keys == []  # header and metadata only
-    source = sites[0]._reader.source  # the lazy SafetensorsSource: its own count agrees
-    assert source.bytes_read == 0 and source.header_bytes > 0
+    reader = sites[0]._reader  # the file's reader: its own count agrees
+    assert reader.bytes_read == 0 and reader.source.header_bytes > 0
 
     site = sites[1]
     assert site.shape("x") == (6, 4, 32) and (site.tokens, site.n, site.C) == (6, 4, 32)
     x = site.x
-    assert reads.keys == ["sites.1.x"] and reads.bytes == 6 * 4 * 32 * 4 == source.bytes_read
+    assert reads.keys == ["sites.1.x"] and reads.bytes == 6 * 4 * 32 * 4 == reader.bytes_read
     assert site.x is x and reads.keys == ["sites.1.x"]  # held by the caller: not read again
     ref = weakref.ref(x)
     del x
