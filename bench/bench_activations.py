@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_production import C, N, write_checkpoint  # noqa: E402  (bench/ is not a package)
+from bench_production import C, N, peak_rss, write_checkpoint  # noqa: E402  (bench/ is not a package)
 
 EPS = 1e-6
 
@@ -97,16 +97,6 @@ def _floor(ckpt: Path, acts: Path) -> tuple[float, float]:
     return read, proj
 
 
-def _hwm() -> int:
-    """This process's own peak RSS in bytes since it started (VmHWM): unlike ``ru_maxrss``, which Linux keeps
-    across fork + exec, so a spawned child's ru_maxrss is at least its parent's RSS at the fork."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _writer(ckpt: str, acts: str, tokens: int, out: mp.Queue) -> None:
     out.put(write_activations(Path(ckpt), Path(acts), tokens))
 
@@ -125,7 +115,7 @@ def _child(ckpt: str, acts: str, out: mp.Queue) -> None:
             code = exc.code if isinstance(exc.code, int) else 1
     total = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; before the floor
-    hwm = _hwm()
+    hwm = peak_rss()
     sites = len(json.loads(buf.getvalue())["sites"]) if code == 0 else 0
     read, proj = _floor(Path(ckpt), Path(acts))
     out.put(dict(code=code, sites=sites, total=total, rss=rss, hwm=hwm, read=read, proj=proj))

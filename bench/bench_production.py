@@ -13,7 +13,8 @@ For each token count, in a fresh child process (so that its peak RSS is its own;
   * draw: the probe's random numbers alone for every site, timed separately (part of total): numpy PCG64 float64
     x [T, n, C] for ``--draw full``; g [T, k], chi^2 [T] and the QR of fn for ``--draw projected`` (``auto``
     picks projected for this shape: nC = 16384 >= 32 k = 768);
-  * peak RSS of the child (resource.getrusage, ru_maxrss) and the probe's memory estimate (hcdiag.probes).
+  * peak RSS of the child (VmHWM, its own: ru_maxrss would include the parent's RSS at the fork) and the
+    probe's memory estimate (hcdiag.probes).
 Printed: total / floor, the time per 1,000 tokens (linear in tokens when it stays flat), and the peak RSS growth
 per 1,000 tokens between the smallest and the largest count.
 
@@ -35,7 +36,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -64,6 +64,16 @@ def write_checkpoint(directory: Path, layers: int) -> None:
     cfg = dict(model_type="deepseek_v4", num_hidden_layers=layers, hidden_size=C, hc_mult=N,
                hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6)
     (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def peak_rss() -> int:
+    """This process's own peak RSS in bytes since it started (VmHWM): unlike ``ru_maxrss``, which Linux keeps
+    across fork + exec, so a spawned child's ru_maxrss is at least its parent's RSS at the fork."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _floor(directory: Path, tokens: int) -> tuple[float, float]:
@@ -106,7 +116,7 @@ def _child(directory: str, tokens: int, draw: str, out: mp.Queue) -> None:
     report = analyze_stochasticity(model, probe=probe)
     total = time.perf_counter() - t0
     assert len(report.sites) == len(model.sites)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; before the floor's own x
+    rss = peak_rss()  # before the floor's own x
     read, proj = _floor(d, tokens)
     out.put(dict(tokens=tokens, sites=len(model.sites), read=read, proj=proj, load=t_load, total=total,
                  draw=_draw_seconds(probe, model.sites), rss=rss,
