@@ -61,6 +61,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             metrics = mon.step(0)
             Path(out, f"{wrap}-{rank}.json").write_text(json.dumps({"metrics": metrics, "keys": mon.gathered_keys}))
             mon.close()
+        dist.barrier()  # both ranks done with every collective before either tears gloo down
     finally:
         dist.destroy_process_group()
 
@@ -68,7 +69,15 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)  # one spawn for both wrappers
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)  # one spawn for both wrappers
+    except mp.ProcessExitedException as exc:
+        # a rank killed by a signal (seen once in a full run: gloo's "terminate called without an active
+        # exception", SIGABRT) is the runtime, not Monitor: spawn once more on a fresh port. An exception raised
+        # in a rank (ProcessRaisedException) is not caught and fails the test.
+        if exc.signal_name is None:
+            raise
+        mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 
