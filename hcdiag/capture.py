@@ -121,12 +121,13 @@ class _Reader:
         self.bytes_read = 0
 
     def read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(self.path, framework="pt", device="cpu") as f:
                 t = f.get_tensor(key)
-        except Exception as exc:  # SafetensorError, OSError: the file changed or is damaged past its header
+        except (SafetensorError, OSError) as exc:  # the file changed or is damaged past its header; anything
+            # else is hcdiag's own bug and reaches the CLI as an internal error (exit 4)
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise InputError(f"{self.path}: cannot read tensor {key!r} ({type(exc).__name__}: {first}); the file "
                              "may be damaged", path=self.path) from None
