@@ -250,9 +250,9 @@ class RandomProbe(ProbeBase):
         limit = max(1, have // per_token)
         n, C = max((_site_shape(s) for s in sites), key=lambda nc: nc[0] * nc[1])
         raise UsageError(
-            f"--tokens {self.tokens} needs about {need / 2**30:.1f} GiB ({per_token / 1024:.0f} KiB per token: "
+            f"--tokens {self.tokens} needs about {_size(need)} ({_size(per_token)} per token: "
             f"the inputs of the widest site (n={n}, C={C}; {self._draws_text(sites)}), plus results of "
-            f"{len(sites)} sites), more than this machine's {have / 2**30:.1f} GiB; use --tokens {limit} or fewer",
+            f"{len(sites)} sites), more than this machine's {_size(have)}; use --tokens {limit} or fewer",
             "--tokens",
         )
 
