@@ -22,8 +22,9 @@ from hcdiag.enums import Exactness
 from hcdiag.errors import InputError
 from hcdiag.io.base import LoadOptions
 from hcdiag.io.lucidrains_layout import LUCIDRAINS
-from hcdiag.io.nanogpt_layout import NANOGPT, build_ref_site, plan_ref_site, tbp_chart
+from hcdiag.io.nanogpt_layout import NANOGPT, build_ref_site, plan_ref_site
 from hcdiag.io.source import open_source
+from hcdiag.variants import tbp_chart
 
 TOL = 1e-5
 

@@ -41,7 +41,8 @@ Forward math, per token (code orientation alpha[input, output]; paper H_res = al
         mHC-lite: alpha_res = sum_k softmax(c)_k P_k, P_k = eye[perm_k] (itertools order),
                   so H_res = sum_k a_k P_k^T
         KromHC:   alpha_res = U_0 (x) U_1 (x) ... (factor 0 leftmost), 2x2 U_k = [[p, 1-p], [1-p, p]],
-                  p = softmax(c[2k:2k+2])_0  (symmetric, so H_res = alpha_res)
+                  p = softmax(c[2k:2k+2])_0  (symmetric, so H_res = alpha_res); computed here as every
+                  factor is, sum_j softmax(c)_j Q_j, whose 1 - p entry is softmax(c)_1 (equal up to rounding)
     H_post = 2 sigmoid(h_post_scale * (x' @ dynamic_beta_fn) + static_beta)
 
 The variant is told apart by shapes. Ambiguous cases are settled by ``hyper_conn_type`` from
@@ -55,7 +56,6 @@ override).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -83,11 +83,13 @@ from hcdiag.io.reader import (
 )
 from hcdiag.model import LoadedModel, Site
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule, l2_rms_norm
+from hcdiag.variants import tbp_chart, tbp_smooth
+from hcdiag.variants._common import batched_kron
+from hcdiag.variants.mhc_lite import bvn_combination
 
-__all__ = ["NANOGPT", "RefPlan", "RefSite", "build_ref_site", "kromhc_factors", "plan_ref_site", "tbp_chart"]
+__all__ = ["NANOGPT", "RefPlan", "RefSite", "build_ref_site", "factorize_into_twos", "plan_ref_site"]
 
 DEFAULT_ITERS = 20  # mhc.py sinkhorn_iters default
-TBP_EPS = 1e-7  # transportation_birkhoff's clamp on the feasible-interval width
 MAX_LITE_N = 8  # mHC-lite beyond this needs n! >= 362,880 permutation matrices: nothing trained exists
 _COMMON = {
     "static_alpha",
@@ -115,57 +117,19 @@ _TYPES: dict[str, str | None] = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# H_res constructions (reference math, code orientation)
+# H_res constructions: the variants' own (hcdiag.variants), which follow the same reference code
 
 
-def kromhc_factors(n: int) -> list[int]:
-    """KromHC's ``factorize_into_twos``: all factors 2, then the odd remainder (> 1) if any; [] for n = 1."""
+def factorize_into_twos(n: int) -> tuple[int, ...]:
+    """KromHC's ``factorize_into_twos``: all factors 2, then the odd remainder (> 1) if any; () for n = 1.
+    (Not hcdiag's default KromHC factors, the prime factorisation: they differ for odd n with several primes.)"""
     out = []
     while n % 2 == 0 and n > 1:
         out.append(2)
         n //= 2
     if n > 1:
         out.append(n)
-    return out
-
-
-def _perm_mats(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[k!, k, k] with P[j][i, perm_j[i]] = 1 (``eye[index]``), itertools.permutations order."""
-    idx = torch.tensor(list(itertools.permutations(range(k))), dtype=torch.long, device=device)
-    return torch.eye(k, dtype=dtype, device=device)[idx]
-
-
-def tbp_chart(t: torch.Tensor, eps: float = TBP_EPS) -> torch.Tensor:
-    """``transportation_birkhoff`` without smoothing: t [..., n-1, n-1] (code orientation) -> X [..., n, n].
-
-    Row-major over the block: L = max(0, r_i - sum_{j'>j} c_j', c_j - sum_{i'>i} r_i'), U = min(r_i, c_j),
-    X_ij = L + max(U - L, eps) sigmoid(t_ij); r_i -= X_ij, c_j -= X_ij; last column / row take the remainders.
-    """
-    n = t.shape[-1] + 1
-    lead = t.shape[:-2]
-    r = torch.ones(*lead, n, dtype=t.dtype, device=t.device)
-    c = torch.ones(*lead, n, dtype=t.dtype, device=t.device)
-    rows = []
-    for i in range(n - 1):
-        entries = []
-        ri = r[..., i]
-        for j in range(n - 1):
-            cj = c[..., j]
-            lo = torch.clamp(torch.maximum(ri - c[..., j + 1 :].sum(-1), cj - r[..., i + 1 :].sum(-1)), min=0)
-            hi = torch.minimum(ri, cj)
-            xij = lo + (hi - lo).clamp_min(eps) * torch.sigmoid(t[..., i, j])
-            entries.append(xij)
-            ri = ri - xij
-            c = c.clone()
-            c[..., j] = cj - xij
-        entries.append(ri)
-        c = c.clone()
-        c[..., n - 1] = c[..., n - 1] - ri
-        r = r.clone()
-        r[..., i] = 0
-        rows.append(torch.stack(entries, dim=-1))
-    rows.append(c)
-    return torch.stack(rows, dim=-2)
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,7 +174,7 @@ class RefSite(SiteModule):
         for name, value in t.items():
             setattr(self, name, nn.Parameter(value.reshape(SCALAR_SHAPES[name]) if name in SCALAR_SHAPES else value))
         self.has_beta = "static_beta" in t
-        self.factors = kromhc_factors(n) if variant == "kromhc" else []
+        self.factors = list(factorize_into_twos(n)) if variant == "kromhc" else []
         if variant == "mhc":
             self.exactness, self.sinkhorn = Exactness.SINKHORN, spec
         else:
@@ -240,37 +204,25 @@ class RefSite(SiteModule):
         pre = pre_s * w[..., : v * n] + static[: v * n]
         return pre.reshape(*pre.shape[:-1], n, v), res_s * w[..., v * n :] + static[v * n :]
 
-    def _code_res(self, logits: torch.Tensor) -> torch.Tensor:
-        """alpha_res (code orientation) from the reference's logits (code [..., n, n] or weights [..., R])."""
-        n, dt = self.n, logits.dtype
+    def _paper_res(self, logits: torch.Tensor) -> torch.Tensor:
+        """Paper H_res from the reference's non-Sinkhorn logits: TBP code [..., n, n] (the chart of the
+        code-orientation block, transposed), mHC-lite / KromHC weights logits [..., R]."""
+        n = self.n
         if self.variant_name == "tbp":
             X = tbp_chart(logits[..., : n - 1, : n - 1])
             if self.delta_logit is not None:
-                d = torch.sigmoid(self.delta_logit.to(dt))
-                X = (1 - d) * X + d * (1.0 / n)
-            return X
+                X = tbp_smooth(X, self.delta_logit.to(logits.dtype))
+            return X.transpose(-1, -2)
         if self.variant_name == "mhc-lite":
-            return torch.einsum("...r,rij->...ij", torch.softmax(logits, dim=-1), _perm_mats(n, dt, logits.device))
-        # KromHC: factor matrices, Kronecker product left to right (factor 0 leftmost)
-        mats, at = [], 0
-        for k in self.factors:
-            width = math.factorial(k)
-            c = logits[..., at : at + width]
-            at += width
-            wts = torch.softmax(c, dim=-1)
-            if k == 2:
-                p = wts[..., 0]
-                q = 1.0 - p  # the reference builds [[p, 1-p], [1-p, p]] from p alone
-                mats.append(torch.stack([torch.stack([p, q], -1), torch.stack([q, p], -1)], -2))
-            else:
-                mats.append(torch.einsum("...r,rij->...ij", wts, _perm_mats(k, dt, logits.device)))
+            return bvn_combination(torch.softmax(logits, dim=-1), n)
+        # KromHC: (U_0 (x) U_1 (x) ...)^T = U_0^T (x) U_1^T (x) ..., factor 0 leftmost
+        chunks = logits.split([math.factorial(k) for k in self.factors], dim=-1)
+        mats = [bvn_combination(torch.softmax(c, dim=-1), k) for c, k in zip(chunks, self.factors, strict=True)]
         if not mats:
-            return torch.ones(*logits.shape[:-1], 1, 1, dtype=dt, device=logits.device)
+            return torch.ones(*logits.shape[:-1], 1, 1, dtype=logits.dtype, device=logits.device)
         out = mats[0]
         for m in mats[1:]:
-            a, b = out.shape[-2:]
-            c_, d_ = m.shape[-2:]
-            out = (out[..., :, None, :, None] * m[..., None, :, None, :]).reshape(*out.shape[:-2], a * c_, b * d_)
+            out = batched_kron(out, m)
         return out
 
     def forward(self, x: torch.Tensor) -> HCOutput:
@@ -282,7 +234,7 @@ class RefSite(SiteModule):
         if self.variant_name == "mhc":
             res = self.res_from_logits(res_logits.transpose(-1, -2))
         else:
-            res = self._code_res(res_logits).transpose(-1, -2)
+            res = self._paper_res(res_logits)
         if self.has_beta:
             beta = normed @ self._p("dynamic_beta_fn", dt)
             post = 2 * torch.sigmoid(beta * self._p("h_post_scale", dt) + self._p("static_beta", dt))
@@ -311,8 +263,8 @@ class RefSite(SiteModule):
             n = self.n
             code = torch.zeros(*logits.shape[:-2], n, n, dtype=logits.dtype, device=logits.device)
             code[..., : n - 1, : n - 1] = logits.transpose(-1, -2)
-            return self._code_res(code).transpose(-1, -2)
-        return self._code_res(logits).transpose(-1, -2)
+            return self._paper_res(code)
+        return self._paper_res(logits)
 
     def extra_repr(self) -> str:
         extra = f", factors={self.factors}" if self.factors else ""
@@ -347,7 +299,7 @@ def _lite_krom_candidates(L: int, n_hint: int | None) -> list[tuple[str, int, in
     for n in ns:
         for variant, R in (
             ("mhc-lite", math.factorial(n)),
-            ("kromhc", sum(math.factorial(k) for k in kromhc_factors(n))),
+            ("kromhc", sum(math.factorial(k) for k in factorize_into_twos(n))),
         ):
             if L > R and (L - R) % n == 0:
                 out.append((variant, n, (L - R) // n))
