@@ -605,32 +605,18 @@ def _int_opt(value: object, option: str, minimum: int) -> int:
 
 
 def _convention(convention: Convention | str | None) -> Convention | None:
-    if convention is None:
-        return None
-    try:
-        return Convention(str(convention.value if isinstance(convention, Convention) else convention).lower())
-    except ValueError:
-        known = ", ".join(c.value for c in Convention)
-        raise UsageError(
-            f"--convention {convention!r} is unknown; choose one of: {known}", option="--convention"
-        ) from None
+    from hcdiag.sinkhorn import parse_convention
+
+    return None if convention is None else parse_convention(convention, option="--convention")
 
 
 def _sinkhorn_override(base: SinkhornSpec | None, iters: int | None, conv: Convention | None) -> SinkhornSpec | None:
-    """The spec a Sinkhorn site projects with: its own, with --iters / --convention replacing fields."""
+    """The spec a Sinkhorn site projects with (None for a site without Sinkhorn): :func:`effective_spec`."""
     if base is None:
         return None
-    if iters is None and conv is None:
-        return base
-    new_conv = conv if conv is not None else Convention(base.convention)
-    if new_conv == Convention(base.convention):
-        eps = base.eps
-    else:
-        from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, has_eps
+    from hcdiag.sinkhorn import effective_spec
 
-        # the transformers conventions include DeepSeek-V4's hc_eps; the others have none
-        eps = TRANSFORMERS_DEFAULT_EPS if has_eps(new_conv) else 0.0
-    return SinkhornSpec(new_conv, iters if iters is not None else base.iters, eps=eps, source="cli")
+    return effective_spec(base, iters=iters, convention=conv)[0]
 
 
 def _spec_dict(spec: SinkhornSpec | None) -> dict[str, Any] | None:

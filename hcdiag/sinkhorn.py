@@ -42,7 +42,10 @@ __all__ = [
     "TRANSFORMERS_DEFAULT_EPS",
     "ItersToTol",
     "SinkhornResult",
+    "PAPER_DEFAULT",
     "check_finite",
+    "default_eps",
+    "effective_spec",
     "eps_floor",
     "exact_axis",
     "has_eps",
@@ -57,6 +60,8 @@ __all__ = [
 #: ``hc_eps`` of DeepSeek-V4 / GLM-5-Next configs (transformers 5.2x). ``sinkhorn(..., eps=0.0)`` does NOT
 #: apply it: pass the model's value (``SinkhornSpec.eps``) to reproduce the model.
 TRANSFORMERS_DEFAULT_EPS = 1.0e-6
+#: what a site without Sinkhorn settings of its own is projected with: mHC Eq. 9, t_max = 20
+PAPER_DEFAULT = SinkhornSpec(Convention.PAPER, 20, 0.0, "default")
 
 # lucidrains' l1norm is F.normalize(p=1), whose denominator is clamped at this value (torch default).
 _L1_CLAMP = 1e-12
@@ -188,8 +193,8 @@ _CONVENTIONS: dict[Convention, _Impl] = {
 # Validation helpers
 
 
-def parse_convention(convention: Convention | str) -> Convention:
-    """The :class:`Convention` named by ``convention``; UsageError(option="convention") if there is none."""
+def parse_convention(convention: Convention | str, option: str = "convention") -> Convention:
+    """The :class:`Convention` named by ``convention``; UsageError naming ``option`` if there is none."""
     if isinstance(convention, Convention):
         return convention
     try:
@@ -197,7 +202,7 @@ def parse_convention(convention: Convention | str) -> Convention:
     except ValueError:
         names = ", ".join(c.value for c in Convention)
         raise UsageError(
-            f"unknown Sinkhorn convention {convention!r}; choose one of: {names}", option="convention"
+            f"unknown Sinkhorn convention {convention!r}; choose one of: {names}", option=option
         ) from None
 
 
@@ -749,6 +754,63 @@ def _reference_sinkhorn(
 def project(logits: torch.Tensor, spec: SinkhornSpec) -> torch.Tensor:
     """H_res [..., n, n] (paper orientation) from paper-orientation logits [..., n, n] as ``spec`` says."""
     return sinkhorn(logits, spec.convention, spec.iters, eps=spec.eps).matrix
+
+
+def effective_spec(
+    module_spec: SinkhornSpec | None,
+    *,
+    iters: int | None = None,
+    convention: Convention | str | None = None,
+    eps: float | None = None,
+    sources: dict[str, str] | None = None,
+    option: str = "convention",
+) -> tuple[SinkhornSpec, dict[str, str]]:
+    """The Sinkhorn spec a site is analysed with, and where each setting came from.
+
+    Precedence: CLI override (``iters`` / ``convention`` / ``eps``, source "cli") > the site's spec as loaded
+    (its ``source``: "metadata", "config", ... ) > the paper default (``paper``, 20 iterations, source
+    "default"). eps: the site's own eps when the convention is the site's own; switching to ``transformers``
+    uses DeepSeek-V4's hc_eps 1e-6; switching to any other convention uses 0 (they have no eps): see
+    :func:`default_eps`. ``option``: the name a bad ``convention`` is refused under.
+    ``sources``: the loader's per-setting sources (``LoadedModel.settings_source``), used where the site's
+    spec carries one source for all settings.
+    Returns (spec, {"convention": source, "iters": source, "eps": source}); the spec's own ``source`` is "cli"
+    when an option replaced any setting, else the loaded spec's. The one place every command (stochasticity,
+    gain-sweep --from, verify) turns a site's spec and the options into the spec it projects with.
+    """
+    base = module_spec if module_spec is not None else PAPER_DEFAULT
+    known = dict(sources or {}) if module_spec is not None else {}
+
+    def base_src(key: str) -> str:
+        return str(known.get(key, base.source))
+
+    base_conv = parse_convention(base.convention)
+    conv = parse_convention(convention, option) if convention is not None else base_conv
+    conv_src = "cli" if convention is not None else base_src("convention")
+    if iters is not None:
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise UsageError(f"--iters must be an integer >= 1, got {iters!r}", option="--iters")
+        it, it_src = iters, "cli"
+    else:
+        it, it_src = int(base.iters), base_src("iters")
+    if eps is not None:
+        e, e_src = float(eps), "cli"
+    elif conv is base_conv:
+        e, e_src = float(base.eps), base_src("eps")
+    else:
+        e, e_src = default_eps(conv)
+    sources_used = {"convention": conv_src, "iters": it_src, "eps": e_src}
+    if "cli" not in (conv_src, it_src, e_src):
+        return SinkhornSpec(conv, it, e, base.source), sources_used
+    return SinkhornSpec(conv, it, e, "cli"), sources_used
+
+
+def default_eps(convention: Convention | str) -> tuple[float, str]:
+    """(eps, source) of a convention whose eps nobody stated: DeepSeek-V4's hc_eps for the conventions that
+    have one (:func:`has_eps`), else 0."""
+    if has_eps(convention):
+        return TRANSFORMERS_DEFAULT_EPS, "default (transformers hc_eps)"
+    return 0.0, "default"
 
 
 def has_eps(convention: Convention | str) -> bool:

@@ -46,9 +46,8 @@ from hcdiag.metrics import (
 from hcdiag.model import LoadedModel, Site
 from hcdiag.probes import ProbeBase, make_probe, torch_dtype
 from hcdiag.sinkhorn import (
-    TRANSFORMERS_DEFAULT_EPS,
+    effective_spec,
     exact_axis,
-    has_eps,
     iters_to_tol_detail,
     parse_convention,
     sinkhorn,
@@ -67,7 +66,6 @@ __all__ = [
     "StochasticitySummary",
     "analyze_matrices",
     "analyze_stochasticity",
-    "effective_spec",
     "rounding_bound",
 ]
 
@@ -77,7 +75,6 @@ NEAR_PERMUTATION = 1e-3  # perm_distance below which the advice calls H_res a ne
 CURVE_SITES = 3  # curves are kept for this many worst Sinkhorn sites
 ITERS_TO_TOL_LIMIT = 1000  # iterations-needed search stops here (reported as "not reached")
 _BATCH_ELEMENTS = 1 << 22  # logits entries per stacked iterations-needed run (bounds the stacked copy only)
-PAPER_DEFAULT = SinkhornSpec(Convention.PAPER, 20, 0.0, "default")  # mHC Eq. 9, t_max = 20
 
 VERDICT_OK = "ok"
 VERDICT_FLOOR = "ok (at the eps floor)"  # within tol of the sums' eps floor, though not within tol of 1
@@ -367,51 +364,6 @@ def recorded_mismatch_cause(exactness: str) -> str:
         return ("check --convention and --iters: the model may run another Sinkhorn than the one its checkpoint "
                 "or config states (or states none)")
     return "check the layout's options (e.g. --hc-tanh / --no-hc-tanh for hyper-connections HC sites)"
-
-
-def effective_spec(
-    module_spec: SinkhornSpec | None,
-    *,
-    iters: int | None = None,
-    convention: Convention | str | None = None,
-    eps: float | None = None,
-    sources: dict[str, str] | None = None,
-) -> tuple[SinkhornSpec, dict[str, str]]:
-    """The Sinkhorn spec a site is analysed with, and where each setting came from.
-
-    Precedence: CLI override (``iters`` / ``convention`` / ``eps``, source "cli") > the site's spec as loaded
-    (its ``source``: "metadata", "config", ... ) > the paper default (``paper``, 20 iterations, source
-    "default"). eps: the site's own eps when the convention is the site's own; switching to ``transformers``
-    uses DeepSeek-V4's hc_eps 1e-6; switching to any other convention uses 0 (they have no eps).
-    ``sources``: the loader's per-setting sources (``LoadedModel.settings_source``), used where the site's
-    spec carries one source for all settings.
-    Returns (spec, {"convention": source, "iters": source, "eps": source}).
-    """
-    base = module_spec if module_spec is not None else PAPER_DEFAULT
-    known = dict(sources or {}) if module_spec is not None else {}
-
-    def base_src(key: str) -> str:
-        return str(known.get(key, base.source))
-
-    base_conv = parse_convention(base.convention)
-    conv = parse_convention(convention) if convention is not None else base_conv
-    conv_src = "cli" if convention is not None else base_src("convention")
-    if iters is not None:
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise UsageError(f"--iters must be an integer >= 1, got {iters!r}", "--iters")
-        it, it_src = iters, "cli"
-    else:
-        it, it_src = int(base.iters), base_src("iters")
-    if eps is not None:
-        e, e_src = float(eps), "cli"
-    elif conv is base_conv:
-        e, e_src = float(base.eps), base_src("eps")
-    elif has_eps(conv):
-        e, e_src = TRANSFORMERS_DEFAULT_EPS, "default"
-    else:
-        e, e_src = 0.0, "default"
-    src = f"convention={conv_src},iters={it_src}"
-    return SinkhornSpec(conv, it, e, src), {"convention": conv_src, "iters": it_src, "eps": e_src}
 
 
 def _f(t: torch.Tensor) -> float:

@@ -284,6 +284,18 @@ def test_load_overrides_convention_and_iters(tmp_path) -> None:
     assert max(compare(net["a"], model.sites[0].module).values()) < TOL
 
 
+def test_convention_transformers_brings_its_eps(tmp_path) -> None:
+    """--convention transformers on a checkpoint that states no eps: DeepSeek-V4's hc_eps (1e-6, its config
+    default), as when stochasticity switches a loaded site's convention; the site then projects with it."""
+    net = nn.ModuleDict({"a": MHC(4, dim=8, sinkhorn_iters=5, layer_index=0)})
+    perturb(net, seed=6).eval()
+    model = _load(_save(net, tmp_path, "safetensors"), LoadOptions(convention="transformers"))
+    spec = model.sites[0].module.sinkhorn
+    assert (spec.convention, spec.eps) == (Convention.TRANSFORMERS, 1e-6)
+    assert model.settings_source["eps"] == "default (transformers hc_eps)"
+    assert model.settings_source["convention"] == "cli" and model.settings_source["iters"] == "default"
+
+
 def test_bare_module_state_dict(tmp_path) -> None:
     m = perturb(MHC(4, dim=8, layer_index=0), seed=2).eval()
     path = _save(m, tmp_path, "pt")

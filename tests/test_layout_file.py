@@ -143,9 +143,11 @@ convention = "transformers"
     a = load(f)
     b = load(f, options=LoadOptions(layout_file=str(lay)))
     assert isinstance(a.sites[0].module, TransformersMHCSite)
+    # the convention is the file's (so the spec's source), iters and eps the defaults: 20 and hc_eps 1e-6
     assert b.sites[0].module.sinkhorn == a.sites[0].module.sinkhorn.__class__(
-        a.sites[0].module.sinkhorn.convention, 20, 1e-6, "default"
+        a.sites[0].module.sinkhorn.convention, 20, 1e-6, "layout file"
     )
+    assert (b.settings_source["iters"], b.settings_source["eps"]) == ("default", "default (transformers hc_eps)")
     x = torch.randn(7, n, c, dtype=torch.float64, generator=g)
     for sa, sb in zip(a.sites, b.sites, strict=True):
         for ta, tb in zip(sa.module(x), sb.module(x), strict=True):

@@ -169,10 +169,12 @@ def test_sinkhorn_settings_metadata_cli_default(tmp_path):
 
     lm = load(path, options=LoadOptions(iters=3, convention="transformers"))
     s = lm.sites[1].module.sinkhorn
-    assert (s.convention, s.iters, s.source) == (Convention.TRANSFORMERS, 3, "cli")
+    # the stated eps (0, log's) is not the new convention's: transformers brings DeepSeek-V4's hc_eps
+    assert (s.convention, s.iters, s.eps, s.source) == (Convention.TRANSFORMERS, 3, 1e-6, "cli")
     assert (lm.settings_source["convention"], lm.settings_source["iters"]) == ("cli", "cli")
+    assert lm.settings_source["eps"] == "default (transformers hc_eps)"
     logits = mods[1].res_logits(X)
-    want = project(logits, SinkhornSpec(Convention.TRANSFORMERS, 3))
+    want = project(logits, SinkhornSpec(Convention.TRANSFORMERS, 3, 1e-6))
     assert torch.equal(lm.sites[1].module(X).res, want)
 
     bare = _strip_metadata(path, tmp_path / "bare.safetensors")
@@ -180,6 +182,25 @@ def test_sinkhorn_settings_metadata_cli_default(tmp_path):
     s = lm.sites[0].module.sinkhorn
     assert (s.convention, s.iters) == (Convention.PAPER, 20)
     assert (lm.settings_source["convention"], lm.settings_source["iters"]) == ("default", "default")
+
+
+def test_stated_eps_stays_with_its_convention(tmp_path):
+    """A file stating transformers with eps 1e-6, read with --convention paper: paper has no eps, so the
+    stated one is dropped (was kept, and projecting then refused the paper convention with an eps)."""
+    from hcdiag.sinkhorn import project
+
+    mods = _modules("mhc")
+    spec = SinkhornSpec(Convention.TRANSFORMERS, 20, 1e-6)
+    for m in mods:
+        m.sinkhorn = spec
+    path = tmp_path / "t.safetensors"
+    save_native(path, mods, variant="mhc", n=N, C=C, blocks=BLOCKS, sinkhorn=spec, form="code")
+    lm = load(path, options=LoadOptions(convention="paper"))
+    s = lm.sites[0].module.sinkhorn
+    assert (s.convention, s.iters, s.eps) == (Convention.PAPER, 20, 0.0)
+    assert (lm.settings_source["iters"], lm.settings_source["eps"]) == ("metadata", "default")
+    want = project(mods[0].res_logits(X), SinkhornSpec(Convention.PAPER, 20))
+    assert torch.equal(lm.sites[0].module(X).res, want)
 
 
 IDENTIFIABLE = [v for v in VARIANTS if v not in ("identity", "hc-static")]

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
-from hcdiag.io.limits import MAX_ITERS, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
+from hcdiag.io.limits import MAX_STREAM_WIDTH, MAX_STREAMS, bounded
+from hcdiag.io.reader import StatedSinkhorn, sinkhorn_settings
 from hcdiag.model import LoadedModel, Site, TensorInfo
-from hcdiag.sinkhorn import has_eps
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule, rms_norm
 
 __all__ = ["LAYOUT_FILE", "LayoutFileSite", "LayoutSpec", "parse_layout_file"]
@@ -688,36 +688,19 @@ def _match_sites(spec: LayoutSpec, path: str, keys: list[str]) -> list[tuple[str
 
 
 def _sinkhorn(spec: LayoutSpec, options: LoadOptions, settings: dict[str, str]) -> SinkhornSpec | None:
-    """The SinkhornSpec of a Sinkhorn H_res (None otherwise): convention from --convention (UsageError when
-    unknown) or the file (required), iters from --iters, the file (bounded) or 20, eps from the file or the
-    convention's default; their sources go into ``settings``."""
+    """The SinkhornSpec of a Sinkhorn H_res (None otherwise): :func:`sinkhorn_settings` over the file's
+    [sinkhorn] table, whose convention is required (or --convention); iters default 20. Sources into
+    ``settings``."""
     if spec.res_constraint != "sinkhorn":
         return None
-    conv, conv_src = spec.convention, "layout file"
-    if options.convention is not None:
-        try:
-            conv, conv_src = Convention(str(options.convention)), "cli"
-        except ValueError:
-            raise UsageError(f"--convention {options.convention!r} is unknown", option="--convention") from None
-    if conv is None:
+    if spec.convention is None and options.convention is None:
         raise _err(spec.path, "[sinkhorn] convention is required for a Sinkhorn H_res (or pass --convention)")
-    iters, it_src = (spec.iters, "layout file") if spec.iters is not None else (20, "default")
-    if options.iters is not None:
-        iters, it_src = options.iters, "cli"
-    elif spec.iters is not None:
-        bounded(spec.iters, MAX_ITERS, "layout file [sinkhorn] iters", spec.path, override="--iters")
-    if spec.sinkhorn_eps is not None:
-        eps, eps_src = spec.sinkhorn_eps, "layout file"
-    elif has_eps(conv):
-        eps, eps_src = 1e-6, "default (transformers hc_eps)"
-    else:
-        eps, eps_src = 0.0, "default"
-    if "cli" in (conv_src, it_src):
-        spec_src = "cli"
-    else:
-        spec_src = "layout-file" if spec.iters is not None else "default"
-    settings.update(convention=conv_src, iters=it_src, eps=eps_src)
-    return SinkhornSpec(conv, int(iters), float(eps), spec_src)
+    stated = StatedSinkhorn(
+        "layout file", spec.convention, spec.iters, spec.sinkhorn_eps, iters_what="layout file [sinkhorn] iters"
+    )
+    sink, src = sinkhorn_settings(options, spec.convention or Convention.PAPER, 20, stated, spec.path)
+    settings.update(src)
+    return sink
 
 
 def _temperature(spec: LayoutSpec, options: LoadOptions, settings: dict[str, str]) -> float | None:

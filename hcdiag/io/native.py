@@ -25,7 +25,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ import torch
 from hcdiag.enums import Convention, Form
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, dtype_summary, register_layout
-from hcdiag.io.limits import MAX_ITERS, MAX_SITES, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
+from hcdiag.io.limits import MAX_SITES, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
+from hcdiag.io.reader import StatedSinkhorn, sinkhorn_settings
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.site import SinkhornSpec, SiteModule
 
@@ -410,48 +411,40 @@ def _parse_factors(text: str, path: str) -> tuple[int, ...]:
 def _sinkhorn_settings(
     meta: Mapping[str, str], options: LoadOptions, native: bool, path: str
 ) -> tuple[SinkhornSpec, dict[str, str]]:
-    from hcdiag.sinkhorn import parse_convention
+    """:func:`sinkhorn_settings` over what hcdiag's metadata states (only in native files)."""
+    stated = StatedSinkhorn("metadata", iters_what="metadata sinkhorn_iters")
+    if native:
+        stated = replace(
+            stated,
+            convention=_meta_convention(meta, path),
+            iters=_meta_int(meta, "sinkhorn_iters", path),
+            eps=_meta_float(meta, "sinkhorn_eps", path),
+        )
+    return sinkhorn_settings(options, DEFAULT_CONVENTION, DEFAULT_ITERS, stated, path)
 
-    src: dict[str, str] = {}
-    if options.convention is not None:
-        conv, src["convention"] = parse_convention(options.convention), "cli"
-    elif native and "sinkhorn_convention" in meta:
-        try:
-            conv = Convention(str(meta["sinkhorn_convention"]))
-        except ValueError:
-            known = ", ".join(c.value for c in Convention)
-            raise InputError(
-                f"metadata sinkhorn_convention={meta['sinkhorn_convention']!r} in {path} is unknown; use "
-                "one of: "
-                f"{known} (or override with --convention)",
-                path=path,
-            ) from None
-        src["convention"] = "metadata"
-    else:
-        conv, src["convention"] = DEFAULT_CONVENTION, "default"
-    if options.iters is not None:
-        if isinstance(options.iters, bool) or int(options.iters) < 1:
-            raise UsageError(f"--iters {options.iters} must be >= 1", option="--iters")
-        iters, src["iters"] = int(options.iters), "cli"
-    elif native and "sinkhorn_iters" in meta:
-        iters = _meta_int(meta, "sinkhorn_iters", path) or DEFAULT_ITERS  # present, so never None
-        bounded(iters, MAX_ITERS, "metadata sinkhorn_iters", path, override="--iters")
-        src["iters"] = "metadata"
-    else:
-        iters, src["iters"] = DEFAULT_ITERS, "default"
-    eps = 0.0
-    if native and "sinkhorn_eps" in meta:
-        try:
-            eps = float(str(meta["sinkhorn_eps"]))
-        except ValueError:
-            raise InputError(
-                f"metadata sinkhorn_eps={meta['sinkhorn_eps']!r} in {path} is not a number; fix the metadata",
-                path=path,
-            ) from None
-        src["eps"] = "metadata"
-    else:
-        src["eps"] = "default"
-    return SinkhornSpec(conv, iters, eps, source=src["convention"]), src
+
+def _meta_convention(meta: Mapping[str, str], path: str) -> Convention | None:
+    if "sinkhorn_convention" not in meta:
+        return None
+    try:
+        return Convention(str(meta["sinkhorn_convention"]))
+    except ValueError:
+        known = ", ".join(c.value for c in Convention)
+        raise InputError(
+            f"metadata sinkhorn_convention={meta['sinkhorn_convention']!r} in {path} is unknown; use one of: "
+            f"{known} (or override with --convention)",
+            path=path,
+        ) from None
+
+
+def _meta_float(meta: Mapping[str, str], key: str, path: str) -> float | None:
+    if key not in meta:
+        return None
+    try:
+        return float(str(meta[key]))
+    except ValueError:
+        msg = f"metadata {key}={meta[key]!r} in {path} is not a number; fix the metadata"
+        raise InputError(msg, path=path) from None
 
 
 def _check_site_keys(

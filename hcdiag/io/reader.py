@@ -462,21 +462,47 @@ def name_sites(prefixes: Iterable[str]) -> list[tuple[str, str, int, str]]:
     return out
 
 
-def sinkhorn_settings(
-    options: LoadOptions, default: Convention, default_iters: int
-) -> tuple[SinkhornSpec, dict[str, str]]:
-    """SinkhornSpec from ``--convention`` / ``--iters`` (source "cli") or the codebase's defaults ("default")."""
-    from hcdiag.sinkhorn import parse_convention
+@dataclass(frozen=True)
+class StatedSinkhorn:
+    """The Sinkhorn settings a file states (None: not stated), under the source name ``where`` ("metadata",
+    "layout file"); ``iters_what`` names the stated count in the message when it exceeds the limit."""
 
-    src: dict[str, str] = {}
-    if options.convention is not None:
-        conv, src["convention"] = parse_convention(options.convention), "cli"
+    where: str
+    convention: Convention | None = None
+    iters: int | None = None
+    eps: float | None = None
+    iters_what: str = "sinkhorn iters"
+
+
+def sinkhorn_settings(
+    options: LoadOptions,
+    default: Convention,
+    default_iters: int,
+    stated: StatedSinkhorn | None = None,
+    path: str = "",
+) -> tuple[SinkhornSpec, dict[str, str]]:
+    """A reader's SinkhornSpec: what the file states (``stated``, source ``stated.where``; a stated count is
+    bounded unless ``--iters`` replaces it), else the codebase's ``default`` / ``default_iters`` and the
+    convention's own eps (:func:`~hcdiag.sinkhorn.default_eps`); then ``--convention`` / ``--iters`` over it
+    by :func:`~hcdiag.sinkhorn.effective_spec`, as every command applies them. Returns (spec, {setting: source})."""
+    from hcdiag.sinkhorn import default_eps, effective_spec
+
+    st = stated or StatedSinkhorn("default")
+    cli = cli_iters(options)
+    conv = st.convention or default
+    src = {"convention": st.where if st.convention is not None else "default"}
+    if st.iters is None:
+        iters, src["iters"] = default_iters, "default"
     else:
-        conv, src["convention"] = default, "default"
-    iters = cli_iters(options)
-    src["iters"] = "cli" if iters is not None else "default"
-    src["eps"] = "default"
-    return SinkhornSpec(conv, iters or default_iters, 0.0, source=src["convention"]), src
+        if cli is None:
+            bounded(st.iters, MAX_ITERS, st.iters_what, path, override="--iters")
+        iters, src["iters"] = st.iters, st.where
+    if st.eps is not None:
+        eps, src["eps"] = st.eps, st.where
+    else:
+        eps, src["eps"] = default_eps(conv)
+    base = SinkhornSpec(conv, iters, eps, source=st.where if st.where in src.values() else "default")
+    return effective_spec(base, iters=cli, convention=options.convention, sources=src, option="--convention")
 
 
 def unknown_params(group: Mapping[str, Any], known: set[str]) -> list[str]:
