@@ -767,16 +767,16 @@ def effective_spec(
 ) -> tuple[SinkhornSpec, dict[str, str]]:
     """The Sinkhorn spec a site is analysed with, and where each setting came from.
 
-    Precedence: CLI override (``iters`` / ``convention`` / ``eps``, source "cli") > the site's spec as loaded
-    (its ``source``: "metadata", "config", ... ) > the paper default (``paper``, 20 iterations, source
-    "default"). eps: the site's own eps when the convention is the site's own; switching to ``transformers``
-    uses DeepSeek-V4's hc_eps 1e-6; switching to any other convention uses 0 (they have no eps): see
-    :func:`default_eps`. ``option``: the name a bad ``convention`` is refused under.
+    Precedence: the options (``iters`` / ``convention`` / ``eps``, sources "cli (--iters)", ...) > the site's
+    spec as loaded (its ``source``: "metadata", "config", ...) > the paper default (``paper``, 20 iterations,
+    source "default"). eps: the site's own while the convention is the site's, or another convention with an
+    eps (the model's hc_eps holds for both transformers conventions); otherwise :func:`default_eps` (0 for the
+    conventions without one). ``option``: the name a bad ``convention`` is refused under.
     ``sources``: the loader's per-setting sources (``LoadedModel.settings_source``), used where the site's
     spec carries one source for all settings.
     Returns (spec, {"convention": source, "iters": source, "eps": source}); the spec's own ``source`` is "cli"
-    when an option replaced any setting, else the loaded spec's. The one place every command (stochasticity,
-    gain-sweep --from, verify) turns a site's spec and the options into the spec it projects with.
+    when an option replaced any setting, else the loaded spec's. The one place that lays the options over a
+    spec: every reader (through :func:`hcdiag.io.reader.sinkhorn_settings` or directly) and every command.
     """
     base = module_spec if module_spec is not None else PAPER_DEFAULT
     known = dict(sources or {}) if module_spec is not None else {}
@@ -786,23 +786,26 @@ def effective_spec(
 
     base_conv = parse_convention(base.convention)
     conv = parse_convention(convention, option) if convention is not None else base_conv
-    conv_src = "cli" if convention is not None else base_src("convention")
+    conv_src = CLI_SOURCE["convention"] if convention is not None else base_src("convention")
     if iters is not None:
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise UsageError(f"--iters must be an integer >= 1, got {iters!r}", option="--iters")
-        it, it_src = iters, "cli"
+        it, it_src = iters, CLI_SOURCE["iters"]
     else:
         it, it_src = int(base.iters), base_src("iters")
     if eps is not None:
-        e, e_src = float(eps), "cli"
-    elif conv is base_conv:
+        e, e_src = float(eps), CLI_SOURCE["eps"]
+    elif conv is base_conv or (has_eps(conv) and has_eps(base_conv)):
         e, e_src = float(base.eps), base_src("eps")
     else:
         e, e_src = default_eps(conv)
-    sources_used = {"convention": conv_src, "iters": it_src, "eps": e_src}
-    if "cli" not in (conv_src, it_src, e_src):
-        return SinkhornSpec(conv, it, e, base.source), sources_used
-    return SinkhornSpec(conv, it, e, "cli"), sources_used
+    used = {"convention": conv_src, "iters": it_src, "eps": e_src}
+    by_option = any(src in CLI_SOURCE.values() for src in used.values())
+    return SinkhornSpec(conv, it, e, "cli" if by_option else base.source), used
+
+
+#: the source a setting gets when an option sets it
+CLI_SOURCE = {"convention": "cli (--convention)", "iters": "cli (--iters)", "eps": "cli (--eps)"}
 
 
 def default_eps(convention: Convention | str) -> tuple[float, str]:

@@ -279,7 +279,8 @@ def test_load_overrides_convention_and_iters(tmp_path) -> None:
     perturb(net, seed=5).eval()
     path = _save(net, tmp_path, "safetensors")
     model = _load(path, LoadOptions(convention="log", iters=5))
-    assert model.settings_source["convention"] == "cli" and model.settings_source["iters"] == "cli"
+    src = model.settings_source
+    assert (src["convention"], src["iters"]) == ("cli (--convention)", "cli (--iters)")
     assert model.sites[0].name == "a"
     assert max(compare(net["a"], model.sites[0].module).values()) < TOL
 
@@ -293,7 +294,7 @@ def test_convention_transformers_brings_its_eps(tmp_path) -> None:
     spec = model.sites[0].module.sinkhorn
     assert (spec.convention, spec.eps) == (Convention.TRANSFORMERS, 1e-6)
     assert model.settings_source["eps"] == "default (transformers hc_eps)"
-    assert model.settings_source["convention"] == "cli" and model.settings_source["iters"] == "default"
+    assert model.settings_source["convention"] == "cli (--convention)" and model.settings_source["iters"] == "default"
 
 
 def test_bare_module_state_dict(tmp_path) -> None:

@@ -101,7 +101,7 @@ def test_doc_example_matches_independent_forward(braid, tmp_path, fmt):
 def test_cli_overrides_iters(braid):
     sd, f, lay = braid
     model = load(f, options=LoadOptions(layout_file=str(lay), iters=3))
-    assert model.sites[0].module.sinkhorn.iters == 3 and model.settings_source["iters"] == "cli"
+    assert model.sites[0].module.sinkhorn.iters == 3 and model.settings_source["iters"] == "cli (--iters)"
 
 
 def test_transformers_layout_as_a_layout_file(tmp_path):

@@ -171,7 +171,7 @@ def test_sinkhorn_settings_metadata_cli_default(tmp_path):
     s = lm.sites[1].module.sinkhorn
     # the stated eps (0, log's) is not the new convention's: transformers brings DeepSeek-V4's hc_eps
     assert (s.convention, s.iters, s.eps, s.source) == (Convention.TRANSFORMERS, 3, 1e-6, "cli")
-    assert (lm.settings_source["convention"], lm.settings_source["iters"]) == ("cli", "cli")
+    assert (lm.settings_source["convention"], lm.settings_source["iters"]) == ("cli (--convention)", "cli (--iters)")
     assert lm.settings_source["eps"] == "default (transformers hc_eps)"
     logits = mods[1].res_logits(X)
     want = project(logits, SinkhornSpec(Convention.TRANSFORMERS, 3, 1e-6))

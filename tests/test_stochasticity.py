@@ -229,7 +229,7 @@ def test_sinkhorn_sites_match_brute_force(mhc_ckpt: Path, convention: str, exact
         assert exact_err < 1e-14, (site.name, exact_err)  # float64 rounding
         assert other_err > 1e-4, (site.name, other_err)  # the whole error sits in the other axis
         assert row.verdict != VERDICT_OK
-        assert row.convention_source == ("metadata" if override is None else "cli")
+        assert row.convention_source == ("metadata" if override is None else "cli (--convention)")
     assert r.summary.over_tol == 2 * BLOCKS
     worst = max(r.sites, key=lambda s: s.worst_error)
     assert r.summary.worst_site == worst.name
@@ -256,7 +256,7 @@ def test_iters_override_and_iters_to_tol(mhc_ckpt: Path) -> None:
     raw = load_file(str(mhc_ckpt))
     probe = make_probe("random", tokens=6, seed=1)
     for site, row in zip(model.sites, r.sites, strict=True):
-        assert (row.iters, row.iters_source, row.convention_source) == (7, "cli", "metadata")
+        assert (row.iters, row.iters_source, row.convention_source) == (7, "cli (--iters)", "metadata")
         L = _bf_logits(raw, site.index, probe.inputs(site).numpy())
         re, ce = _bf_errors(_bf_sinkhorn(L, "paper", 7))
         assert _close(row.col_err.max, ce.max())
@@ -266,7 +266,7 @@ def test_iters_override_and_iters_to_tol(mhc_ckpt: Path) -> None:
             assert row.iters_to_tol_max == max(need)
             assert row.iters_to_tol_p50 == sorted(need)[(len(need) - 1) // 2]
         assert row.iters_to_tol_unreached == len(need) - len(reached)
-    assert r.settings["iters"] == {"value": 7, "source": "cli"}
+    assert r.settings["iters"] == {"value": 7, "source": "cli (--iters)"}
     assert r.settings["convention"] == {"value": "paper", "source": "metadata"}
     d = analyze_stochasticity(model, probe="static")
     assert {s.iters_source for s in d.sites} == {"metadata"} and {s.iters for s in d.sites} == {20}

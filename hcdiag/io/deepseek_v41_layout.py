@@ -115,33 +115,29 @@ def _detect(source: TensorSource) -> str | None:
 
 
 def _settings(source: TensorSource) -> Settings:
-    """The text config's settings with where they came from: hc_mult (bounded) first, then the others; a
-    stated hc_sinkhorn_iters is bounded even under --iters."""
+    """The text config's settings with where they came from: hc_mult (bounded) first, then the others (a
+    stated hc_sinkhorn_iters is bounded in :func:`_spec`, unless --iters replaces it)."""
     path = source.path
     st = read_settings(source.config, path, {"hc_mult": (True, None)})
     st.bound("hc_mult", MAX_STREAMS, " (streams n)")
     rest = read_settings(source.config, path, _WANTED)
     st.values.update(rest.values)
     st.source.update(rest.source)
-    st.bound("hc_sinkhorn_iters", MAX_ITERS, override="--iters")
     return st
 
 
 def _spec(st: Settings, options: LoadOptions) -> tuple[SinkhornSpec, dict[str, str]]:
     """The comb Sinkhorn (transformers' unless --convention) and where its convention / iters / eps came from."""
-    from hcdiag.sinkhorn import parse_convention
+    from hcdiag.sinkhorn import effective_spec
 
-    conv, conv_src = Convention.TRANSFORMERS, "layout (DeepSeek-V4.1: transformers' comb Sinkhorn)"
-    if options.convention is not None:
-        conv, conv_src = parse_convention(options.convention), "cli (--convention)"
-    iters, it_src = st.values["hc_sinkhorn_iters"], st.source["hc_sinkhorn_iters"]
     cli = cli_iters(options)
-    if cli is not None:
-        iters, it_src = cli, "cli (--iters)"
-    source = "cli" if options.iters is not None or options.convention is not None else it_src.split(" ")[0]
-    eps = st.values["hc_eps"] if conv is Convention.TRANSFORMERS else 0.0
-    return SinkhornSpec(conv, int(iters), eps, source), {"convention": conv_src, "iters": it_src,
-                                                         "eps": st.source["hc_eps"]}
+    if cli is None:
+        st.bound("hc_sinkhorn_iters", MAX_ITERS, override="--iters")
+    src = {"convention": "layout (DeepSeek-V4.1: transformers' comb Sinkhorn)",
+           "iters": st.source["hc_sinkhorn_iters"], "eps": st.source["hc_eps"]}
+    base = SinkhornSpec(Convention.TRANSFORMERS, int(st.values["hc_sinkhorn_iters"]), st.values["hc_eps"],
+                        src["iters"].split(" ")[0])
+    return effective_spec(base, iters=cli, convention=options.convention, sources=src, option="--convention")
 
 
 def _site_n_C(source: TensorSource, parts: dict[str, str], name: str, n_cfg: int | None) -> tuple[int, int]:

@@ -245,11 +245,13 @@ class Settings:
 
     def take_iters(self, options: LoadOptions, key: str) -> None:
         """``--iters`` replaces ``key`` (source "cli (--iters)"); without it a stated count is bounded."""
+        from hcdiag.sinkhorn import CLI_SOURCE
+
         iters = cli_iters(options)
         if iters is None:
             self.bound(key, MAX_ITERS, override="--iters")
         else:
-            self.values[key], self.source[key] = iters, "cli (--iters)"
+            self.values[key], self.source[key] = iters, CLI_SOURCE["iters"]
 
 
 def read_settings(

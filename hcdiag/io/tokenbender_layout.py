@@ -44,6 +44,7 @@ from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_ITERS, bounded
 from hcdiag.io.reader import (
+    cli_iters,
     detect_groups,
     group_shapes,
     grouped_model,
@@ -213,25 +214,20 @@ def _temperature(source: TensorSource, options: LoadOptions) -> tuple[float, str
 
 
 def _spec(source: TensorSource, options: LoadOptions) -> tuple[SinkhornSpec, dict[str, str]]:
-    from hcdiag.sinkhorn import parse_convention
+    """The library's Sinkhorn (paper pass order, no eps; iterations as stated, else 20), then the options."""
+    from hcdiag.sinkhorn import effective_spec
 
-    src: dict[str, str] = {"eps": "default (no eps)"}
-    if options.convention is not None:
-        conv, src["convention"] = parse_convention(options.convention), "cli"
-    else:
-        conv, src["convention"] = Convention.PAPER, "default (log-domain u/v = paper's pass order)"
-    if options.iters is not None:
-        if isinstance(options.iters, bool) or not isinstance(options.iters, int) or options.iters < 1:
-            raise UsageError(f"--iters {options.iters!r} must be an integer >= 1", option="--iters")
-        iters, src["iters"] = int(options.iters), "cli"
-    elif (stated := _stated(source, _ITER_KEYS)) is not None:
+    cli = cli_iters(options)
+    src = {"convention": "default (log-domain u/v = paper's pass order)", "eps": "default (no eps)"}
+    if (stated := _stated(source, _ITER_KEYS)) is not None:
         iters = int(_number(stated[0], "iterations", stated[1], source.path, integer=True))
-        bounded(iters, MAX_ITERS, f"{stated[1]} Sinkhorn iterations", source.path, override="--iters")
+        if cli is None:
+            bounded(iters, MAX_ITERS, f"{stated[1]} Sinkhorn iterations", source.path, override="--iters")
         src["iters"] = stated[1]
     else:
         iters, src["iters"] = DEFAULT_ITERS, f"default ({DEFAULT_ITERS}, the library's)"
-    overall = "cli" if "cli" in (src["convention"], src["iters"]) else src["iters"].split(" ")[0]
-    return SinkhornSpec(conv, iters, 0.0, source=overall), src
+    base = SinkhornSpec(Convention.PAPER, iters, 0.0, source=src["iters"].split(" ")[0])
+    return effective_spec(base, iters=cli, convention=options.convention, sources=src, option="--convention")
 
 
 def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from packaging.version import InvalidVersion, Version
 
 from hcdiag.enums import Convention, Exactness, Form
-from hcdiag.errors import InputError, UsageError
+from hcdiag.errors import InputError
 from hcdiag.io import reader
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_STREAMS
@@ -63,7 +63,7 @@ from hcdiag.io.reader import (
     sub_config,
 )
 from hcdiag.model import LoadedModel, Site, TensorInfo
-from hcdiag.sinkhorn import has_eps
+from hcdiag.sinkhorn import CLI_SOURCE, has_eps, parse_convention
 from hcdiag.site import HCOutput, LinearRead, SinkhornSpec, SiteEval, SiteModule, rms_norm
 
 __all__ = [
@@ -352,13 +352,7 @@ def _convention(options: LoadOptions, top: dict[str, Any], model_type: Any) -> t
         if v < _SIGMOID_FROM:
             return Convention.TRANSFORMERS, f"layout (transformers; {why} predates transformers' DeepSeek-V4 code)"
         return Convention.TRANSFORMERS, f"layout (transformers; {why} >= {SOFTMAX_START_SINCE}: softmax start)"
-    try:
-        return Convention(str(options.convention)), "cli (--convention)"
-    except ValueError:
-        known = ", ".join(c.value for c in Convention)
-        raise UsageError(
-            f"--convention {options.convention!r} is unknown; choose one of: {known}", option="--convention"
-        ) from None
+    return parse_convention(options.convention, "--convention"), CLI_SOURCE["convention"]
 
 
 def _spec(st: Settings, options: LoadOptions, conv: Convention) -> SinkhornSpec:
