@@ -185,12 +185,12 @@ def test_sinkhorn_settings_metadata_cli_default(tmp_path):
 
 
 def test_stated_eps_stays_with_its_convention(tmp_path):
-    """A file stating transformers with eps 1e-6, read with --convention paper: paper has no eps, so the
+    """A file stating transformers with eps 1e-5, read with --convention paper: paper has no eps, so the
     stated one is dropped (was kept, and projecting then refused the paper convention with an eps)."""
     from hcdiag.sinkhorn import project
 
     mods = _modules("mhc")
-    spec = SinkhornSpec(Convention.TRANSFORMERS, 20, 1e-6)
+    spec = SinkhornSpec(Convention.TRANSFORMERS, 20, 1e-5)
     for m in mods:
         m.sinkhorn = spec
     path = tmp_path / "t.safetensors"
@@ -201,6 +201,10 @@ def test_stated_eps_stays_with_its_convention(tmp_path):
     assert (lm.settings_source["iters"], lm.settings_source["eps"]) == ("metadata", "default")
     want = project(mods[0].res_logits(X), SinkhornSpec(Convention.PAPER, 20))
     assert torch.equal(lm.sites[0].module(X).res, want)
+    # the other transformers convention has an eps too: the model's (stated) one carries over
+    lm = load(path, options=LoadOptions(convention="transformers-sigmoid"))
+    s = lm.sites[0].module.sinkhorn
+    assert (s.convention, s.eps, lm.settings_source["eps"]) == (Convention.TRANSFORMERS_SIGMOID, 1e-5, "metadata")
 
 
 IDENTIFIABLE = [v for v in VARIANTS if v not in ("identity", "hc-static")]
