@@ -3,7 +3,7 @@
 The checkpoint is bench/bench_production.py's (transformers layout, n = 4, C = 4096, fn [24, 16384] float32;
 its ``write_checkpoint``), with ``--sites`` sites (default 16, i.e. 8 layers). Beside it, an activations file in
 the :mod:`hcdiag.capture` format: per site x [T, 4, 4096] float32 (torch's generator, N(0, 1)) and the H_res the
-checkpoint's site gives on it (hcdiag's site module, float32), written with safetensors' ``save_file``.
+checkpoint's site gives on it (hcdiag's site module, float32), in safetensors' format, written site by site.
 
 For each token count, in a fresh child process (so that its peak RSS is its own; taken before the floor runs):
   * total: ``hcdiag.cli.main(["stochasticity", DIR, "--probe", "activations", "--activations", FILE, "--json"])``
@@ -31,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import struct
 import sys
 import tempfile
 import time
@@ -41,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_production import C, N, peak_rss, write_checkpoint  # noqa: E402  (bench/ is not a package)
@@ -50,23 +50,40 @@ EPS = 1e-6
 
 
 def write_activations(ckpt: Path, path: Path, tokens: int) -> int:
-    """The capture file described in the module docstring, for every site of ``ckpt``; returns its size."""
+    """The capture file described in the module docstring, for every site of ``ckpt``; returns its size.
+
+    Written one site at a time (header first, then each site's x and H_res as they are drawn), so that a file
+    larger than memory can be made (86 Flash sites at 4096 tokens: 23 GB): safetensors' ``save_file`` needs
+    every tensor in memory, and a byte copy of each. The layout is safetensors' own (8-byte little-endian
+    header length, JSON header padded with spaces to 8 bytes, tensors in offset order); ``safe_open`` reads it
+    back and checks the offsets before anything is measured."""
     from hcdiag.capture import FORMAT, VERSION
     from hcdiag.io.load import load
 
     model = load(str(ckpt))
-    g = torch.Generator().manual_seed(1)
-    tensors: dict[str, torch.Tensor] = {}
-    entries = []
+    entries, header, at = [], {}, 0
     for site in model.sites:
-        x = torch.randn(tokens, N, C, generator=g)
-        with torch.no_grad():
-            h = site.module.in_dtype(torch.float32)(x).res
-        tensors[f"sites.{site.index}.x"] = x
-        tensors[f"sites.{site.index}.h_res"] = h.expand(tokens, N, N).contiguous().float()
+        for key, shape in (("x", [tokens, N, C]), ("h_res", [tokens, N, N])):
+            size = 4 * shape[0] * shape[1] * shape[2]
+            header[f"sites.{site.index}.{key}"] = {"dtype": "F32", "shape": shape, "data_offsets": [at, at + size]}
+            at += size
         entries.append({"index": site.index, "name": site.name, "module_class": "bench", "h_res_from": "output",
                         "tokens": tokens, "n": N, "C": C})
-    save_file(tensors, str(path), metadata={"format": FORMAT, "version": VERSION, "sites": json.dumps(entries)})
+    header["__metadata__"] = {"format": FORMAT, "version": VERSION, "sites": json.dumps(entries)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(1)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for site in model.sites:
+            x = torch.randn(tokens, N, C, generator=g)
+            with torch.no_grad():
+                h = site.module.in_dtype(torch.float32)(x).res
+            fh.write(x.numpy().tobytes())
+            fh.write(h.expand(tokens, N, N).contiguous().float().numpy().tobytes())
+            del x, h
+    with safe_open(str(path), "pt") as f:
+        assert len(list(f.keys())) == 2 * len(model.sites)
     return path.stat().st_size
 
 

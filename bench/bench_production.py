@@ -24,6 +24,7 @@ both in this process through ``hcdiag.cli.main`` (issue 14: at most 1.2).
     python bench/bench_production.py            # 86 sites at 256, 1024, 4096 tokens, both draws + gain-sweep
     python bench/bench_production.py --full     # also 16384 tokens
     python bench/bench_production.py --quick    # 8 sites, 256 / 1024 tokens, no gain-sweep (~1 min)
+    python bench/bench_production.py --shape pro --draws auto   # DeepSeek-V4-Pro's shape: 122 sites, C = 7168
 
 Not a pytest test.
 """
@@ -47,21 +48,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 N, C = 4, 4096
+#: --shape: (layers, hidden size C) of DeepSeek-V4-Flash and DeepSeek-V4-Pro (n = 4 in both)
+SHAPES = {"flash": (43, 4096), "pro": (61, 7168)}
 
 
-def write_checkpoint(directory: Path, layers: int) -> None:
-    """The Flash-shaped checkpoint described in the module docstring (``layers`` layers, 2 sites each)."""
+def write_checkpoint(directory: Path, layers: int, width: int = C) -> None:
+    """The Flash-shaped checkpoint described in the module docstring (``layers`` layers, 2 sites each, hidden
+    size ``width``: 7168 for the Pro shape)."""
     g = torch.Generator().manual_seed(0)
     rows = (N + 2) * N
     sd: dict[str, torch.Tensor] = {}
     for i in range(layers):
         for kind in ("attn", "ffn"):
             p = f"model.layers.{i}.{kind}_hc."
-            sd[p + "fn"] = torch.randn(rows, N * C, generator=g) * 0.02
+            sd[p + "fn"] = torch.randn(rows, N * width, generator=g) * 0.02
             sd[p + "base"] = torch.zeros(rows)
             sd[p + "scale"] = torch.ones(3)
     save_file(sd, str(directory / "model.safetensors"))
-    cfg = dict(model_type="deepseek_v4", num_hidden_layers=layers, hidden_size=C, hc_mult=N,
+    cfg = dict(model_type="deepseek_v4", num_hidden_layers=layers, hidden_size=width, hc_mult=N,
                hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6)
     (directory / "config.json").write_text(json.dumps(cfg))
 
@@ -82,8 +86,8 @@ def _floor(directory: Path, tokens: int) -> tuple[float, float]:
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k).to(torch.float64) for k in f.keys()}  # noqa: SIM118 (safe_open API)
     read = time.perf_counter() - t0
-    x = torch.randn(tokens, N * C, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fns = [t for k, t in tensors.items() if k.endswith(".fn")]
+    x = torch.randn(tokens, fns[0].shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
     for fn in fns:
         F.linear(x, fn)
@@ -157,17 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="also 16384 tokens")
     ap.add_argument("--draws", default="auto,full",
                     help="comma-separated --draw modes to time (default auto,full: projected here, and full)")
-    ap.add_argument("--layers", type=int, default=None, help="layers of the checkpoint (default 43; --quick 4)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="flash",
+                    help="flash: 43 layers, hidden 4096 (default); pro: 61 layers, hidden 7168")
+    ap.add_argument("--layers", type=int, default=None, help="layers of the checkpoint (default: the shape's; "
+                    "--quick 4)")
     args = ap.parse_args(argv)
-    layers = args.layers or (4 if args.quick else 43)
+    shape_layers, width = SHAPES[args.shape]
+    layers = args.layers or (4 if args.quick else shape_layers)
     counts = [256, 1024] if args.quick else [256, 1024, 4096] + ([16384] if args.full else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        write_checkpoint(d, layers)
+        write_checkpoint(d, layers, width)
         size = (d / "model.safetensors").stat().st_size
-        print(f"checkpoint: {layers} layers, {2 * layers} sites, fn [{(N + 2) * N}, {N * C}] float32, "
-              f"{size / 1e6:.0f} MB")
+        print(f"checkpoint ({args.shape} shape): {layers} layers, {2 * layers} sites, "
+              f"fn [{(N + 2) * N}, {N * width}] float32, {size / 1e6:.0f} MB")
         for draw in args.draws.split(","):
             _table(d, counts, draw)
     if not args.quick:
