@@ -278,6 +278,19 @@ def test_a_layout_file_states_the_temperature(ckpt, tmp_path) -> None:
         assert abs(row["logit_range_max"] - (L.max() - L.min())) < 1e-9  # tau = 1: the stored range
 
 
+@pytest.mark.parametrize("with_layout_file", [False, True])
+def test_a_zero_temperature_is_refused(ckpt, tmp_path, with_layout_file: bool) -> None:
+    """--temperature 0 divides the logits by zero: refused with exit 2 by the tokenbender reader and by a layout
+    file alike (the layout file's reader took it unchecked)."""
+    path, _ = ckpt
+    lay = tmp_path / "tb.toml"
+    lay.write_text(_LAYOUT_TOML)
+    extra = ("--layout-file", lay) if with_layout_file else ()
+    p = run_cli("stochasticity", path, *extra, "--temperature", "0")
+    assert p.returncode == 2, p.stderr
+    assert "--temperature must be a positive number" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_capture_records_the_ports_h_res_and_stochasticity_agrees(ckpt, tmp_path) -> None:
     """capture() finds the module by its H_res_logits and width_connection (before the lucidrains check: the
     fork's HyperConnections(mhc=True) also holds static_alpha), records x and H_res; the checkpoint analysed

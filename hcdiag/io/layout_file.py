@@ -41,7 +41,7 @@ from hcdiag.enums import Convention, Exactness
 from hcdiag.errors import InputError, UsageError
 from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_STREAM_WIDTH, MAX_STREAMS, bounded
-from hcdiag.io.reader import StatedSinkhorn, sinkhorn_settings
+from hcdiag.io.reader import StatedSinkhorn, cli_temperature, sinkhorn_settings
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.site import HCOutput, SinkhornSpec, SiteModule, rms_norm
 
@@ -705,7 +705,7 @@ def _sinkhorn(spec: LayoutSpec, options: LoadOptions, settings: dict[str, str]) 
 
 def _temperature(spec: LayoutSpec, options: LoadOptions, settings: dict[str, str]) -> float | None:
     """tau from --temperature, else the file's [sinkhorn] temperature, else None; its source into ``settings``."""
-    tau = (options.extra or {}).get("temperature")
+    tau = cli_temperature(options)
     if tau is not None:
         settings["temperature"] = "cli (--temperature)"
     elif spec.temperature is not None:

@@ -289,6 +289,17 @@ def cli_iters(options: LoadOptions) -> int | None:
     return int(options.iters)
 
 
+def cli_temperature(options: LoadOptions) -> float | None:
+    """``--temperature`` (``LoadOptions.extra["temperature"]``) checked (a finite number > 0; UsageError
+    otherwise: tau divides the logits), None when not given."""
+    t = (options.extra or {}).get("temperature")
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+        raise UsageError(f"--temperature must be a positive number, got {t!r}", option="--temperature")
+    return float(t)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # site tensors: complete, readable, consistent
 

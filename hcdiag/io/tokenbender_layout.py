@@ -45,6 +45,7 @@ from hcdiag.io.base import Layout, LoadOptions, TensorSource, register_layout
 from hcdiag.io.limits import MAX_ITERS, bounded
 from hcdiag.io.reader import (
     cli_iters,
+    cli_temperature,
     detect_groups,
     group_shapes,
     grouped_model,
@@ -201,12 +202,9 @@ def _number(value: Any, what: str, where: str, path: str, *, integer: bool) -> f
 
 
 def _temperature(source: TensorSource, options: LoadOptions) -> tuple[float, str]:
-    extra = options.extra or {}
-    if extra.get("temperature") is not None:
-        t = extra["temperature"]
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-            raise UsageError(f"--temperature must be a positive number, got {t!r}", option="--temperature")
-        return float(t), "cli (--temperature)"
+    tau = cli_temperature(options)
+    if tau is not None:
+        return tau, "cli (--temperature)"
     stated = _stated(source, _TAU_KEYS)
     if stated is not None:
         return _number(stated[0], "tau", stated[1], source.path, integer=False), stated[1]
