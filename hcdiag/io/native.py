@@ -26,8 +26,9 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +39,8 @@ from hcdiag.io.limits import MAX_SITES, MAX_STREAM_WIDTH, MAX_STREAMS, bounded
 from hcdiag.io.reader import StatedSinkhorn, sinkhorn_settings
 from hcdiag.model import LoadedModel, Site, TensorInfo
 from hcdiag.site import SinkhornSpec, SiteModule
+
+_E = TypeVar("_E", bound=Enum)
 
 __all__ = [
     "DEFAULT_CONVENTION",
@@ -416,25 +419,12 @@ def _sinkhorn_settings(
     if native:
         stated = replace(
             stated,
-            convention=_meta_convention(meta, path),
+            convention=_meta_enum(meta, "sinkhorn_convention", path, Convention,
+                                  "fix the metadata or override it with --convention"),
             iters=_meta_int(meta, "sinkhorn_iters", path),
             eps=_meta_float(meta, "sinkhorn_eps", path),
         )
     return sinkhorn_settings(options, DEFAULT_CONVENTION, DEFAULT_ITERS, stated, path)
-
-
-def _meta_convention(meta: Mapping[str, str], path: str) -> Convention | None:
-    if "sinkhorn_convention" not in meta:
-        return None
-    try:
-        return Convention(str(meta["sinkhorn_convention"]))
-    except ValueError:
-        known = ", ".join(c.value for c in Convention)
-        raise InputError(
-            f"metadata sinkhorn_convention={meta['sinkhorn_convention']!r} in {path} is unknown; use one of: "
-            f"{known} (or override with --convention)",
-            path=path,
-        ) from None
 
 
 def _meta_float(meta: Mapping[str, str], key: str, path: str) -> float | None:
@@ -619,15 +609,17 @@ def _meta_variant(meta: Mapping[str, str], path: str) -> str | None:
     return variant
 
 
-def _meta_form(meta: Mapping[str, str], path: str) -> Form | None:
-    if "form" not in meta:
+def _meta_enum(
+    meta: Mapping[str, str], key: str, path: str, kind: type[_E], hint: str = "fix the metadata"
+) -> _E | None:
+    """metadata ``key`` as a member of the enum ``kind`` (None when absent); InputError naming the values."""
+    if key not in meta:
         return None
     try:
-        return Form(str(meta["form"]))
+        return kind(str(meta[key]))
     except ValueError:
-        raise InputError(
-            f"metadata form={meta['form']!r} in {path} is not one of: code, paper; fix the metadata", path=path
-        ) from None
+        known = ", ".join(str(e.value) for e in kind)
+        raise InputError(f"metadata {key}={meta[key]!r} in {path} is not one of: {known}; {hint}", path=path) from None
 
 
 def _stated(meta: Mapping[str, str], path: str) -> _Stated:
@@ -642,7 +634,7 @@ def _stated(meta: Mapping[str, str], path: str) -> _Stated:
         bounded(n, MAX_STREAMS, "metadata n (streams)", path)
     if C is not None:
         bounded(n * C if n is not None else C, MAX_STREAM_WIDTH, "metadata n * C (stream entries per token)", path)
-    form = _meta_form(meta, path)
+    form = _meta_enum(meta, "form", path, Form)
     factors = _parse_factors(meta["kron_factors"], path) if "kron_factors" in meta else None
     return _Stated(True, variant, n, C, form, factors)
 
