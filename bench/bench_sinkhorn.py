@@ -9,6 +9,9 @@ engine / op floor: 2 x iterations in-place passes of the one elementwise op each
 division, or exp in the log domain) over the engine's cache-sized blocks, which no bit-exact engine can undercut.
 The copy floor gets an untimed warm-up: a cold clone (fresh pages) measured up to 8x its steady cost here.
 
+For ``paper`` also issue 14's "plain torch" reference (batch-last [n, n, b], in place, chunks of 16K matrices,
+2.5x the copy floor in the issue's table), with engine / plain and whether their bits agree.
+
 Then iters_to_tol on a batch where most matrices never reach the tolerance (transformers, eps = tol = 1e-6,
 the DeepSeek-V4 default, float64, 4 x 4): the full search (batch-first loop, up to 1000 iterations, until
 every matrix has arrived) against the engine's (per-matrix stops), same counts required.
@@ -64,6 +67,19 @@ def naive(logits: torch.Tensor, convention: str, iters: int, eps: float) -> torc
         a = F.normalize(a, p=1, dim=-2)
         a = F.normalize(a, p=1, dim=-1)
     return a.transpose(-1, -2)
+
+
+def plain_paper(logits: torch.Tensor, iters: int, chunk: int = 1 << 14) -> torch.Tensor:
+    """Issue 14's "plain torch" reference for ``paper``: batch-last [n, n, b] in place, chunks of 16K matrices
+    (2.5x its copy floor in the issue's table); same bits as the naive loop for n <= 4 (left-to-right sums)."""
+    out = torch.empty_like(logits)
+    for lo in range(0, logits.shape[0], chunk):
+        x = logits[lo : lo + chunk].permute(1, 2, 0).contiguous().exp_()
+        for _ in range(iters):
+            x.div_(x.sum(dim=0, keepdim=True))
+            x.div_(x.sum(dim=1, keepdim=True))
+        out[lo : lo + chunk] = x.permute(2, 0, 1)
+    return out
 
 
 def naive_iters_to_tol(logits: torch.Tensor, tol: float, eps: float, cap: int) -> torch.Tensor:
@@ -148,8 +164,13 @@ def bench_engine(n: int, count: int, iters: int, repeats: int, naive_repeats: in
                                      f"{t / copy_s:.1f}x copy" for op, t in sorted(floors.items())) + ")")
     print(f"  {'convention':<13}{'engine ms':>10}{'naive ms':>10}{'engine/copy':>13}{'(CPU time)':>12}"
           f"{'naive/engine':>14}{'bit-equal':>11}{'engine/op floor':>17}  target")
+    plain_s, _, plain = timed(lambda: plain_paper(logits, iters), repeats)
     for conv, eps in CONVENTIONS.items():
         eng_s, eng_c, eng = timed(lambda c=conv, e=eps: sinkhorn(logits, c, iters, eps=e).matrix, repeats)
+        if conv == "paper":
+            print(f"  issue 14's plain torch (paper, batch-last, in place, 16K-matrix chunks): {plain_s * 1e3:.1f} ms "
+                  f"= {plain_s / copy_s:.2f}x copy; engine / plain = {eng_s / plain_s:.2f}; "
+                  f"bit-equal to the engine: {torch.equal(plain, eng)}")
         nai_s, _, ref = timed(lambda c=conv, e=eps: naive(logits, c, iters, e), naive_repeats)
         equal = torch.equal(eng, ref)  # type: ignore[arg-type]
         ratio = eng_s / copy_s
