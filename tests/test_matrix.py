@@ -317,3 +317,32 @@ def test_advice_claims_only_what_the_numbers_in_the_report_show(cases, layout: s
         assert sum(r["iters_to_tol_unreached"] or 0 for r in sk) > 0
     if "shrink by a measured" in advice:
         assert any(r["iters_to_tol_rate"] is not None for r in sk)
+
+
+#: layouts whose sites take a Sinkhorn temperature (tokenbender's tau; a layout file's [sinkhorn] temperature)
+TEMPERATURE_LAYOUTS = {"tokenbender", "layout-file"}
+
+
+@pytest.mark.parametrize("layout", list(BUILDERS))
+def test_sinkhorn_options_reach_every_sinkhorn_site(cases, layout: str) -> None:
+    """--convention / --iters through every layout's reader and both commands: every Sinkhorn site projects with
+    them and says so (one mechanism, hcdiag.sinkhorn.effective_spec); --temperature is refused in one line
+    (exit 2) where the layout has none."""
+    case = cases(layout)
+    opts = ("--convention", "log", "--iters", "3", "--json")
+    p = run_cli("stochasticity", case.path, *case.args, *opts)
+    assert p.returncode == 0, p.stderr
+    for row in (r for r in json.loads(p.stdout)["sites"] if r["exactness"] == "sinkhorn"):
+        assert (row["convention"], row["iters"], row["eps"]) == ("log", 3, 0.0), row["name"]
+        assert (row["convention_source"], row["iters_source"]) == ("cli (--convention)", "cli (--iters)")
+    g = run_cli("gain-sweep", "--from", case.path, *case.args, *opts)
+    assert g.returncode == 0, g.stderr
+    for v in json.loads(g.stdout)["variants"]:
+        if v.get("sinkhorn"):
+            assert (v["sinkhorn"]["convention"], v["sinkhorn"]["iters"], v["sinkhorn"]["source"]) == ("log", 3, "cli")
+    t = run_cli("stochasticity", case.path, *case.args, "--temperature", "0.5", "--json")
+    if layout in TEMPERATURE_LAYOUTS:
+        assert t.returncode == 0, t.stderr
+    else:
+        assert t.returncode == 2 and "--temperature does not apply" in t.stderr, t.stderr
+        assert len(t.stderr.strip().splitlines()) == 1 and "Traceback" not in t.stderr
