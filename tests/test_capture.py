@@ -220,6 +220,26 @@ def test_hcdiag_site_modules_and_token_cap(tmp_path) -> None:
     torch.testing.assert_close(rec.h_res, torch.cat([r1.reshape(6, 4, 4), r2[:4]]).float(), rtol=0, atol=0)
 
 
+def test_recorded_rows_survive_buffer_growth(tmp_path, monkeypatch) -> None:
+    """The recorder's buffer starting at a few rows and doubling (as it does past 256 MiB): every call's rows,
+    cast to float32, land in order, up to max_tokens (compared with the inputs themselves)."""
+    from hcdiag import capture as cap
+    from hcdiag.io.lucidrains_layout import build_site, plan_site
+
+    monkeypatch.setattr(cap._Rows, "START_BYTES", 3 * 4 * 8 * 4)  # 3 rows of x [4, 8] float32
+    lib = perturb(HyperConnections(4, dim=8, layer_index=0), seed=5)
+    sd = {k: v.detach() for k, v in lib.state_dict().items()}
+    holder = nn.ModuleDict({"hc": build_site(plan_site({k: tuple(v.shape) for k, v in sd.items()}), sd)})
+    xs = [torch.randn(k, 4, 8, dtype=torch.float64) for k in (1, 2, 5, 1, 7)]
+    path = tmp_path / "grow.safetensors"
+    with torch.no_grad(), capture(holder, path, max_tokens=14):
+        res = [holder["hc"](x).res for x in xs]
+    (rec,) = read_activations(path)
+    assert rec.x.dtype == torch.float32 and rec.x.shape == (14, 4, 8)
+    torch.testing.assert_close(rec.x, torch.cat(xs)[:14].float(), rtol=0, atol=0)
+    torch.testing.assert_close(rec.h_res, torch.cat(res)[:14].float(), rtol=0, atol=0)
+
+
 def test_site_selection_and_failures(tmp_path) -> None:
     net = LucidNet().eval()
     path = tmp_path / "sel.safetensors"
