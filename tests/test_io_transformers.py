@@ -478,6 +478,12 @@ def test_released_or_older_config_keeps_the_softmax_start(dsv4, tmp_path, versio
 
 def test_cli_convention_overrides_the_version(dsv4, tmp_path):
     _, root = dsv4
-    loaded = load(_with_version(root, tmp_path / "old", "5.8.0.dev0"), options=LoadOptions(convention="transformers"))
+    old = _with_version(root, tmp_path / "old", "5.8.0.dev0")
+    loaded = load(old, options=LoadOptions(convention="transformers"))
     assert {s.module.sinkhorn.convention for s in loaded.sites} == {Convention.TRANSFORMERS}
     assert loaded.settings_source["convention"] == "cli (--convention)"
+    # the other transformers convention keeps the config's hc_eps; one without an eps gets 0, said so
+    assert loaded.settings_source["eps"] == "config.json (hc_eps)"
+    log = load(old, options=LoadOptions(convention="log"))
+    assert {(s.module.sinkhorn.convention, s.module.sinkhorn.eps) for s in log.sites} == {(Convention.LOG, 0.0)}
+    assert log.settings_source["eps"] == "default"

@@ -63,7 +63,7 @@ from hcdiag.io.reader import (
     sub_config,
 )
 from hcdiag.model import LoadedModel, Site, TensorInfo
-from hcdiag.sinkhorn import CLI_SOURCE, has_eps, parse_convention
+from hcdiag.sinkhorn import effective_spec
 from hcdiag.site import HCOutput, LinearRead, SinkhornSpec, SiteEval, SiteModule, rms_norm
 
 __all__ = [
@@ -338,29 +338,30 @@ def _library_version(top: dict[str, Any]) -> tuple[Version, str] | None:
     return Version(v), f"installed transformers {v}"
 
 
-def _convention(options: LoadOptions, top: dict[str, Any], model_type: Any) -> tuple[Convention, str]:
-    if options.convention is None:
-        lib = _library_version(top) if model_type in (None, "deepseek_v4") else None
-        if lib is None:
-            return Convention.TRANSFORMERS, "layout (transformers)"
-        v, why = lib
-        if _SIGMOID_FROM <= v < SOFTMAX_START_SINCE:
-            return Convention.TRANSFORMERS_SIGMOID, (
-                f"{why} < {SOFTMAX_START_SINCE}, the first release with the softmax start "
-                "(the earlier DeepSeek-V4 code starts from sigmoid)"
-            )
-        if v < _SIGMOID_FROM:
-            return Convention.TRANSFORMERS, f"layout (transformers; {why} predates transformers' DeepSeek-V4 code)"
-        return Convention.TRANSFORMERS, f"layout (transformers; {why} >= {SOFTMAX_START_SINCE}: softmax start)"
-    return parse_convention(options.convention, "--convention"), CLI_SOURCE["convention"]
+def _library_convention(top: dict[str, Any], model_type: Any) -> tuple[Convention, str]:
+    """The Sinkhorn of the transformers code that runs the checkpoint (by its version, see module docstring)."""
+    lib = _library_version(top) if model_type in (None, "deepseek_v4") else None
+    if lib is None:
+        return Convention.TRANSFORMERS, "layout (transformers)"
+    v, why = lib
+    if _SIGMOID_FROM <= v < SOFTMAX_START_SINCE:
+        return Convention.TRANSFORMERS_SIGMOID, (
+            f"{why} < {SOFTMAX_START_SINCE}, the first release with the softmax start "
+            "(the earlier DeepSeek-V4 code starts from sigmoid)"
+        )
+    if v < _SIGMOID_FROM:
+        return Convention.TRANSFORMERS, f"layout (transformers; {why} predates transformers' DeepSeek-V4 code)"
+    return Convention.TRANSFORMERS, f"layout (transformers; {why} >= {SOFTMAX_START_SINCE}: softmax start)"
 
 
-def _spec(st: Settings, options: LoadOptions, conv: Convention) -> SinkhornSpec:
-    if options.iters is not None or options.convention is not None:
-        where = "cli"
-    else:
-        where = "config" if st.stated("hc_sinkhorn_iters") else "default"
-    return SinkhornSpec(conv, st.values["hc_sinkhorn_iters"], st.values["hc_eps"] if has_eps(conv) else 0.0, where)
+def _spec(st: Settings, options: LoadOptions, top: dict[str, Any]) -> tuple[SinkhornSpec, dict[str, str]]:
+    """The comb Sinkhorn: the library code's convention, the config's iterations (``--iters`` already laid over
+    them by :meth:`Settings.take_iters`) and hc_eps, then ``--convention`` by :func:`effective_spec`."""
+    conv, conv_src = _library_convention(top, st.get("model_type"))
+    src = {"convention": conv_src, "iters": st.source["hc_sinkhorn_iters"], "eps": st.source["hc_eps"]}
+    where = "config" if st.stated("hc_sinkhorn_iters") else "default"
+    base = SinkhornSpec(conv, st.values["hc_sinkhorn_iters"], st.values["hc_eps"], where)
+    return effective_spec(base, convention=options.convention, sources=src, option="--convention")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -438,14 +439,14 @@ def _module(source: TensorSource, infos: list[TensorInfo], n: int, C: int, st: S
 # the model
 
 
-def _sources(st: Settings, sites: list[Site], conv_src: str) -> dict[str, str]:
+def _sources(st: Settings, sites: list[Site], sk_src: dict[str, str]) -> dict[str, str]:
     fn_key = sites[0].tensors[0].key
     out = {
         "n": st.source["hc_mult"] if "hc_mult" in st.values else f"inferred from {fn_key} shape",
         "C": st.source["hidden_size"] if "hidden_size" in st.values else f"inferred from {fn_key} shape (columns / n)",
     }
     if any(s.variant == "mhc" for s in sites):
-        out.update(convention=conv_src, iters=st.source["hc_sinkhorn_iters"], eps=st.source["hc_eps"])
+        out.update(sk_src)
     else:
         out["convention"] = "not applicable (H_res = I: HY-V4 sites have no comb)"
         out["hc_magnitude"] = st.source["hc_magnitude"]
@@ -499,14 +500,13 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     if prefix is None:
         raise InputError(f"{path}: no transformers mHC keys (layers.N.attn_hc.fn, layers.N.hc_attn_fn, ...)", path=path)
     st = _settings(source, options)
-    conv, conv_src = _convention(options, _top(source), st.get("model_type"))
     notes = other_prefix_notes(scan.groups, prefix, "HC sites")
     sites_keys, dropped = drop_layers_beyond(scan.groups[prefix], st.get("num_hidden_layers"), "MTP layers")
     notes += [dropped] if dropped else []
     if not sites_keys:
         raise InputError(f"{path}: no transformers mHC sites within num_hidden_layers={st.get('num_hidden_layers')}",
                          path=path)
-    spec, dims = _spec(st, options, conv), SiteDims(path)
+    (spec, sk_src), dims = _spec(st, options, _top(source)), SiteDims(path)
     sites: list[Site] = []
     for block, kind in depth_order(sites_keys):
         infos, n = _site_shape(source, sites_keys[(block, kind)], f"{kind}_{block}", st)
@@ -515,14 +515,14 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
         module = _module(source, infos, n, C, st, spec)
         variant = "mhc" if isinstance(module, TransformersMHCSite) else "ihc"
         sites.append(Site(len(sites), f"{kind}_{block}", block, kind, variant, module, infos))
-    notes += _notes(sites, conv)
+    notes += _notes(sites, Convention(spec.convention))
     metadata: dict[str, Any] = {"family": st.get("model_type") or "transformers mHC"}
     notes += _head(source, scan, prefix, metadata)
     used = {i.key for s in sites for i in s.tensors} | {m.string for m in scan.side["head"]}
     from hcdiag.io.load import unmatched_hc_keys  # lazy: load imports the layouts
 
     unmatched = unmatched_hc_keys(source, used)  # every hc_head tensor is recognised, whichever its prefix
-    return assemble(source, "transformers", sites, settings=_sources(st, sites, conv_src),
+    return assemble(source, "transformers", sites, settings=_sources(st, sites, sk_src),
                     notes=notes + _mtp(unmatched), unmatched=unmatched, metadata=metadata,
                     source_dtype=_fn_dtype(sites))
 
