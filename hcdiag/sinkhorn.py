@@ -767,11 +767,12 @@ def effective_spec(
 ) -> tuple[SinkhornSpec, dict[str, str]]:
     """The Sinkhorn spec a site is analysed with, and where each setting came from.
 
-    Precedence: the options (``iters`` / ``convention`` / ``eps``, sources "cli (--iters)", ...) > the site's
-    spec as loaded (its ``source``: "metadata", "config", ...) > the paper default (``paper``, 20 iterations,
-    source "default"). eps: the site's own while the convention is the site's, or another convention with an
-    eps (the model's hc_eps holds for both transformers conventions); otherwise :func:`default_eps` (0 for the
-    conventions without one). ``option``: the name a bad ``convention`` is refused under.
+    Precedence: the options (``iters`` / ``convention`` / ``eps``, sources "cli (--iters)", "cli (--convention)",
+    "api (eps=)") > the site's spec as loaded (its ``source``: "metadata", "config", ...) > the paper default
+    (``paper``, 20 iterations, source "default"). eps: the site's own while the convention is the site's, or
+    another convention with an eps (the model's hc_eps holds for both transformers conventions); otherwise
+    :func:`default_eps` (0 for the conventions without one). ``option``: the name a bad ``convention`` is
+    refused under.
     ``sources``: the loader's per-setting sources (``LoadedModel.settings_source``), used where the site's
     spec carries one source for all settings.
     Returns (spec, {"convention": source, "iters": source, "eps": source}); the spec's own ``source`` is "cli"
@@ -804,8 +805,9 @@ def effective_spec(
     return SinkhornSpec(conv, it, e, "cli" if by_option else base.source), used
 
 
-#: the source a setting gets when an option sets it
-CLI_SOURCE = {"convention": "cli (--convention)", "iters": "cli (--iters)", "eps": "cli (--eps)"}
+#: the source a setting gets when an option sets it (no command has an --eps option: eps is set only through the
+#: Python API's ``eps=``)
+CLI_SOURCE = {"convention": "cli (--convention)", "iters": "cli (--iters)", "eps": "api (eps=)"}
 
 
 def default_eps(convention: Convention | str) -> tuple[float, str]:
