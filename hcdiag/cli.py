@@ -621,7 +621,8 @@ def _verify_table(report) -> None:
                   escape(s.diagnosis or ("" if s.conforms else "unexplained")))
     t.show()
     render.dim("residuals: ||x_(l+1) - (H_res x_l + H_post^T F_l)|| / ||x_(l+1)|| with the model's matrices "
-               "and with those recomputed from the checkpoint; branch input: ||H_pre x - branch input|| / ||.||. "
+               "and with those recomputed from the checkpoint; branch input: ||H_pre x - branch input|| / ||.|| "
+               "(Qwen4-Exp: its channel-gated mean of the normalised streams, recomputed). "
                "Sites without a recorded update show H_res / H_post / H_pre differences in those columns.")
     skipped = {}
     for s in report.sites:

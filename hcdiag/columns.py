@@ -137,7 +137,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "produced (mHC Eq. 3); empty where the update was not recorded",
         "update_recomputed": "the same residual with the H_res, H_post the checkpoint's parameters give under the "
         "layout's convention; empty where the update was not recorded",
-        "branch_input": "rel(H_pre x, branch input) with the recomputed H_pre; empty where the module did not "
+        "branch_input": "rel(H_pre x, branch input) with the recomputed H_pre (Qwen4-Exp: the recomputed channel-gated "
+        "mean of the normalised streams, which no H_pre [n] gives); empty where the module did not "
         "return its branch input",
         "h_res": "rel(recomputed H_res, the model's H_res); empty where the module did not expose it",
         "h_post": "rel(recomputed H_post, the model's H_post); empty where the module did not expose it",

@@ -132,6 +132,12 @@ class SiteModule(torch.nn.Module):
         out = self.forward(x)
         return SiteEval(out.pre, out.post, logits, out.res)
 
+    def branch_input(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """The input the layer's branch F reads, [..., C], for streams x [..., n, C] and this site's H_pre
+        [..., n] of x: H_pre x (mHC Eq. 3). A site whose branch input is not a stream-weighted sum overrides it
+        (``verify`` compares it with the branch input a live module produced)."""
+        return (pre.unsqueeze(-1) * x).sum(-2)
+
     def linear_read(self) -> LinearRead | None:
         """W and eps where this site reads x only through z = RMSNorm(vec(x)) W^T (:class:`LinearRead`), else
         None (the default: no such structure is claimed)."""

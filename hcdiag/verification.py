@@ -14,7 +14,9 @@ Per site, in float64, with rel(a, b) = ||a - b||_F / ||b||_F over all recorded t
 ``update (recomputed)``  the same with the H_res, H_post that the checkpoint's parameters give under the
                          layout's convention (the site module's forward on x);
 ``branch input``         rel(H_pre x, branch input) with the recomputed H_pre, where the module returned its
-                         branch input (transformers ``collapsed``, lucidrains ``branch_input``);
+                         branch input (transformers ``collapsed``, lucidrains ``branch_input``); a site whose
+                         branch input is no stream-weighted sum gives its own
+                         (:meth:`~hcdiag.site.SiteModule.branch_input`: Qwen4-Exp's channel-gated mean);
 ``H_res`` / ``H_post`` / ``H_pre``  rel(recomputed, model's) wherever the module exposed that matrix (not for
                          H_res where capture could only recompute it: lucidrains HC); where the update itself was
                          not recorded (hcdiag's own SiteModules compute the matrices only) these are the checks.
@@ -74,7 +76,7 @@ from hcdiag.enums import Convention, Exactness, Probe
 from hcdiag.errors import UsageError
 from hcdiag.model import LoadedModel, Site
 from hcdiag.sinkhorn import TRANSFORMERS_DEFAULT_EPS, sinkhorn
-from hcdiag.site import SinkhornSpec
+from hcdiag.site import SinkhornSpec, SiteModule
 
 __all__ = [
     "FINGERPRINT_TOKENS",
@@ -406,6 +408,7 @@ class _Data:
     post: torch.Tensor
     res: torch.Tensor
     H_exposed: bool  # H_model is what the module produced (not capture's recomputation)
+    module: SiteModule  # the checkpoint's site, in float64: its branch input for an H_pre
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -422,17 +425,24 @@ class _Data:
         assert self.y is not None
         return _rel(self.predict(H, post), self.y)
 
-    def module_residual(self, H: torch.Tensor, post: torch.Tensor, pre: torch.Tensor | None = None) -> float:
-        """How well matrices computed some other way reproduce what the module produced: the largest of the
-        residuals against the model's H_res (where the module exposes it), H_post, H_pre or branch input, and
-        the update residual (where the update was recorded)."""
+    def branch_residual(self, pre: torch.Tensor, module: SiteModule | None = None) -> float:
+        """How well ``module``'s branch input for H_pre ``pre`` (default: the checkpoint's site) reproduces the
+        recorded one."""
+        assert self.branch_in is not None
+        return _rel((module or self.module).branch_input(self.x, pre), self.branch_in)
+
+    def module_residual(self, H: torch.Tensor, post: torch.Tensor, pre: torch.Tensor | None = None,
+                        module: SiteModule | None = None) -> float:
+        """How well matrices computed some other way (by ``module``, default the checkpoint's site) reproduce
+        what the module produced: the largest of the residuals against the model's H_res (where the module
+        exposes it), H_post, H_pre or branch input, and the update residual (where the update was recorded)."""
         r = [_rel(H, self.H_model)] if self.H_exposed else []
         if self.post_model is not None:
             r.append(_rel(post, self.post_model))
         if pre is not None and self.pre_model is not None:
             r.append(_rel(pre, self.pre_model))
         if pre is not None and self.branch_in is not None:
-            r.append(_rel((pre.unsqueeze(-1) * self.x).sum(-2), self.branch_in))
+            r.append(self.branch_residual(pre, module))
         if self.has_update:
             r.append(self.layer_residual(H, post))
         return max(r) if r else float("nan")
@@ -459,7 +469,8 @@ def _data(site: Site, captured: Any, x: torch.Tensor) -> _Data:
     exposed = H_mod is not None or captured.h_res_from != "recomputed"
     return _Data(x=x, H_model=H_model, post_model=_opt(captured.h_post), pre_model=_opt(captured.h_pre),
                  F=_opt(captured.f), y=_opt(captured.y), branch_in=_opt(captured.branch_in),
-                 pre=pre.to(_F64), post=post.to(_F64), res=res.to(_F64), H_exposed=exposed, skipped=skipped)
+                 pre=pre.to(_F64), post=post.to(_F64), res=res.to(_F64), H_exposed=exposed, module=m,
+                 skipped=skipped)
 
 
 def _checks(d: _Data) -> dict[str, float]:
@@ -482,7 +493,7 @@ def _checks(d: _Data) -> dict[str, float]:
     if d.pre_model is not None:
         checks["H_pre"] = _rel(d.pre, d.pre_model)
     if d.branch_in is not None:
-        checks["branch input"] = _rel((d.pre.unsqueeze(-1) * d.x).sum(-2), d.branch_in)
+        checks["branch input"] = d.branch_residual(d.pre)
     elif d.pre_model is None:
         d.skipped.setdefault("branch input", d.skipped.get("branch_in", "the branch input was not recorded"))
     return checks
@@ -559,8 +570,9 @@ def _module_diagnoses(site: Site, d: _Data, spec: SinkhornSpec | None, logits: t
     module = site.module
     if _is_packed(module) and spec is not None:
         for name, alt in _split_sites(module):
-            o = alt.in_dtype(_F64)(d.x)
-            out.append(_diag(name, d.module_residual(o.res, o.post, o.pre), tol))
+            alt64 = alt.in_dtype(_F64)
+            o = alt64(d.x)
+            out.append(_diag(name, d.module_residual(o.res, o.post, o.pre, alt64), tol))
     else:
         out.append(Diagnosis("split order of the packed projection", None, False,
                              "not applicable: the layout has no packed [pre, post, comb] projection"))
@@ -703,6 +715,23 @@ def _names(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _conform_text(sites: list[SiteVerification], tol: float) -> str:
+    """What conforming sites were shown to do: the update equation where it was recorded, else the matrices
+    the module exposed."""
+    updated = [s for s in sites if "update (recomputed)" in s.checks]
+    law = ("the recorded output streams follow x_(l+1) = H_res x_l + H_post^T F_l with the model's matrices "
+           "and with those the checkpoint gives")
+    maps = ("what the module produced (H_res, H_post, H_pre or branch input, where recorded) equals what the "
+            "checkpoint gives")
+    rounding = f"to {tol:.2g} (float32 rounding)"
+    if len(updated) == len(sites):
+        return f"{law}, {rounding}"
+    if not updated:
+        return f"{maps}, {rounding}; the update itself was not recorded (see the skipped checks)"
+    rest = [s.name for s in sites if "update (recomputed)" not in s.checks]
+    return (f"at {len(updated)} site(s) {law}; at {_names(rest)} (no update recorded) {maps}; {rounding}")
+
+
 def _verdict(sites: list[SiteVerification], tol: float) -> str:
     bad = [s for s in sites if not s.conforms]
     fps: dict[str, list[str]] = {}
@@ -714,9 +743,7 @@ def _verdict(sites: list[SiteVerification], tol: float) -> str:
         parts = [f"{label} at {len(v)} site(s)" for label, v in sorted(fps.items(), key=lambda kv: -len(kv[1]))]
         fp_text = " Sinkhorn fingerprint of the model's H_res: " + "; ".join(parts) + "."
     if not bad:
-        return (f"All {len(sites)} sites conform: the recorded output streams follow x_(l+1) = H_res x_l + "
-                f"H_post^T F_l with the model's matrices and with those the checkpoint gives, to {tol:.2g} "
-                f"(float32 rounding).{fp_text}")
+        return f"All {len(sites)} sites conform: {_conform_text(sites, tol)}.{fp_text}"
     groups: dict[str, list[str]] = {}
     for s in bad:
         groups.setdefault(s.diagnosis or "unexplained by every diagnosis tried", []).append(s.name)

@@ -87,6 +87,11 @@ class Qwen4ExpSite(SiteModule):
         g = torch.sigmoid(F.linear(F.silu(F.linear(flat, self.down) / self.n), self.up))
         return g.unflatten(-1, (self.n, self.C))
 
+    def branch_input(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """The module's ``mixed_input``: the channel-gated normalised streams averaged, mean_i g_i * x'_i
+        [..., C] (``pre``, the gate's channel mean, does not determine it)."""
+        return (self.gate(x) * self._normed(x)).mean(-2)
+
     def res_logits(self, x: torch.Tensor) -> None:
         return None
 
