@@ -738,14 +738,19 @@ def _advice_group(rs: Sequence[SiteStochasticity], tol: float, dtype: torch.dtyp
     return [line]
 
 
-def _fix_logits(rows: Sequence[SiteStochasticity], site: SiteStochasticity) -> str:
+def _fix_logits(site: SiteStochasticity, *, log_domain_helps: bool) -> str:
+    """What to change: the temperature or the logits' scale, plus the log domain where it helps (an entry that
+    underflows to 0 in an exp-domain Sinkhorn stays 0; absorption below rounding happens in either domain, and a
+    site already iterated in the log domain has nothing to gain)."""
     keys = site.res_tensors
     named = f"the H_res logits' tensors ({', '.join(keys)})" if keys else "the scale of the H_res logits"
     if site.temperature is not None:
         R = site.logit_range_max or 0.0
         return (f"the logits are the stored ones divided by the temperature tau = {site.temperature:g} (stored "
                 f"range {R * site.temperature:.3g}): raise tau or shrink {named}")
-    return f"shrink {named} or use the log-domain convention (--convention log)"
+    if log_domain_helps and site.convention != Convention.LOG.value:
+        return f"shrink {named} or run the Sinkhorn in the log domain (hcdiag: --convention log)"
+    return f"shrink {named}"
 
 
 def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -> list[str]:
@@ -773,18 +778,19 @@ def _advice(rows: Sequence[SiteStochasticity], tol: float, dtype: torch.dtype) -
     if ranged:
         r = max(ranged, key=lambda r: r.logit_range_max or 0.0)
         R = r.logit_range_max or 0.0
-        fix = _fix_logits(rows, r)
         if R > UNDERFLOW_RANGE_F32:
             out.append(
                 f"logit range up to {R:.3g} at site {r.name}: exp() underflows in float32 (range > "
                 f"{UNDERFLOW_RANGE_F32:.1f}: the small entries fall below the smallest normal float32, exactly 0 "
-                f"past {ZERO_RANGE_F32:.0f}, and a zero entry stays 0 through every Sinkhorn pass); {fix}"
+                f"past {ZERO_RANGE_F32:.0f}; in an exp-domain Sinkhorn a zero entry stays 0 through every pass, "
+                f"in the log domain H_res = exp(result) still has them); {_fix_logits(r, log_domain_helps=True)}"
             )
         elif R > ABSORPTION_RANGE_F32:
             out.append(
                 f"logit range up to {R:.3g} at site {r.name}: in float32 the small entries fall below "
-                f"rounding of the large ones (range > {ABSORPTION_RANGE_F32:.1f}), so Sinkhorn returns "
-                f"near-permutations with vanishing gradients; {fix}"
+                f"rounding of the large ones (range > {ABSORPTION_RANGE_F32:.1f}, in the exp and the log domain "
+                f"alike), so Sinkhorn returns near-permutations with vanishing gradients; "
+                f"{_fix_logits(r, log_domain_helps=False)}"
             )
         paper = [r for r in sk if r.convention == Convention.PAPER.value and r.logit_max is not None]
         if paper:

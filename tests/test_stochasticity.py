@@ -406,6 +406,24 @@ def test_logit_range_advice() -> None:
     assert any("logit range up to 41 at site ffn_7" in a for a in r.summary.advice)
 
 
+@pytest.mark.parametrize("spread, convention, suggests_log", [
+    (41.0, None, False),  # absorption: the log domain rounds the same way
+    (100.0, None, True),  # underflow under the mHC default (an exp-domain convention)
+    (100.0, "lucidrains", True),
+    (100.0, "log", False),  # already the log domain
+])
+def test_log_domain_is_suggested_only_where_it_helps(spread: float, convention: str | None,
+                                                     suggests_log: bool) -> None:
+    m = registry.get("mhc").build(N, C, layer_index=0)
+    with torch.no_grad():
+        m.b_res.copy_(torch.full((N, N), -spread).fill_diagonal_(0.0))
+    model = LoadedModel("<mem>", "test", "", [Site(0, "ffn_7", 7, "ffn", "mhc", m)], N, C)
+    r = analyze_stochasticity(model, probe="static", convention=convention)
+    line = next(a for a in r.summary.advice if a.startswith(f"logit range up to {spread:.3g}"))
+    assert ("log domain (hcdiag: --convention log)" in line) == suggests_log, line
+    assert "shrink the scale of the H_res logits" in line
+
+
 def test_overflow_is_reported_not_hidden() -> None:
     # paper convention has no max subtraction: exp(800) overflows even float64 -> NaN H_res
     m = registry.get("mhc").build(N, C, layer_index=0)
