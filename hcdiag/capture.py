@@ -660,6 +660,10 @@ def _library_site(name: str, m: nn.Module) -> _LibrarySite:
     no_update = None
     if channel_first:
         no_update = "channel_first module: its branch tensors are not in token order"
+    if f"{cls_module.rsplit('.', 1)[-1]}.{type(m).__name__}" in lr.FORM_CLASSES.values():
+        raise UsageError(f"capture(): site {name} is a {cls_module}.{type(m).__name__}: hcdiag reads its "
+                         "checkpoints but does not record its forward pass; leave it out with sites=[...]",
+                         option="sites")
     if cls_module.startswith("hyper_connections"):
         v2 = cls_module.endswith("mHCv2")
         force = "mhc-v2" if v2 else ("hc" if "dynamic_alpha_scale" in shapes else "mhc")

@@ -273,6 +273,44 @@ def lucidrains(kind: str, fmt: str = "safetensors") -> Callable[[Path], Case]:
     return build
 
 
+def _action_h(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The H_res [T, n, n] (paper convention) of one of the package's other HyperConnections classes on streams
+    x [T, n, C], from its action alone: the streams width_connection returns are H_res x, so H_res = out x^+
+    (x of full row rank); at x = 0 the library's alpha is its static_alpha, so H_res = static_alpha[:, -n:]^T."""
+    n = x.shape[1]
+    if not x.any():
+        return m.static_alpha.detach().double()[:, -n:].mT.expand(x.shape[0], n, n)
+    channel_first = type(m).__module__.endswith("channel_first")
+    R = x.permute(1, 2, 0).unsqueeze(-1) if channel_first else x.transpose(0, 1)  # [s, d, T, 1] / [s, T, d]
+    side = {path: torch.zeros_like(R) for path, _ in getattr(m, "additional_input_paths", [])}  # other inputs
+    out = m.width_connection(R, **side)[1]
+    out = out[..., 0].permute(2, 0, 1) if channel_first else out[0]  # -> [T, s, d]
+    return out.double() @ torch.linalg.pinv(x.double())
+
+
+def lucidrains_forms(d: Path) -> Case:
+    """One site each of hyper_connections_channel_first, _with_multi_input_streams (with an additional input
+    path) and _with_multi_branch_inputs (m = 2) in one network."""
+    from hyper_connections.hyper_connections_channel_first import HyperConnections as ChannelFirst
+    from hyper_connections.hyper_connections_with_multi_branch_inputs import HyperConnections as MultiBranch
+    from hyper_connections.hyper_connections_with_multi_input_streams import HyperConnections as MultiInput
+
+    n, C = 4, 8
+    mods = [ChannelFirst(n, dim=C, layer_index=0), MultiInput(n, dim=C, layer_index=1),
+            MultiInput(n, dim=C, layer_index=2, additional_input_paths=[("x2", C)]),
+            MultiBranch(n, dim=C, layer_index=3, num_branch_inputs=2)]
+    net = _perturb(nn.ModuleDict({"layers": nn.ModuleList(mods)}), seed=5, scale=1.0).eval()
+    path = d / "forms.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, str(path))
+    libs64 = [copy.deepcopy(m).double() for m in net["layers"]]
+
+    def oracle(i: int, x: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():
+            return _action_h(libs64[i], x.double())
+
+    return Case(path, oracle, _acts_from_oracle(d / "acts.safetensors", oracle, len(mods), n, C))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # nanoGPT reference repos (mhc-lite / KromHC / tbp-mHC model.py): the reference port of tests/test_io_nanogpt.py
 
@@ -398,7 +436,8 @@ def _builders() -> dict[str, Callable[[Path], Case]]:
     out: dict[str, Callable[[Path], Case]] = {f"native-{v}": native(v) for v in registry.names()}
     out |= {"dsv4": deepseek_v4, "glm5-next": glm5_next, "hy-v4": hy_v4, "hy-v4-vl": hy_v4_vl}
     out |= {"lr-hc": lucidrains("hc"), "lr-mhc": lucidrains("mhc"), "lr-mhcv2": lucidrains("mhcv2"),
-            "lr-mixed-pt": lucidrains("mixed", "pt"), "lr-train-dict": lucidrains("mhc", "train")}
+            "lr-mixed-pt": lucidrains("mixed", "pt"), "lr-train-dict": lucidrains("mhc", "train"),
+            "lr-forms": lucidrains_forms}
     out |= {f"nanogpt-{v}": nanogpt(v) for v in ("mhc", "mhc_lite", "kromhc", "tbp_mhc")}
     out["layout-file"] = layout_file
     # one row per layout (Qwen4-Exp at n = 8 too is tests/test_io_qwen4_exp.py's: the matrix costs ~20 s a row)

@@ -57,7 +57,7 @@ once, here. Site grouping, names, Sinkhorn settings, reading a site and the Load
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -311,18 +311,21 @@ class LucidrainsSite(SiteModule):
             # normed [..., s, f1, d] @ [d, f2] + static [s, f1, 1] -> beta [..., s, f1, f2]; out (s, f2) <- f1
             beta = 2 * torch.sigmoid((normed @ Wb) * self._p("h_post_scale", dt) + static)
             return beta.movedim(-2, -3).reshape(*lead, f, n) if f > 1 else beta.reshape(*lead, n)
-        dc = normed @ Wb  # [..., f1, s] (f = 1) or [..., f1, s, f2]
+        # o branch outputs: the f fractions, or the m branch inputs of the multi-branch form (f = 1)
+        o = int(Wb.shape[-1]) if Wb.ndim == 2 else 1
+        dc = normed @ Wb  # [..., f1, s] (o = 1) or [..., f1, s, o]
         if Wb.ndim == 1:
             dc = dc.unsqueeze(-1)
-        static = static.reshape(s, f)  # '(s f)': s outer
+        static = static.reshape(s, o)  # '(s f)': s outer; multi-branch [s, m]
         if self.cls == "hc":
             dc = torch.tanh(dc) if self.tanh else dc
             beta = dc * self._p("dynamic_beta_scale", dt) + static
         else:
             beta = 2 * torch.sigmoid(dc * self._p("h_post_scale", dt) + static)
-        # beta [..., f1, s, f2]: output fractional stream (f2, s) <- branch fraction f1
-        beta = beta.transpose(-1, -2)  # [..., f1, f2, s]
-        return beta.reshape(*lead, f, n) if f > 1 else beta.reshape(*lead, n)
+        # beta [..., f1, s, o]: output fractional stream (f2 = o, s) <- branch fraction f1; multi-branch
+        # (f1 = 1): stream s <- branch output o
+        beta = beta.transpose(-1, -2)  # [..., f1, o, s]
+        return beta.reshape(*lead, o, n) if o > 1 else beta.reshape(*lead, n)
 
     # ---- SiteModule API -----------------------------------------------------------------------------------
 
@@ -360,6 +363,68 @@ class LucidrainsSite(SiteModule):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The package's other HyperConnections classes: HC's math under other tensor names and shapes
+
+#: form -> the class that writes it
+FORM_CLASSES = {
+    "channel-first": "hyper_connections_channel_first.HyperConnections",
+    "multi-input": "hyper_connections_with_multi_input_streams.HyperConnections",
+    "multi-branch": "hyper_connections_with_multi_branch_inputs.HyperConnections",
+}
+_FORM_NOTES = {
+    "channel-first": "its 1x1 Conv2d projections and [d, 1, 1] norm gain are HyperConnections' linear maps over "
+    "each position's channels, read as such",
+    "multi-input": "its ProjActScale projections are HyperConnections' dynamic_alpha_fn / dynamic_beta_fn with "
+    "their scales; additional input paths mix other branch arguments, not the residual streams, and are ignored",
+    "multi-branch": "num_branch_inputs = m > 1: H_pre has m rows (one per branch input) and H_post m rows "
+    "(branch output i -> the streams, static_beta [s, m])",
+}
+_Convert = Callable[[torch.Tensor], torch.Tensor]
+#: form -> {the class's tensor: (HyperConnections' name for it, how to convert it)}; a form is told by its first key
+_RENAMES: dict[str, dict[str, tuple[str, _Convert]]] = {
+    "channel-first": {
+        "dynamic_alpha_fn.weight": ("dynamic_alpha_fn", lambda w: w[:, :, 0, 0].mT),  # Conv2d(d, K, 1)
+        "dynamic_beta_fn.0.weight": ("dynamic_beta_fn", lambda w: w[0, :, 0, 0]),  # Conv2d(d, 1, 1)
+        "norm.gamma": ("norm.gamma", lambda g: g.reshape(g.shape[0])),  # [d, 1, 1]
+    },
+    "multi-input": {
+        "dynamic_alpha_and_branch_input.proj.weight": ("dynamic_alpha_fn", lambda w: w.mT),  # Linear(d, K)
+        "dynamic_alpha_and_branch_input.scale": ("dynamic_alpha_scale", lambda t: t),
+        "dynamic_beta.proj.weight": ("dynamic_beta_fn", lambda w: w[0]),  # Linear(d, 1)
+        "dynamic_beta.scale": ("dynamic_beta_scale", lambda t: t),
+    },
+}
+_SIDE_PATHS = ("additional_norms.", "additional_to_dynamic_input.", "additional_static_input.")
+
+
+def _key_form(names: Mapping[str, Any]) -> str | None:
+    return next((form for form, table in _RENAMES.items() if next(iter(table)) in names), None)
+
+
+def _as_hc(
+    form: str | None, items: Mapping[str, torch.Tensor], prefix: str, path: str | None
+) -> dict[str, torch.Tensor]:
+    """A form's tensors (or meta tensors, for shapes) under HyperConnections' names and shapes; InputError for a
+    tensor the conversion would not keep whole (a k x k convolution, a projection with more outputs)."""
+    if form is None:
+        return dict(items)
+    table = _RENAMES[form]
+    out: dict[str, torch.Tensor] = {}
+    for key, t in items.items():
+        if key.startswith(_SIDE_PATHS):
+            continue
+        name, convert = table.get(key, (key, lambda v: v))
+        try:
+            new = convert(t)
+        except (IndexError, RuntimeError):
+            new = None
+        if new is None or new.numel() != t.numel():
+            raise _fail(prefix, f"{key} {tuple(t.shape)} is not the shape {FORM_CLASSES[form]} gives it", path)
+        out[name] = new
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Identification from shapes
 
 
@@ -373,6 +438,8 @@ class SitePlan:
     views: int
     C: int
     how: str  # "shapes" or "assumed v=1" ...
+    form: str | None = None  # another class of the package with HC's math (FORM_CLASSES), None for the three
+    side_paths: int = 0  # multi-input form: additional input paths (not residual maps)
 
 
 def _fail(prefix: str, why: str, path: str | None) -> InputError:
@@ -435,6 +502,8 @@ def _split_streams(
             s = R // f if f > 0 and R % f == 0 else 0
             how = "assumed v=1"
         return s, f, 1, how
+    if cls == "hc" and sb is not None and len(sb) == 2:
+        return _branch_inputs(sa, sb, db, d, prefix, path)
     if db is not None:
         f = db[1] if len(db) == 2 else 1
     else:
@@ -450,6 +519,17 @@ def _split_streams(
     if db is not None and db not in ((d,), (d, f)):
         raise _fail(prefix, f"dynamic_beta_fn {db} is not [{d}] or [{d}, {f}]", path)
     return s, f, v, how
+
+
+def _branch_inputs(sa: tuple[int, ...], sb: tuple[int, ...], db: tuple[int, ...] | None, d: int, prefix: str,
+                   path: str | None) -> tuple[int, int, int, str]:
+    """hyper_connections_with_multi_branch_inputs: static_alpha [s, m + s], static_beta [s, m], dynamic_beta_fn
+    [d, m] -> (s, f = 1, v = m, how)."""
+    s, m = sb
+    if sa != (s, m + s) or db != (d, m):
+        raise _fail(prefix, f"static_beta {sb} with static_alpha {sa} and dynamic_beta_fn {db} is not "
+                    f"{FORM_CLASSES['multi-branch']}'s [s, m], [s, m + s], [d, m]", path)
+    return s, 1, m, "shapes"
 
 
 def _check_rest(
@@ -497,11 +577,17 @@ def plan_site(
     (:func:`_alpha_dims`), the class (:func:`_site_class`), the split into streams / fractions / views
     (:func:`_split_streams`), then the remaining shapes and tensors (:func:`_check_rest`).
     """
+    form = _key_form(shapes)
+    side = len({k.split(".")[1] for k in shapes if k.startswith("additional_static_input.")})
+    meta = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    shapes = {k: tuple(t.shape) for k, t in _as_hc(form, meta, prefix, path).items()}
     R, K, d = _alpha_dims(shapes, prefix, path)
     cls = _site_class(shapes, force_cls, prefix, path)
     s, f, v, how = _split_streams(cls, shapes, R, K, d, prefix, path)
     _check_rest(cls, shapes, (s, f, v, K, d), prefix, path)
-    return SitePlan(cls, s, f, v, d, how)
+    if form is None and cls == "hc" and len(shapes.get("static_beta", ())) == 2:
+        form = "multi-branch"
+    return SitePlan(cls, s, f, v, d, how, form, side)
 
 
 def build_site(
@@ -514,6 +600,7 @@ def build_site(
     """A :class:`LucidrainsSite` from a plan and the site's tensors (keys relative to the site); the mHC spec
     defaults to the library's (lucidrains, 20 iterations)."""
     keep = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_SUBTREES)}
+    keep = _as_hc(plan.form if plan.form in _RENAMES else None, keep, "", None)
     if spec is None:
         spec = SinkhornSpec(Convention.LUCIDRAINS, DEFAULT_ITERS, 0.0, source="default")
     module = LucidrainsSite(
@@ -572,17 +659,16 @@ def _read_sites(
     force: str | None,
     tanh: bool,
     spec: SinkhornSpec,
-) -> tuple[list[Site], list[LucidrainsSite], set[str]]:
-    """Plan, read and build every site in depth order: (sites, their modules, the assumptions the plans made);
-    a note in ``notes`` for each mHC v1 site with fractions."""
+) -> tuple[list[Site], list[LucidrainsSite], list[SitePlan]]:
+    """Plan, read and build every site in depth order: (sites, their modules, their plans); a note in ``notes``
+    for each mHC v1 site with fractions."""
     sites: list[Site] = []
     modules: list[LucidrainsSite] = []
-    assumed: set[str] = set()
+    plans: list[SitePlan] = []
     for i, (prefix, name, block, kind) in enumerate(name_sites(groups)):
         group = groups[prefix]
         plan = plan_site(group_shapes(source, group), prefix=prefix, path=source.path, force_cls=force)
-        if plan.how != "shapes":
-            assumed.add(plan.how)
+        plans.append(plan)
         params = [p for p in group if not p.startswith(IGNORED_SUBTREES)]
         infos, tensors = read_site_tensors(source, group, params, prefix)
         module = build_site(plan, tensors, tanh=tanh, spec=spec)
@@ -593,7 +679,7 @@ def _read_sites(
                 f"{name}: mHC with num_fracs={plan.fracs} runs Sinkhorn on a non-square alpha block "
                 "(library behaviour, reproduced); its H_res is reported as unconstrained"
             )
-    return sites, modules, assumed
+    return sites, modules, plans
 
 
 def _settings_notes(
@@ -618,15 +704,16 @@ def _settings_notes(
     if any(m.cls == "hc" for m in modules):
         settings["tanh"] = "cli" if tanh_opt is not None else "default"
         notes.append(
-            f"HC sites: tanh {'on' if tanh else 'off'} on the dynamic alpha / beta ("
+            f"HC sites: tanh {'applied' if tanh else 'not applied'} to the dynamic alpha / beta ("
             + ("--hc-tanh / --no-hc-tanh" if tanh_opt is not None else "the library default; HyperConnections("
                "tanh=...) is not stored in a state dict: --no-hc-tanh for tanh=False")
             + ")"
         )
 
 
-def _shape_notes(sites: list[Site], modules: list[LucidrainsSite], assumed: set[str], notes: list[str]) -> None:
-    """Notes on proposals > 1, fractions, the assumptions of the stream split, and the alpha orientation."""
+def _shape_notes(sites: list[Site], modules: list[LucidrainsSite], plans: list[SitePlan], notes: list[str]) -> None:
+    """Notes on proposals > 1, the package's other classes, fractions, the assumptions of the stream split, and
+    the alpha orientation."""
     multi = [s.name for s, m in zip(sites, modules, strict=True) if m.proposals > 1 and m.sinkhorn is not None]
     if multi:
         notes.append(
@@ -634,9 +721,15 @@ def _shape_notes(sites: list[Site], modules: list[LucidrainsSite], assumed: set[
             "the proposals' Sinkhorn projections, as the library mixes; the logit range is the widest proposal's; "
             "iterations-to-tolerance and convergence curves are not computed for them (no single logit matrix)"
         )
+    forms: dict[str, list[str]] = {}
+    for s, p in zip(sites, plans, strict=True):
+        if p.form is not None:
+            forms.setdefault(p.form, []).append(s.name)
+    for form, names in forms.items():
+        notes.append(f"{FORM_CLASSES[form]} at {len(names)} site(s) (e.g. {names[0]}): {_FORM_NOTES[form]}")
     if any(m.f > 1 for m in modules):
         notes.append("num_fracs > 1: a stream's fractions are treated as separate streams (n = s f, C = d/f)")
-    for how in sorted(assumed):
+    for how in sorted({p.how for p in plans if p.how != "shapes"}):
         notes.append(f"no beta tensors at some sites: {how} when splitting static_alpha")
     notes.append("lucidrains stores alpha[input, output]: H_res = alpha_res^T (paper convention)")
 
@@ -657,9 +750,9 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
     spec, sk_src = sinkhorn_settings(options, Convention.LUCIDRAINS, DEFAULT_ITERS)
     notes: list[str] = []
     settings: dict[str, str] = {"n": "shapes", "C": "shapes", "class": "cli" if force else "shapes"}
-    sites, modules, assumed = _read_sites(source, groups, notes, force=force, tanh=tanh, spec=spec)
+    sites, modules, plans = _read_sites(source, groups, notes, force=force, tanh=tanh, spec=spec)
     _settings_notes(modules, sk_src, tanh_opt, tanh, settings, notes)
-    _shape_notes(sites, modules, assumed, notes)
+    _shape_notes(sites, modules, plans, notes)
     return grouped_model(source, "lucidrains", _detect, groups, sites, settings, notes)
 
 
