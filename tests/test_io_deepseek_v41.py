@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from brute_gain import stack_gains
 from cli_runner import run_cli
 from safetensors.torch import save_file
 from torch import nn
@@ -188,14 +189,7 @@ def test_gain_sweep_from_equals_the_brute_force_product_and_names_engram(ckpt) -
     curves = doc["variants"][0]["curves"]
     x = torch.zeros(1, N, C, dtype=torch.float64)
     Hs = [oracle(layers, i, x)[2][0].double().numpy() for i in range(2 * LAYERS)]
-    Fm, fwd = np.eye(N), []
-    for H in Hs:
-        Fm = H @ Fm
-        fwd.append(np.abs(Fm.sum(-1)).max())
-    B, bwd = np.eye(N), [0.0] * len(Hs)
-    for i in range(len(Hs) - 1, -1, -1):
-        B = B @ Hs[i]
-        bwd[i] = np.abs(B.sum(-2)).max()
+    fwd, bwd = stack_gains(Hs)
     np.testing.assert_allclose(curves["gain_fwd"]["median"], fwd, rtol=TOL, atol=TOL)
     np.testing.assert_allclose(curves["gain_bwd"]["median"], bwd, rtol=TOL, atol=TOL)
     assert any("Engram modules at layers [1] also write into the streams" in n for n in doc["notes"])

@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from brute_gain import stack_gains
 from cli_runner import run_cli
 from einops import rearrange
 from hyper_connections.hyper_connections_channel_first import HyperConnections as ChannelFirst
@@ -133,14 +134,7 @@ def test_gain_sweep_from_is_the_product_of_the_static_alphas(case) -> None:
     assert p.returncode == 0, p.stderr
     curves = json.loads(p.stdout)["variants"][0]["curves"]
     Hs = [m.static_alpha.detach().double().numpy()[:, -S:].T for m in mods]  # x = 0: alpha = static_alpha
-    F, fwd = np.eye(S), []
-    for H in Hs:
-        F = H @ F
-        fwd.append(np.abs(F.sum(-1)).max())
-    Bk, bwd = np.eye(S), [0.0] * len(Hs)
-    for i in range(len(Hs) - 1, -1, -1):
-        Bk = Bk @ Hs[i]
-        bwd[i] = np.abs(Bk.sum(-2)).max()
+    fwd, bwd = stack_gains(Hs)
     np.testing.assert_allclose(curves["gain_fwd"]["median"], fwd, rtol=1e-6)
     np.testing.assert_allclose(curves["gain_bwd"]["median"], bwd, rtol=1e-6)
 

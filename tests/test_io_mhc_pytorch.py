@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from brute_gain import stack_gains
 from cli_runner import run_cli
 from safetensors.torch import save_file
 from torch import nn
@@ -161,14 +162,7 @@ def test_gain_sweep_from_equals_the_brute_force_product(ckpt) -> None:
     curves = doc["variants"][0]["curves"]
     x = torch.zeros(1, 4, 8, dtype=torch.float64)
     Hs = [ref.mappings(x, eps=_eps())[2][0].detach().numpy() for ref in mods]
-    F_, fwd = np.eye(4), []
-    for H in Hs:
-        F_ = H @ F_
-        fwd.append(np.abs(F_.sum(-1)).max())
-    B, bwd = np.eye(4), [0.0] * 4
-    for i in range(3, -1, -1):
-        B = B @ Hs[i]
-        bwd[i] = np.abs(B.sum(-2)).max()
+    fwd, bwd = stack_gains(Hs)
     np.testing.assert_allclose(curves["gain_fwd"]["median"], fwd, rtol=1e-9)
     np.testing.assert_allclose(curves["gain_bwd"]["median"], bwd, rtol=1e-9)
     assert any("do not persist across sites" in note for note in doc["notes"])

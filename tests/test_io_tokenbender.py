@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from brute_gain import stack_gains
 from cli_runner import run_cli
 from safetensors.torch import save_file
 from torch import nn
@@ -178,16 +179,7 @@ def test_gain_sweep_from_equals_the_brute_force_product(ckpt) -> None:
     assert p.returncode == 0, p.stderr
     curves = json.loads(p.stdout)["variants"][0]["curves"]
     x = torch.zeros(1, 4, 8, dtype=torch.float64)
-    F = np.eye(4)
-    fwd = []
-    for ref in mods:
-        F = ref.paper(x)[2][0].detach().numpy() @ F
-        fwd.append(np.abs(F.sum(-1)).max())
-    B = np.eye(4)
-    bwd = [0.0] * len(mods)
-    for i in range(len(mods) - 1, -1, -1):
-        B = B @ mods[i].paper(x)[2][0].detach().numpy()
-        bwd[i] = np.abs(B.sum(-2)).max()
+    fwd, bwd = stack_gains([ref.paper(x)[2][0].detach().numpy() for ref in mods])
     np.testing.assert_allclose(curves["gain_fwd"]["median"], fwd, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(curves["gain_bwd"]["median"], bwd, rtol=1e-9, atol=1e-9)
 
