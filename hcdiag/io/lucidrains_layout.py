@@ -45,6 +45,14 @@ mHCv2; else v1); without beta tensors v = 1 is assumed (f = K - s f).
 ``LoadOptions.extra["lucidrains_class"]`` ("hc", "mhc", "mhc-v2") overrides the class, ``extra["tanh"]``
 (bool) HC's activation.
 
+The package's three other ``HyperConnections`` modules are HC's maths under other tensor names and shapes
+(:data:`FORM_CLASSES`), converted to HC's names when planned and read: ``hyper_connections_channel_first``
+(``dynamic_alpha_fn.weight`` [K, d, 1, 1], ``dynamic_beta_fn.0.weight`` [1, d, 1, 1], ``norm.gamma`` [d, 1, 1]),
+``hyper_connections_with_multi_input_streams`` (``dynamic_alpha_and_branch_input.proj.weight`` [K, d] with its
+``scale``, ``dynamic_beta.proj.weight`` [1, d]; the ``additional_*`` paths feed other branch arguments and are
+ignored) and ``hyper_connections_with_multi_branch_inputs`` (HC's names; ``static_beta`` [s, m],
+``dynamic_beta_fn`` [d, m] for m branch inputs: v = m views and m branch outputs, so H_post has m rows).
+
 Site names: the module path prefixes, in natural order of the numbers in the path (``layers.2`` before
 ``layers.10``; at equal numbers attn before ffn); a path with an attn / ffn / mlp word gives kind and block
 (``transformer.h.3.hc_attn`` -> ``attn_3``). Everything is converted to paper convention (H_res = alpha^T)
@@ -439,7 +447,6 @@ class SitePlan:
     C: int
     how: str  # "shapes" or "assumed v=1" ...
     form: str | None = None  # another class of the package with HC's math (FORM_CLASSES), None for the three
-    side_paths: int = 0  # multi-input form: additional input paths (not residual maps)
 
 
 def _fail(prefix: str, why: str, path: str | None) -> InputError:
@@ -578,7 +585,6 @@ def plan_site(
     (:func:`_split_streams`), then the remaining shapes and tensors (:func:`_check_rest`).
     """
     form = _key_form(shapes)
-    side = len({k.split(".")[1] for k in shapes if k.startswith("additional_static_input.")})
     meta = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     shapes = {k: tuple(t.shape) for k, t in _as_hc(form, meta, prefix, path).items()}
     R, K, d = _alpha_dims(shapes, prefix, path)
@@ -587,7 +593,7 @@ def plan_site(
     _check_rest(cls, shapes, (s, f, v, K, d), prefix, path)
     if form is None and cls == "hc" and len(shapes.get("static_beta", ())) == 2:
         form = "multi-branch"
-    return SitePlan(cls, s, f, v, d, how, form, side)
+    return SitePlan(cls, s, f, v, d, how, form)
 
 
 def build_site(
