@@ -118,8 +118,10 @@ COLUMNS: dict[str, dict[str, str]] = {
         "col_sums_of_mean": "JSON list: column sums of the token-mean H_res",
         "recorded_diff": "with --probe activations: max |H recomputed - H recorded by the model|; empty otherwise",
         "recorded_tol": "with --probe activations: the float32 rounding bound recorded_diff is compared with",
-        "h_pre_mean": "JSON list: token mean of H_pre [n] (what the branch reads from each stream)",
-        "h_post_mean": "JSON list: token mean of H_post [n] (what the branch writes to each stream)",
+        "h_pre_mean": "JSON list: token mean of H_pre [n] (what the branch reads from each stream; a site with "
+        "several branch inputs, views or fractions: also the mean over them)",
+        "h_post_mean": "JSON list: token mean of H_post [n] (what the branch writes to each stream; several branch "
+        "outputs or fractions: also the mean over them)",
         "temperature": "the Sinkhorn temperature tau the logits were divided by; empty where the codebase has none",
         "perm_distance": "max over tokens of max |H - P|, P the permutation matrix of each row's largest entry; "
         "empty where those entries do not form a permutation (near 0: a near-permutation)",

@@ -124,7 +124,8 @@ class SiteStochasticity:
     temperature: the Sinkhorn temperature tau the logits were divided by (None: the codebase has none).
     perm_distance: max over tokens of max |H - P|, P the permutation matrix of each row's largest entry (None
     where those entries do not form a permutation): near 0 means Sinkhorn returned a near-permutation.
-    h_pre_mean / h_post_mean: token mean of H_pre / H_post [n] (what the branch reads / writes per stream).
+    h_pre_mean / h_post_mean: token mean of H_pre / H_post [n] (what the branch reads / writes per stream), also
+    averaged over the rows of a multi-row H_pre / H_post (branch inputs, views, fractions).
     eps_floor: where the convention adds eps to its denominators, converged sums settle eps below 1 on both
     axes (measured: 1 - eps to 1e-10 relative); the verdict asks for ``worst <= tol + eps_floor``.
     res_tensors: the checkpoint's stored tensors that this site's H_res logits are computed from.
@@ -579,7 +580,8 @@ def _perm_distance(H: torch.Tensor) -> float | None:
 
 
 def _pre_post(ev: SiteEval, n: int) -> dict[str, tuple[float, ...]]:
-    """Token means of the site's H_pre and H_post [n] on the probe's tokens (``ev``: one evaluation)."""
+    """Token means of the site's H_pre and H_post [n] on the probe's tokens (``ev``: one evaluation); a multi-row
+    H_pre / H_post [..., r, n] is averaged over its r rows too."""
     pre, post = (t.detach().to(torch.float64).reshape(-1, n).mean(0) for t in (ev.pre, ev.post))
     return {"h_pre_mean": tuple(float(v) for v in pre), "h_post_mean": tuple(float(v) for v in post)}
 
