@@ -74,6 +74,9 @@ QuietOpt = Annotated[
                        "and what --json / --csv - ask for still appear.")
 ]
 OutDirOpt = Annotated[
+    Path | None, typer.Option("--output-dir", "-o", help="Write JSON and CSV into this directory."),
+]
+PlotOutDirOpt = Annotated[
     Path | None,
     typer.Option("--output-dir", "-o", help="Write JSON, CSV (and plots with --plot) into this directory."),
 ]
@@ -395,7 +398,7 @@ def stochasticity_cmd(
     ] = None,
     as_json: JsonOpt = False,
     csv_path: CsvOpt = None,
-    output_dir: OutDirOpt = None,
+    output_dir: PlotOutDirOpt = None,
     plot: PlotOpt = False,
     fig_format: FigFormatOpt = FigFormat.PNG,
     fig_size: FigSizeOpt = None,
@@ -490,7 +493,7 @@ def gain_sweep_cmd(
     = None,
     as_json: JsonOpt = False,
     csv_path: CsvOpt = None,
-    output_dir: OutDirOpt = None,
+    output_dir: PlotOutDirOpt = None,
     plot: PlotOpt = False,
     fig_format: FigFormatOpt = FigFormat.PNG,
     fig_size: FigSizeOpt = None,
@@ -764,7 +767,7 @@ def track_cmd(
         "--cache-in-checkpoint", help="Allow --cache inside a checkpoint directory.")] = False,
     as_json: JsonOpt = False,
     csv_path: CsvOpt = None,
-    output_dir: OutDirOpt = None,
+    output_dir: PlotOutDirOpt = None,
     plot: PlotOpt = False,
     fig_format: FigFormatOpt = FigFormat.PNG,
     fig_size: FigSizeOpt = None,
