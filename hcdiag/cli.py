@@ -627,7 +627,7 @@ def _verify_table(report) -> None:
                "and with those recomputed from the checkpoint; branch input: ||H_pre x - branch input|| / ||.|| "
                "(Qwen4-Exp: its channel-gated mean of the normalised streams, recomputed). "
                "Sites without a recorded update show H_res / H_post / H_pre differences in those columns.")
-    skipped = {}
+    skipped: dict[tuple[str, str], list[str]] = {}
     for s in report.sites:
         for check, why in s.skipped.items():
             skipped.setdefault((check, why), []).append(s.name)

@@ -373,7 +373,7 @@ def _pre_post_sections(data: dict, ps: str) -> tuple[dict[str, str], dict[str, f
     return acts, eps
 
 
-def _res_section(data: dict, ps: str) -> dict[str, str]:
+def _res_section(data: dict, ps: str) -> dict[str, Any]:
     """``[res]``: res_orientation (paper / code, default paper) and res_constraint (sinkhorn / identity / none,
     default sinkhorn)."""
     res = _table(data, "res", ps, {"orientation", "constraint"})
@@ -419,7 +419,7 @@ def _norm_fields(norm: dict, proj_t: dict, proj: Packed | None, ps: str) -> dict
     }  # fmt: skip
 
 
-def _projection_fields(proj_t: dict, ps: str) -> dict[str, str]:
+def _projection_fields(proj_t: dict, ps: str) -> dict[str, Any]:
     """``[projection]``'s choices: input (flat / per_stream, default flat), orientation (out_in / in_out,
     default out_in), activation (identity / tanh, default identity)."""
     return {
