@@ -113,3 +113,14 @@ def test_a_real_process_exits_4_and_debug_prints_the_traceback(mhc_file):
                        env=env, timeout=120)  # fmt: skip
     assert r.returncode == 4 and r.stdout == ""
     assert r.stderr.startswith("Traceback") and r.stderr.splitlines()[-1] == INTERNAL
+
+
+def test_running_out_of_memory_while_reading_is_not_a_damaged_file(mhc_file, monkeypatch) -> None:
+    from hcdiag.io import source
+
+    def oom(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(source, "_convert", oom)
+    p = run_cli("stochasticity", mhc_file)
+    assert p.returncode == 4 and "MemoryError" in p.stderr and "damaged" not in p.stderr, p.stderr

@@ -311,7 +311,7 @@ class SafetensorsSource(_IndexedSource):
                 self._handles[f] = handle
             t = handle.get_tensor(stored)
             out = _convert(t, dtype)
-        except InputError:
+        except (InputError, MemoryError):  # out of memory is not a damaged file
             raise
         except Exception as exc:  # SafetensorError, OSError, unsupported dtype conversions
             raise InputError(
@@ -532,6 +532,8 @@ class TorchSource(_IndexedSource):
         t = self._tensors[key]
         try:
             out = _convert(t, dtype)
+        except MemoryError:  # out of memory is not a damaged file
+            raise
         except Exception as exc:
             raise InputError(
                 f"{self.path}: cannot read tensor {key!r} ({type(exc).__name__}: {exc})", path=self.path
