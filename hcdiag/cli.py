@@ -885,6 +885,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except MemoryError as exc:  # neither a bad input nor a wrong result: say what ran out
+        _debug_traceback(exc)
+        _stderr("hcdiag: error: out of memory (MemoryError); fewer --tokens / --seeds / --layers need less, "
+                "or run on a machine with more; rerun with HCDIAG_DEBUG=1 for the traceback")
+        sys.exit(4)
     except Exception as exc:  # noqa: BLE001 - not an input hcdiag recognised as bad: hcdiag's own bug
         # readers raise InputError (exit 3) for every bad file they recognise; anything else is exit 4
         _debug_traceback(exc)

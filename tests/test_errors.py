@@ -123,4 +123,5 @@ def test_running_out_of_memory_while_reading_is_not_a_damaged_file(mhc_file, mon
 
     monkeypatch.setattr(source, "_convert", oom)
     p = run_cli("stochasticity", mhc_file)
-    assert p.returncode == 4 and "MemoryError" in p.stderr and "damaged" not in p.stderr, p.stderr
+    assert p.returncode == 4 and "damaged" not in p.stderr, p.stderr
+    assert p.stderr.startswith("hcdiag: error: out of memory (MemoryError)") and p.stderr.count("\n") == 1
