@@ -16,7 +16,7 @@ import typer
 
 from hcdiag import __version__
 from hcdiag.enums import Convention, Draw, DType, FigFormat, Form, Probe
-from hcdiag.errors import HcdiagError, UsageError
+from hcdiag.errors import HcdiagError, UsageError, is_out_of_memory
 
 #: ``hcdiag gain-sweep`` without --init / --logit-scale: N(0, 0.2^2) on every site's static H_res logits / weights
 #: (gain_sweep's init "perturb", part "res"). At --layers 64 (128 sites, n = 4, seed 0) unconstrained HC's composite
@@ -885,12 +885,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
-    except MemoryError as exc:  # neither a bad input nor a wrong result: say what ran out
-        _debug_traceback(exc)
-        _stderr("hcdiag: error: out of memory (MemoryError); fewer --tokens / --seeds / --layers need less, "
-                "or run on a machine with more; rerun with HCDIAG_DEBUG=1 for the traceback")
-        sys.exit(4)
     except Exception as exc:  # noqa: BLE001 - not an input hcdiag recognised as bad: hcdiag's own bug
+        if is_out_of_memory(exc):  # neither a bad input nor a wrong result: say what ran out
+            _debug_traceback(exc)
+            _stderr(f"hcdiag: error: out of memory ({type(exc).__name__}); fewer --tokens / --seeds / --layers "
+                    "need less, or run on a machine with more; rerun with HCDIAG_DEBUG=1 for the traceback")
+            sys.exit(4)
         # readers raise InputError (exit 3) for every bad file they recognise; anything else is exit 4
         _debug_traceback(exc)
         msg = _one_line(str(exc))[:300]

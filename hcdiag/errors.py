@@ -6,7 +6,8 @@ Exit codes (documented in the README):
     2  usage error (bad option value, impossible combination)
     3  unreadable or unsupported input (not a checkpoint, no HC tensors, NaN logits, ...): an InputError that a
        reader raised where it recognised the problem, saying what, where and how to fix it
-    4  internal error: any other exception, i.e. a bug in hcdiag (``HCDIAG_DEBUG=1`` prints its traceback)
+    4  internal error: any other exception, i.e. a bug in hcdiag (``HCDIAG_DEBUG=1`` prints its traceback), or
+       running out of memory (:func:`is_out_of_memory`), which the CLI says as such
 """
 
 from __future__ import annotations
@@ -42,3 +43,8 @@ class CheckFailed(HcdiagError):
     """A threshold the user asked for was exceeded (``--fail-above``)."""
 
     exit_code = 1
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, or torch's CPU allocator failing (a RuntimeError "... can't allocate memory ...")."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))

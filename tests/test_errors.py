@@ -115,13 +115,27 @@ def test_a_real_process_exits_4_and_debug_prints_the_traceback(mhc_file):
     assert r.stderr.startswith("Traceback") and r.stderr.splitlines()[-1] == INTERNAL
 
 
-def test_running_out_of_memory_while_reading_is_not_a_damaged_file(mhc_file, monkeypatch) -> None:
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")], ids=["python", "torch"])
+def test_running_out_of_memory_while_reading_is_not_a_damaged_file(mhc_file, monkeypatch, exc) -> None:
+    """torch's CPU allocator raises the RuntimeError above (torch 2.13, ``torch.empty(10**13)``)."""
     from hcdiag.io import source
 
     def oom(*args, **kwargs):
-        raise MemoryError()
+        raise exc
 
     monkeypatch.setattr(source, "_convert", oom)
     p = run_cli("stochasticity", mhc_file)
     assert p.returncode == 4 and "damaged" not in p.stderr, p.stderr
-    assert p.stderr.startswith("hcdiag: error: out of memory (MemoryError)") and p.stderr.count("\n") == 1
+    assert p.stderr.startswith(f"hcdiag: error: out of memory ({type(exc).__name__})"), p.stderr
+    assert p.stderr.count("\n") == 1
+
+
+def test_torchs_allocator_failure_is_recognised() -> None:
+    from hcdiag.errors import is_out_of_memory
+
+    with pytest.raises(RuntimeError) as e:
+        torch.empty(1 << 62, dtype=torch.uint8)
+    assert is_out_of_memory(e.value), str(e.value)
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, is_out_of_memory
 from hcdiag.model import TensorInfo
 
 __all__ = [
@@ -311,9 +311,11 @@ class SafetensorsSource(_IndexedSource):
                 self._handles[f] = handle
             t = handle.get_tensor(stored)
             out = _convert(t, dtype)
-        except (InputError, MemoryError):  # out of memory is not a damaged file
+        except InputError:
             raise
         except Exception as exc:  # SafetensorError, OSError, unsupported dtype conversions
+            if is_out_of_memory(exc):  # not a damaged file
+                raise
             raise InputError(
                 f"{f}: cannot read tensor {key!r} ({type(exc).__name__}: {exc}); the file may be damaged",
                 path=str(f),
@@ -532,9 +534,9 @@ class TorchSource(_IndexedSource):
         t = self._tensors[key]
         try:
             out = _convert(t, dtype)
-        except MemoryError:  # out of memory is not a damaged file
-            raise
         except Exception as exc:
+            if is_out_of_memory(exc):  # not a damaged file
+                raise
             raise InputError(
                 f"{self.path}: cannot read tensor {key!r} ({type(exc).__name__}: {exc})", path=self.path
             ) from None
