@@ -306,3 +306,32 @@ def test_capture_records_the_ports_h_res_and_stochasticity_agrees(ckpt, tmp_path
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert all(r["recorded_diff"] <= r["recorded_tol"] for r in doc["sites"])
+
+
+@pytest.mark.parametrize("fmt", ["pt-model-args", "safetensors-metadata"])
+@pytest.mark.parametrize("proj, code", [("orthostochastic", 3), ("sinkhorn", 0)])
+def test_a_stated_orthostochastic_projection_is_refused_by_name(tmp_path, fmt: str, proj: str, code: int) -> None:
+    """tokenbender's mhc_h_res_proj is not in the state dict; where the checkpoint states it (a nanoGPT-style
+    model_args, or safetensors metadata) and it is not Sinkhorn, hcdiag refuses rather than report a Sinkhorn."""
+    sd, _ = build(perturb=0.5, seed=1)
+    if fmt == "pt-model-args":
+        path = tmp_path / "ckpt.pt"
+        torch.save({"model": sd, "model_args": {"mhc_h_res_proj": proj, "n_layer": 2}, "iter_num": 3}, path)
+    else:
+        path = tmp_path / "ckpt.safetensors"
+        save_file(sd, str(path), metadata={"mhc_h_res_proj": proj})
+    p = run_cli("stochasticity", path)
+    assert p.returncode == code, p.stderr
+    if code:
+        assert len(p.stderr.strip().splitlines()) == 1
+        assert f"mhc_h_res_proj='{proj}'" in p.stderr and "Newton-Schulz" in p.stderr
+
+
+def test_the_orthostochastic_option_is_a_usage_error(ckpt) -> None:
+    from hcdiag.errors import UsageError
+    from hcdiag.io.base import LoadOptions
+    from hcdiag.io.load import load
+
+    path, _ = ckpt
+    with pytest.raises(UsageError, match="Newton-Schulz"):
+        load(path, options=LoadOptions(extra={"tokenbender_proj": "orthostochastic"}))

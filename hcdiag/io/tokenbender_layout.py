@@ -29,7 +29,8 @@ Neither tau nor the iteration count nor ``mhc_h_res_proj`` is stored in a state 
 ``--temperature`` (``LoadOptions.extra["temperature"]``), else the checkpoint's metadata / config
 (``mhc_tau`` / ``sinkhorn_tau``), else the library default 0.05; iterations from ``--iters``, metadata
 (``mhc_num_iters`` / ``sinkhorn_iters``), else 10. ``mhc_h_res_proj = "orthostochastic"`` (Newton-Schulz) is
-refused by name (``extra["tokenbender_proj"]``), since hcdiag has no Newton-Schulz projection.
+refused by name, stated in the metadata / config (exit 3) or as ``extra["tokenbender_proj"]`` (exit 2), since
+hcdiag has no Newton-Schulz projection.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ _UNUSED_HC_KEYS = {
     "dynamic_beta_scale", "norm.gamma",
 }  # fmt: skip
 _TAU_KEYS = ("mhc_tau", "sinkhorn_tau")
+_PROJ_KEYS = ("mhc_h_res_proj",)
 _ITER_KEYS = ("mhc_num_iters", "sinkhorn_iters")
 
 
@@ -228,11 +230,9 @@ def _spec(source: TensorSource, options: LoadOptions) -> tuple[SinkhornSpec, dic
     return effective_spec(base, iters=cli, convention=options.convention, sources=src, option="--convention")
 
 
-def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
-    path = source.path
-    groups = _groups(source)
-    if not groups:
-        raise InputError(f"{path}: no *.H_res_logits keys: not a tokenbender mHC checkpoint", path=path)
+def _refuse_other_projection(source: TensorSource, options: LoadOptions) -> None:
+    """UsageError for ``extra["tokenbender_proj"]``, InputError for a checkpoint whose metadata / config states
+    ``mhc_h_res_proj``, when it is not the Sinkhorn projection (Newton-Schulz "orthostochastic")."""
     proj = (options.extra or {}).get("tokenbender_proj")
     if proj not in (None, "sinkhorn"):
         raise UsageError(
@@ -240,6 +240,22 @@ def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
             "Sinkhorn projection is",
             option="tokenbender_proj",
         )
+    stated = _stated(source, _PROJ_KEYS)
+    if stated is not None and stated[0] != "sinkhorn":
+        raise InputError(
+            f"{source.path}: {stated[1]} says mhc_h_res_proj={stated[0]!r}: H_res is not a Sinkhorn projection "
+            "there (Newton-Schulz orthostochastic), which hcdiag does not reproduce; only Sinkhorn checkpoints "
+            "can be analysed",
+            path=source.path,
+        )
+
+
+def _load(source: TensorSource, options: LoadOptions) -> LoadedModel:
+    path = source.path
+    groups = _groups(source)
+    if not groups:
+        raise InputError(f"{path}: no *.H_res_logits keys: not a tokenbender mHC checkpoint", path=path)
+    _refuse_other_projection(source, options)
     tau, tau_src = _temperature(source, options)
     spec, settings = _spec(source, options)
     settings = {"n": "shapes", "C": "shapes (width of the first unused norm.gamma, else 1)", **settings,
