@@ -114,6 +114,16 @@ class SiteModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> HCOutput:  # x: [..., n, C]
         raise NotImplementedError
 
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.dtype:
+        """The dtype a site computes x in: x's promoted with its parameters' (``like``), float64 for integer x."""
+        dt = torch.promote_types(x.dtype, like.dtype)
+        return dt if dt.is_floating_point else torch.float64
+
+    def _param_in(self, name: str, dt: torch.dtype) -> torch.Tensor:
+        """Parameter / buffer ``name`` in ``dt``."""
+        return getattr(self, name).to(dt)
+
     def in_dtype(self, dtype: torch.dtype) -> SiteModule:
         """This site computing in ``dtype``: itself when every floating parameter and buffer already has that
         dtype, else a converted deep copy, so a loaded model is never modified. The one cast path of every

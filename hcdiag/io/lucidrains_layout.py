@@ -239,11 +239,7 @@ class LucidrainsSite(SiteModule):
     # ---- pieces -------------------------------------------------------------------------------------------
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
-        dt = torch.promote_types(x.dtype, self.static_alpha.dtype)
-        return dt if dt.is_floating_point else torch.float64
-
-    def _p(self, name: str, dt: torch.dtype) -> torch.Tensor:
-        return getattr(self, name).to(dt)
+        return self._compute_dtype(x, self.static_alpha)
 
     def _normed(self, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """[..., f, s, d] (HC, mHC) or [..., s, f, d] (mHCv2): RMSNorm per fractional stream, width d."""
@@ -261,15 +257,16 @@ class LucidrainsSite(SiteModule):
     def _alpha_logits(self, normed: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """Pre-activation alpha logits: HC [..., f, s, K]; mHC [p, ..., f, s, K]; mHCv2 [p, ..., s f, K]."""
         s, f = self.s, self.f
-        W = self._p("dynamic_alpha_fn", dt)
-        static = self._p("static_alpha", dt)
+        W = self._param_in("dynamic_alpha_fn", dt)
+        static = self._param_in("static_alpha", dt)
         K = static.shape[-1]
         if self.cls == "hc":
             wc = normed @ W
             wc = torch.tanh(wc) if self.tanh else wc
-            return wc * self._p("dynamic_alpha_scale", dt) + static.reshape(f, s, K)
+            return wc * self._param_in("dynamic_alpha_scale", dt) + static.reshape(f, s, K)
         wc = torch.einsum("...d,pdk->p...k", normed, W)
-        scale = torch.cat([self._p("pre_branch_scale", dt).expand(f), self._p("residual_scale", dt).expand(f * s)])
+        pre_s, res_s = self._param_in("pre_branch_scale", dt), self._param_in("residual_scale", dt)
+        scale = torch.cat([pre_s.expand(f), res_s.expand(f * s)])
         if self.cls == "mhc":
             return wc * scale + static.reshape(f, s, K)
         wc = wc.reshape(*wc.shape[:-3], s * f, K)
@@ -313,11 +310,11 @@ class LucidrainsSite(SiteModule):
         s, f, n = self.s, self.f, self.n
         if not self.has_beta:
             return torch.zeros(*lead, n, dtype=dt) if f == 1 else torch.zeros(*lead, f, n, dtype=dt)
-        Wb = self._p("dynamic_beta_fn", dt)
-        static = self._p("static_beta", dt)
+        Wb = self._param_in("dynamic_beta_fn", dt)
+        static = self._param_in("static_beta", dt)
         if self.cls == "mhc-v2":
             # normed [..., s, f1, d] @ [d, f2] + static [s, f1, 1] -> beta [..., s, f1, f2]; out (s, f2) <- f1
-            beta = 2 * torch.sigmoid((normed @ Wb) * self._p("h_post_scale", dt) + static)
+            beta = 2 * torch.sigmoid((normed @ Wb) * self._param_in("h_post_scale", dt) + static)
             return beta.movedim(-2, -3).reshape(*lead, f, n) if f > 1 else beta.reshape(*lead, n)
         # o branch outputs: the f fractions, or the m branch inputs of the multi-branch form (f = 1)
         o = int(Wb.shape[-1]) if Wb.ndim == 2 else 1
@@ -327,9 +324,9 @@ class LucidrainsSite(SiteModule):
         static = static.reshape(s, o)  # '(s f)': s outer; multi-branch [s, m]
         if self.cls == "hc":
             dc = torch.tanh(dc) if self.tanh else dc
-            beta = dc * self._p("dynamic_beta_scale", dt) + static
+            beta = dc * self._param_in("dynamic_beta_scale", dt) + static
         else:
-            beta = 2 * torch.sigmoid(dc * self._p("h_post_scale", dt) + static)
+            beta = 2 * torch.sigmoid(dc * self._param_in("h_post_scale", dt) + static)
         # beta [..., f1, s, o]: output fractional stream (f2 = o, s) <- branch fraction f1; multi-branch
         # (f1 = 1): stream s <- branch output o
         beta = beta.transpose(-1, -2)  # [..., f1, o, s]

@@ -107,11 +107,7 @@ class RefSite(SiteModule):
             self.exactness, self.sinkhorn = Exactness.EXACT, None
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
-        dt = torch.promote_types(x.dtype, self.dynamic_alpha_fn.dtype)
-        return dt if dt.is_floating_point else torch.float64
-
-    def _p(self, name: str, dt: torch.dtype) -> torch.Tensor:
-        return getattr(self, name).to(dt)
+        return self._compute_dtype(x, self.dynamic_alpha_fn)
 
     def _normed(self, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         flat = x.to(dt).reshape(*x.shape[:-2], self.n * self.C)
@@ -120,9 +116,9 @@ class RefSite(SiteModule):
     def _logits(self, normed: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(pre logits [..., n, v], H_res logits: code [..., n, n] (mHC, TBP) or weights logits [..., R])."""
         n, v = self.n, self.v
-        w = normed @ self._p("dynamic_alpha_fn", dt)
-        static = self._p("static_alpha", dt)
-        pre_s, res_s = self._p("pre_branch_scale", dt), self._p("residual_scale", dt)
+        w = normed @ self._param_in("dynamic_alpha_fn", dt)
+        static = self._param_in("static_alpha", dt)
+        pre_s, res_s = self._param_in("pre_branch_scale", dt), self._param_in("residual_scale", dt)
         if static.ndim == 2:
             w = w.reshape(*w.shape[:-1], n, v + n)
             alpha = w * torch.cat([pre_s.expand(v), res_s.expand(n)]) + static
@@ -162,8 +158,8 @@ class RefSite(SiteModule):
         else:
             res = self._paper_res(res_logits)
         if self.has_beta:
-            beta = normed @ self._p("dynamic_beta_fn", dt)
-            post = 2 * torch.sigmoid(beta * self._p("h_post_scale", dt) + self._p("static_beta", dt))
+            beta = normed @ self._param_in("dynamic_beta_fn", dt)
+            post = 2 * torch.sigmoid(beta * self._param_in("h_post_scale", dt) + self._param_in("static_beta", dt))
         else:
             post = torch.zeros(*x.shape[:-2], self.n, dtype=dt, device=x.device)
         return HCOutput(pre, post, res)
