@@ -95,6 +95,8 @@ CASES = {  # name: (module k, its action, the class the notes name)
     "multi-input": (lambda k: MultiInput(S, dim=D, layer_index=k), _multi_input_action, MI),
     "multi-input-path": (lambda k: MultiInput(S, dim=D, layer_index=k, additional_input_paths=[("x2", D)]),
                          _multi_input_action, MI),
+    "multi-branch-1": (lambda k: MultiBranch(S, dim=D, layer_index=k, num_branch_inputs=1), _multi_branch_action,
+                       MB),
     "multi-branch-2": (lambda k: MultiBranch(S, dim=D, layer_index=k, num_branch_inputs=2), _multi_branch_action,
                        MB),
     "multi-branch-3": (lambda k: MultiBranch(S, dim=D, layer_index=k, num_branch_inputs=3), _multi_branch_action,

@@ -381,8 +381,8 @@ _FORM_NOTES = {
     "each position's channels, read as such",
     "multi-input": "its ProjActScale projections are HyperConnections' dynamic_alpha_fn / dynamic_beta_fn with "
     "their scales; additional input paths mix other branch arguments, not the residual streams, and are ignored",
-    "multi-branch": "num_branch_inputs = m > 1: H_pre has m rows (one per branch input) and H_post m rows "
-    "(branch output i -> the streams, static_beta [s, m])",
+    "multi-branch": "num_branch_inputs = m (static_beta [s, m]): H_pre has m rows (one per branch input) and "
+    "H_post m rows (branch output i -> the streams)",
 }
 _Convert = Callable[[torch.Tensor], torch.Tensor]
 #: form -> {the class's tensor: (HyperConnections' name for it, how to convert it)}; a form is told by its first key
