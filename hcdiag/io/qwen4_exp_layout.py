@@ -81,16 +81,16 @@ class Qwen4ExpSite(SiteModule):
         x = x.to(self.norm.dtype)
         return rms_norm(x, None, self.norm_eps) * (1.0 + self.norm.unflatten(-1, (self.n, self.C)))
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-channel input gate g [..., n, C] (sigmoid of the low-rank mix)."""
-        flat = self._normed(x).flatten(-2)
-        g = torch.sigmoid(F.linear(F.silu(F.linear(flat, self.down) / self.n), self.up))
+    def _gate(self, normed: torch.Tensor) -> torch.Tensor:
+        """The per-channel input gate g [..., n, C] (sigmoid of the low-rank mix) of the normalised streams."""
+        g = torch.sigmoid(F.linear(F.silu(F.linear(normed.flatten(-2), self.down) / self.n), self.up))
         return g.unflatten(-1, (self.n, self.C))
 
     def branch_input(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         """The module's ``mixed_input``: the channel-gated normalised streams averaged, mean_i g_i * x'_i
         [..., C] (``pre``, the gate's channel mean, does not determine it)."""
-        return (self.gate(x) * self._normed(x)).mean(-2)
+        normed = self._normed(x)
+        return (self._gate(normed) * normed).mean(-2)
 
     def res_logits(self, x: torch.Tensor) -> None:
         return None
@@ -102,9 +102,9 @@ class Qwen4ExpSite(SiteModule):
 
     def forward(self, x: torch.Tensor) -> HCOutput:
         """x [..., n, C] -> H_pre = mean_c g / n [..., n], H_post = 2 sigmoid(inject(x') / n), H_res = I."""
-        flat = self._normed(x).flatten(-2)
-        pre = self.gate(x).mean(-1) / self.n
-        post = 2 * torch.sigmoid(F.linear(flat, self.inject) / self.n)
+        normed = self._normed(x)
+        pre = self._gate(normed).mean(-1) / self.n
+        post = 2 * torch.sigmoid(F.linear(normed.flatten(-2), self.inject) / self.n)
         eye = torch.eye(self.n, dtype=pre.dtype, device=pre.device)
         return HCOutput(pre, post, eye.expand(*pre.shape[:-1], self.n, self.n).clone())
 
