@@ -886,13 +886,12 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:  # noqa: BLE001 - not an input hcdiag recognised as bad: hcdiag's own bug
+        _debug_traceback(exc)
         if is_out_of_memory(exc):  # neither a bad input nor a wrong result: say what ran out
-            _debug_traceback(exc)
             _stderr(f"hcdiag: error: out of memory ({type(exc).__name__}); fewer --tokens / --seeds / --layers "
                     "need less, or run on a machine with more; rerun with HCDIAG_DEBUG=1 for the traceback")
             sys.exit(4)
         # readers raise InputError (exit 3) for every bad file they recognise; anything else is exit 4
-        _debug_traceback(exc)
         msg = _one_line(str(exc))[:300]
         what = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
         _stderr(f"hcdiag: internal error: {what}; rerun with HCDIAG_DEBUG=1 for the traceback")

@@ -411,7 +411,7 @@ def _as_hc(
 ) -> dict[str, torch.Tensor]:
     """A form's tensors (or meta tensors, for shapes) under HyperConnections' names and shapes; InputError for a
     tensor the conversion would not keep whole (a k x k convolution, a projection with more outputs)."""
-    if form is None:
+    if form not in _RENAMES:  # None, or multi-branch: HC's own names
         return dict(items)
     table = _RENAMES[form]
     out: dict[str, torch.Tensor] = {}
@@ -506,8 +506,6 @@ def _split_streams(
             s = R // f if f > 0 and R % f == 0 else 0
             how = "assumed v=1"
         return s, f, 1, how
-    if cls == "hc" and sb is not None and len(sb) == 2:
-        return _branch_inputs(sa, sb, db, d, prefix, path)
     if db is not None:
         f = db[1] if len(db) == 2 else 1
     else:
@@ -525,10 +523,12 @@ def _split_streams(
     return s, f, v, how
 
 
-def _branch_inputs(sa: tuple[int, ...], sb: tuple[int, ...], db: tuple[int, ...] | None, d: int, prefix: str,
-                   path: str | None) -> tuple[int, int, int, str]:
+def _branch_inputs(
+    shapes: Mapping[str, tuple[int, ...]], d: int, prefix: str, path: str | None
+) -> tuple[int, int, int, str]:
     """hyper_connections_with_multi_branch_inputs: static_alpha [s, m + s], static_beta [s, m], dynamic_beta_fn
     [d, m] -> (s, f = 1, v = m, how)."""
+    sa, sb, db = shapes["static_alpha"], shapes["static_beta"], shapes.get("dynamic_beta_fn")
     s, m = sb
     if sa != (s, m + s) or db != (d, m):
         raise _fail(prefix, f"static_beta {sb} with static_alpha {sa} and dynamic_beta_fn {db} is not "
@@ -586,10 +586,12 @@ def plan_site(
     shapes = {k: tuple(t.shape) for k, t in _as_hc(form, meta, prefix, path).items()}
     R, K, d = _alpha_dims(shapes, prefix, path)
     cls = _site_class(shapes, force_cls, prefix, path)
-    s, f, v, how = _split_streams(cls, shapes, R, K, d, prefix, path)
-    _check_rest(cls, shapes, (s, f, v, K, d), prefix, path)
     if form is None and cls == "hc" and len(shapes.get("static_beta", ())) == 2:
         form = "multi-branch"
+        s, f, v, how = _branch_inputs(shapes, d, prefix, path)
+    else:
+        s, f, v, how = _split_streams(cls, shapes, R, K, d, prefix, path)
+    _check_rest(cls, shapes, (s, f, v, K, d), prefix, path)
     return SitePlan(cls, s, f, v, d, how, form)
 
 
@@ -603,7 +605,7 @@ def build_site(
     """A :class:`LucidrainsSite` from a plan and the site's tensors (keys relative to the site); the mHC spec
     defaults to the library's (lucidrains, 20 iterations)."""
     keep = {k: v for k, v in tensors.items() if not k.startswith(IGNORED_SUBTREES)}
-    keep = _as_hc(plan.form if plan.form in _RENAMES else None, keep, "", None)
+    keep = _as_hc(plan.form, keep, "", None)
     if spec is None:
         spec = SinkhornSpec(Convention.LUCIDRAINS, DEFAULT_ITERS, 0.0, source="default")
     module = LucidrainsSite(
